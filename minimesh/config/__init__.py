@@ -1,0 +1,1 @@
+"""Istio config: located YAML, schema checks, the typed model and its cross-checks."""
