@@ -17,6 +17,16 @@ from minimesh.errors import Location, Problem
 
 FieldPath = tuple[str | int, ...]
 Marks = Mapping[FieldPath, tuple[int, int]]
+SPEC: FieldPath = ("spec",)
+
+
+def field_path(path: FieldPath) -> str:
+    """`("spec", "http", 0, "route")` → `http[0].route`; paths outside spec keep their root."""
+    parts = path[1:] if path[:1] == SPEC else path
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""Workloads: what runs, where it listens, what it is labelled and who it is."""

@@ -1,0 +1,52 @@
+"""The registry's records: a `Workload` is one container or WorkloadEntry in the mesh.
+
+Pure data: discovery (Docker labels, WorkloadEntry documents) produces these, and
+routing.compile turns them into endpoints of services.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from minimesh.config.model import Labels
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePortSpec:
+    """A service port a workload declares itself (the `minimesh.port` label)."""
+
+    number: int
+    protocol: str = "http"
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """One instance: its address, its labels and identity, and how its ports are reached."""
+
+    name: str
+    address: str
+    namespace: str = "default"
+    labels: Labels = ()
+    service_account: str = ""
+    service: str | None = None
+    service_ports: tuple[ServicePortSpec, ...] = ()
+    named_ports: tuple[tuple[str, int], ...] = ()
+    inject: bool = True
+    sidecar_port: int | None = None
+    netns: str | None = None
+    origin: str = "WorkloadEntry"
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+    @property
+    def identity(self) -> str:
+        account = self.service_account or self.service or self.name
+        return f"spiffe://cluster.local/ns/{self.namespace}/sa/{account}"
+
+    def port_named(self, name: str) -> int | None:
+        return dict(self.named_ports).get(name)
+
+    def __str__(self) -> str:
+        return f"{self.name}.{self.namespace}"
