@@ -28,6 +28,7 @@ class _Reader:
         self.problems = problems
         self.used: set[FieldPath] = {()}
         self.whole: set[FieldPath] = set()
+        self.asked: set[FieldPath] = set()
 
     def report(self, severity: Severity, path: FieldPath, message: str, *, key: bool = False) -> None:
         where = self.document.where(path, key=key)
@@ -41,6 +42,7 @@ class _Reader:
 
     def raw(self, path: FieldPath, *, whole: bool = False) -> Any:
         """The value at `path` (None when absent); marks it, and every parent on the way, as read."""
+        self.asked.add(path)
         value: Any = self.document.body
         for i, part in enumerate(path):
             if isinstance(part, int):
@@ -55,6 +57,7 @@ class _Reader:
         return value
 
     def has(self, path: FieldPath) -> bool:
+        self.asked.add(path)
         value: Any = self.document.body
         for part in path:
             if isinstance(part, int):
@@ -189,18 +192,20 @@ def _headers(r: _Reader, path: FieldPath) -> m.Headers:
     return m.Headers(_header_ops(r, (*path, "request")), _header_ops(r, (*path, "response")))
 
 
-def _weighted(r: _Reader, path: FieldPath) -> tuple[m.RouteDestination, ...]:
+def _weighted(r: _Reader, path: FieldPath, *, http: bool = True) -> tuple[m.RouteDestination, ...]:
     destinations = tuple(
         m.RouteDestination(
             destination=_destination(r, (*item, "destination")),
             weight=r.integer((*item, "weight")) or 0,
-            headers=_headers(r, (*item, "headers")),
+            headers=_headers(r, (*item, "headers")) if http else m.Headers(),
         )
         for item in r.items(path)
     )
-    for i, dest in enumerate(destinations):
-        if dest.weight < 0:
-            r.error((*path, i, "weight"), f"weight must not be negative, got {dest.weight}")
+    negative = [i for i, dest in enumerate(destinations) if dest.weight < 0]
+    for i in negative:
+        r.error((*path, i, "weight"), f"weight must not be negative, got {destinations[i].weight}")
+    if negative:
+        return destinations
     total = sum(d.weight for d in destinations)
     if len(destinations) > 1:
         if total == 0:
@@ -272,7 +277,7 @@ def _fault(r: _Reader, path: FieldPath) -> m.HTTPFaultInjection:
 
 
 def _fault_percentage(r: _Reader, path: FieldPath) -> float | None:
-    if r.has((*path, "percent")) and not r.has((*path, "percentage")):
+    if path[-1] == "delay" and r.has((*path, "percent")) and not r.has((*path, "percentage")):
         value = r.integer((*path, "percent"))
         return float(value) if value is not None else None
     return r.percent((*path, "percentage"))
@@ -384,7 +389,7 @@ def _tcp_route(r: _Reader, path: FieldPath, index: int) -> m.TCPRoute:
         )
         for item in r.items((*path, "match"))
     )
-    return m.TCPRoute(index, r.document.where(path), matches, _weighted(r, (*path, "route")))
+    return m.TCPRoute(index, r.document.where(path), matches, _weighted(r, (*path, "route"), http=False))
 
 
 def build_virtual_service(r: _Reader) -> m.VirtualService:
@@ -465,14 +470,14 @@ def _client_tls(r: _Reader, path: FieldPath) -> m.ClientTLS:
     )
 
 
-def _traffic_policy(r: _Reader, path: FieldPath) -> m.TrafficPolicy | None:
+def _traffic_policy(r: _Reader, path: FieldPath, *, port_level_settings: bool = True) -> m.TrafficPolicy | None:
     if not r.has(path):
         return None
     lb, cp, od, tls = ((*path, key) for key in ("loadBalancer", "connectionPool", "outlierDetection", "tls"))
     port_level = []
-    for item in r.items((*path, "portLevelSettings")):
+    for item in r.items((*path, "portLevelSettings")) if port_level_settings else ():
         number = r.integer((*item, "port", "number"))
-        policy = _traffic_policy(r, item)
+        policy = _traffic_policy(r, item, port_level_settings=False)
         if number is not None and policy is not None:
             port_level.append((number, policy))
     return m.TrafficPolicy(
@@ -789,6 +794,13 @@ def build_document(document: Document, problems: list[Problem]) -> Any:
 Layer = list[Document]
 """The documents of one `-f` argument (or one overlay): a later layer replaces a resource
 of the same kind, namespace and name from an earlier one, as `kubectl apply` would."""
+
+
+def fields_read(document: Document) -> frozenset[FieldPath]:
+    """Every field path the builder of `document` looks at, present or not (for schema tests)."""
+    reader = _Reader(document, [])
+    BUILDERS[document.kind](reader)
+    return frozenset(reader.asked)
 
 
 def build_mesh(layers: Iterable[Layer], problems: list[Problem]) -> m.Mesh:

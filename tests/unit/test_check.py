@@ -1,0 +1,160 @@
+"""Cross-reference warnings and lints: each case names the exact line and message."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from minimesh.config.check import check_mesh, fqdn, host_covers
+from minimesh.config.load import load_layers, load_paths
+from minimesh.config.source import parse_text
+from tests.conftest import BOOKINFO, EXAMPLES
+
+
+def findings(text: str) -> list[str]:
+    documents, problems = parse_text(textwrap.dedent(text), "mesh.yaml")
+    loaded = load_layers([documents], problems)
+    assert loaded.errors == ()
+    return [str(p) for p in check_mesh(loaded.mesh, loaded.documents)]
+
+
+DR = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+"""
+VS = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+"""
+
+CASES = [
+    (
+        "subset no DestinationRule defines",
+        DR + VS + "  http:\n  - route: [{destination: {host: reviews, subset: v9}}]\n",
+        [
+            "mesh.yaml:14:51: warning: subset 'v9' of host reviews is defined in no DestinationRule; requests to it "
+            "get 503 no healthy upstream (VirtualService/reviews http[0].route[0].destination.subset)"
+        ],
+    ),
+    (
+        "host defined nowhere",
+        VS + "  http:\n  - route: [{destination: {host: ghost}}]\n",
+        [
+            "mesh.yaml:7:34: warning: host 'ghost' is defined in none of the given files (no Service or "
+            "DestinationRule) (VirtualService/reviews http[0].route[0].destination.host)"
+        ],
+    ),
+    (
+        "gateway defined nowhere",
+        DR + VS + "  gateways: [missing-gateway]\n  http:\n  - route: [{destination: {host: reviews}}]\n",
+        [
+            "mesh.yaml:13:14: warning: gateway 'missing-gateway' is defined in none of the given files "
+            "(VirtualService/reviews gateways[0])"
+        ],
+    ),
+    (
+        "rule shadowed by a catch-all",
+        DR
+        + VS
+        + "  http:\n  - route: [{destination: {host: reviews}}]\n"
+        + "  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: reviews}}]\n",
+        [
+            "mesh.yaml:15:5: warning: http[1] is never reached: http[0] above it matches every request "
+            "(VirtualService/reviews http[1])"
+        ],
+    ),
+    (
+        "fault without percentage, and a timeout it disables",
+        DR + VS + "  http:\n  - fault: {abort: {httpStatus: 500}}\n    timeout: 1s\n"
+        "    route: [{destination: {host: reviews}}]\n",
+        [
+            "mesh.yaml:14:20: warning: fault abort has no percentage, so it injects nothing; add percentage: "
+            "{value: 100} (VirtualService/reviews http[0].fault.abort)",
+            "mesh.yaml:15:14: warning: this route has a fault, so Istio turns its timeout off; the timeout here "
+            "has no effect (VirtualService/reviews http[0].timeout)",
+        ],
+    ),
+    (
+        "default retries on POST",
+        DR + VS + "  http:\n  - match: [{method: {exact: POST}}]\n    route: [{destination: {host: reviews}}]\n",
+        [
+            "mesh.yaml:14:12: warning: POST requests on this route are retried twice by Istio's default retry "
+            "policy; set retries.attempts: 0 if the upstream is not idempotent (VirtualService/reviews http[0].match)"
+        ],
+    ),
+    (
+        "ALLOW policy with no rules",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: lock}\n"
+        "spec: {selector: {matchLabels: {app: reviews}}}\n",
+        [
+            "mesh.yaml:4:7: warning: an ALLOW policy with no rules matches nothing, so it denies every request "
+            "to its workloads (AuthorizationPolicy/lock rules)"
+        ],
+    ),
+    (
+        "Gateway host no VirtualService binds",
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n"
+        "  selector: {istio: ingressgateway}\n"
+        "  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [shop.example.com]}]\n",
+        [
+            "mesh.yaml:6:70: warning: host 'shop.example.com' of this Gateway is bound by no VirtualService; its "
+            "requests get 404 (Gateway/gw servers[0].hosts[0])"
+        ],
+    ),
+    (
+        "two DestinationRules for one host",
+        DR + DR.replace("name: reviews}", "name: reviews-2}"),
+        [
+            "mesh.yaml:12:9: warning: a second DestinationRule for host reviews.default.svc.cluster.local (the "
+            "first is DestinationRule/reviews); Istio uses only one, so merge them (DestinationRule/reviews-2 host)"
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_findings(case: str, text: str, expected: list[str]) -> None:
+    assert findings(text) == expected
+
+
+def test_bookinfo_and_its_variants_have_no_findings() -> None:
+    for variant in [None, *sorted((BOOKINFO / "variants").glob("*.yaml"))]:
+        paths = [str(BOOKINFO)] + ([str(variant)] if variant else [])
+        loaded = load_paths(paths)
+        assert loaded.errors == (), variant
+        assert check_mesh(loaded.mesh, loaded.documents) == [], variant
+
+
+def test_corpus_loads_without_errors() -> None:
+    loaded = load_paths([str(EXAMPLES.parent / "tests" / "data" / "corpus")])
+    assert [str(p) for p in loaded.errors] == []
+
+
+@pytest.mark.parametrize(
+    ("host", "namespace", "expected"),
+    [
+        ("reviews", "default", "reviews.default.svc.cluster.local"),
+        ("reviews.prod", "default", "reviews.prod.svc.cluster.local"),
+        ("reviews.prod.svc", "default", "reviews.prod.svc.cluster.local"),
+        ("api.example.com", "default", "api.example.com"),
+        ("*.example.com", "default", "*.example.com"),
+    ],
+)
+def test_fqdn(host: str, namespace: str, expected: str) -> None:
+    assert fqdn(host, namespace) == expected
+
+
+def test_host_covers() -> None:
+    assert host_covers("*", "anything")
+    assert host_covers("*.example.com", "a.example.com")
+    assert not host_covers("*.example.com", "example.org")
+    assert not host_covers("a.example.com", "b.example.com")
