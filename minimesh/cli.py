@@ -9,16 +9,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 from minimesh import __version__
 from minimesh.config.check import check_mesh
 from minimesh.config.load import Loaded, load_paths
+from minimesh.config.model import Mesh
 from minimesh.errors import MinimeshError, Problem
+from minimesh.registry.model import Workload
+from minimesh.registry.static import workloads_of
+from minimesh.routing.compile import compile_snapshot
+from minimesh.routing.match import trace
+from minimesh.routing.offline import placeholders
+from minimesh.routing.request import RequestView
+from minimesh.routing.snapshot import Forward, NoRoute, Outcome, Snapshot
+from minimesh.routing.verify import run_route_tests, summarize
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(MinimeshError):
+    """Arguments that do not make sense; exit code 2."""
 
 
 def _add_files(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +55,10 @@ def _problems(loaded: Loaded, *, strict: bool) -> list[Problem]:
     problems = list(loaded.problems)
     if not loaded.errors:
         problems.extend(check_mesh(loaded.mesh, loaded.documents))
+        if loaded.mesh.route_tests:
+            ports = [_request_port(test.request.url) for test in loaded.mesh.route_tests]
+            snapshot = offline_snapshot(loaded.mesh, list(workloads_of(loaded.mesh)), ports)
+            problems.extend(run_route_tests(snapshot))
     if strict:
         problems = [replace(p, severity="error") if p.severity == "warning" else p for p in problems]
     return sorted(problems, key=lambda p: (p.location.file, p.location.line, p.location.col))
@@ -67,6 +86,80 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_FAIL if errors else EXIT_OK
 
 
+def offline_snapshot(mesh: Mesh, workloads: list[Workload], ports: Iterable[int]) -> Snapshot:
+    """A snapshot from config alone: the given workloads plus placeholders for the rest."""
+    return compile_snapshot(mesh, [*workloads, *placeholders(mesh, workloads, ports)])
+
+
+def _request_port(url: str) -> int:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        return parts.port or 80
+    except ValueError as exc:
+        raise UsageError(f"cannot read URL '{url}': {exc}") from exc
+
+
+def _source(labels: str | None) -> Workload | None:
+    if not labels:
+        return None
+    pairs = [item.partition("=") for item in labels.split(",") if item]
+    bad = [key for key, sep, _ in pairs if not sep or not key]
+    if bad:
+        raise UsageError(f"--source-labels takes k=v,k2=v2; cannot read '{labels}'")
+    return Workload(name="explain-source", address="127.0.0.1", labels=tuple(sorted((k, v) for k, _, v in pairs)))
+
+
+def _headers(values: list[str] | None) -> list[tuple[str, str]]:
+    headers = []
+    for raw in values or []:
+        name, sep, value = raw.partition(":")
+        if not sep or not name.strip():
+            raise UsageError(f"-H takes 'Name: value'; cannot read '{raw}'")
+        headers.append((name.strip(), value.strip()))
+    return headers
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    loaded = load_paths(_files(args))
+    for problem in loaded.problems:
+        if problem.severity == "error":
+            print(problem, file=sys.stderr)
+    mesh = loaded.raise_errors()
+    workloads = list(workloads_of(mesh))
+    if args.workloads:
+        workloads += workloads_of(load_paths([args.workloads]).raise_errors())
+    snapshot = offline_snapshot(mesh, workloads, [_request_port(args.url)])
+    gateway = args.gateway or "mesh"
+    if gateway != "mesh" and "/" not in gateway:
+        gateway = f"default/{gateway}"
+    view = RequestView.from_url(args.method, args.url, _headers(args.header), source=_source(args.source_labels),
+                                gateway=gateway)  # fmt: skip
+    outcome, steps = trace(snapshot, view, random.Random(args.seed))
+    print(f"request: {view.method} {view.scheme}://{view.authority}{view.path} at {gateway}")
+    width = max((len(step.what) for step in steps), default=0)
+    for step in steps:
+        print(f"  {step.what:<{width}}  {step.verdict:<5}  {step.detail}")
+    got = summarize(outcome)
+    flag = _flag(outcome)
+    destination = f"{got.host} subset {got.subset or '-'} port {got.port}" if got.host else "none"
+    print(f"result: route {got.route or '-'}; destination {destination}; status {got.status}; flag {flag}")
+    return EXIT_OK
+
+
+def _flag(outcome: Outcome) -> str:
+    if isinstance(outcome, NoRoute):
+        return outcome.flag
+    if isinstance(outcome, Forward):
+        fault = outcome.fault
+        if fault is not None and fault.abort is not None and (fault.abort.percentage or 0) >= 100:
+            return "FI"
+        if not outcome.cluster.endpoints:
+            return "UH (no endpoints known offline)"
+        if fault is not None and fault.delay is not None and (fault.delay.percentage or 0) >= 100:
+            return "DI"
+    return "-"
+
+
 def cmd_version(_: argparse.Namespace) -> int:
     print(f"minimesh {__version__}")
     return EXIT_OK
@@ -87,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--strict", action="store_true", help="treat every warning as an error")
     validate.set_defaults(run=cmd_validate)
 
+    explain = commands.add_parser("explain", help="trace one request through the routing rules, offline")
+    _add_files(explain)
+    explain.add_argument("method", metavar="METHOD")
+    explain.add_argument("url", metavar="URL")
+    explain.add_argument("-H", "--header", action="append", metavar="'Name: value'")
+    explain.add_argument("--source-labels", metavar="k=v,...", help="labels of the calling workload")
+    explain.add_argument("--gateway", metavar="NAME", help="decide as the ingress gateway bound by this Gateway")
+    explain.add_argument("--workloads", metavar="FILE", help="WorkloadEntry documents to resolve endpoints")
+    explain.add_argument("--seed", type=int, default=0, help="seed for the weighted split draw")
+    explain.set_defaults(run=cmd_explain)
+
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(run=cmd_version)
     return parser
@@ -97,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Command = args.run
     try:
         return run(args)
+    except UsageError as exc:
+        print(f"minimesh: usage error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except MinimeshError as exc:
         print(f"minimesh: error: {exc}", file=sys.stderr)
         return EXIT_FAIL

@@ -10,12 +10,11 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 
 from minimesh.config import model as m
+from minimesh.config.labels import PORT_LABEL, SERVICE_LABEL, SIDECAR_PORT_ANNOTATION, parse_ports
 from minimesh.config.source import SPEC, Document, FieldPath, field_path
 from minimesh.errors import Problem, Severity
 
 NON_IDEMPOTENT = frozenset({"POST", "PATCH"})
-SIDECAR_PORT_ANNOTATION = "minimesh.sidecar-port"
-SERVICE_LABEL = "minimesh.service"
 
 
 def fqdn(host: str, namespace: str) -> str:
@@ -200,17 +199,24 @@ def _hosts_overlap(a: str, b: str) -> bool:
     return host_covers(a, b) or host_covers(b, a)
 
 
-def check_annotations(mesh: m.Mesh, findings: _Findings) -> None:
+def check_workload_entries(mesh: m.Mesh, findings: _Findings) -> None:
+    """The minimesh annotation and labels a WorkloadEntry may carry must be readable."""
     for entry in mesh.workload_entries:
         port = dict(entry.meta.annotations).get(SIDECAR_PORT_ANNOTATION)
         if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
             message = f"annotation {SIDECAR_PORT_ANNOTATION} must be a port number 1-65535, got '{port}'"
             findings.error(entry.meta, ("metadata", "annotations", SIDECAR_PORT_ANNOTATION), message)
+        ports = dict(entry.labels).get(PORT_LABEL)
+        if ports is not None:
+            try:
+                parse_ports(ports)
+            except ValueError as exc:
+                findings.error(entry.meta, ("labels", PORT_LABEL), f"label {PORT_LABEL}: {exc}")
 
 
 CHECKS: tuple[Callable[[m.Mesh, _Findings], None], ...] = (
     check_references,
-    check_annotations,
+    check_workload_entries,
     lint_gateway_hosts,
     lint_virtual_services,
     lint_authorization,

@@ -165,11 +165,12 @@ def _string_match(r: _Reader, path: FieldPath) -> m.StringMatch | None:
     return None
 
 
-def _match_map(r: _Reader, path: FieldPath) -> tuple[tuple[str, m.StringMatch | None], ...]:
+def _match_map(r: _Reader, path: FieldPath, *, lower: bool = True) -> tuple[tuple[str, m.StringMatch | None], ...]:
+    """Header matches (names lower-cased, as HTTP compares them) or query parameters (as written)."""
     value = r.raw(path)
     if not isinstance(value, dict):
         return ()
-    return tuple((str(name).lower(), _string_match(r, (*path, name))) for name in value)
+    return tuple((str(name).lower() if lower else str(name), _string_match(r, (*path, name))) for name in value)
 
 
 def _destination(r: _Reader, path: FieldPath) -> m.Destination:
@@ -252,7 +253,7 @@ def _retry(r: _Reader, path: FieldPath) -> m.HTTPRetry:
     return m.HTTPRetry(
         attempts=attempts,
         per_try_timeout=r.duration((*path, "perTryTimeout")),
-        retry_on=tokens or m.DEFAULT_RETRY_ON,
+        retry_on=tokens,
         retry_remote_localities=r.flag((*path, "retryRemoteLocalities")),
     )
 
@@ -309,7 +310,7 @@ def _http_match(r: _Reader, path: FieldPath) -> m.HTTPMatchRequest:
         authority=_string_match(r, (*path, "authority")),
         headers=_match_map(r, (*path, "headers")),
         without_headers=_match_map(r, (*path, "withoutHeaders")),
-        query_params=tuple((k, v) for k, v in _match_map(r, (*path, "queryParams"))),
+        query_params=_match_map(r, (*path, "queryParams"), lower=False),
         port=r.integer((*path, "port")),
         source_labels=r.labels((*path, "sourceLabels")) or (),
         gateways=r.strings((*path, "gateways")),

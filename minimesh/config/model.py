@@ -62,8 +62,7 @@ class StringMatch:
             return text.lower() == self.value.lower() if ignore_case else text == self.value
         if self.kind == "prefix":
             return text.lower().startswith(self.value.lower()) if ignore_case else text.startswith(self.value)
-        assert self.pattern is not None
-        return self.pattern.fullmatch(text) is not None
+        return self.pattern is not None and self.pattern.fullmatch(text) is not None
 
     def __str__(self) -> str:
         return f"{self.kind} '{self.value}'"
@@ -172,12 +171,13 @@ class HTTPRetry:
     attempts: int
     per_try_timeout: float | None = None
     retry_on: tuple[str, ...] = ()
+    """Empty when `retryOn` is not written: Istio's default list, with 503 retriable."""
     retry_remote_localities: bool = False
 
 
 DEFAULT_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes")
 DEFAULT_RETRIABLE_STATUS = (503,)
-DEFAULT_RETRY = HTTPRetry(attempts=2, per_try_timeout=None, retry_on=DEFAULT_RETRY_ON)
+DEFAULT_RETRY = HTTPRetry(attempts=2, per_try_timeout=None)
 """What Istio gives a route with no `retries`."""
 
 

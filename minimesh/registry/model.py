@@ -8,15 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from minimesh.config.labels import ServicePortSpec
 from minimesh.config.model import Labels
-
-
-@dataclass(frozen=True, slots=True)
-class ServicePortSpec:
-    """A service port a workload declares itself (the `minimesh.port` label)."""
-
-    number: int
-    protocol: str = "http"
 
 
 @dataclass(frozen=True, slots=True)

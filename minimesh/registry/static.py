@@ -7,10 +7,28 @@ With `--no-docker` these are the only workloads; a WorkloadEntry annotated
 from __future__ import annotations
 
 from minimesh.config import model as m
-from minimesh.registry.model import ServicePortSpec, Workload
+from minimesh.config.labels import (
+    PORT_LABEL,
+    PROTOCOLS,
+    SERVICE_LABEL,
+    SIDECAR_PORT_ANNOTATION,
+    ServicePortSpec,
+    parse_ports,
+)
+from minimesh.registry.model import Workload
 
-SIDECAR_PORT_ANNOTATION = "minimesh.sidecar-port"
-SERVICE_LABEL = "minimesh.service"
+
+def _service_ports(entry: m.WorkloadEntry, labels: dict[str, str]) -> tuple[ServicePortSpec, ...]:
+    """`minimesh.port` when the entry declares it, else (for a `minimesh.service` entry) one
+    service port per entry port; validation has already checked the label."""
+    if PORT_LABEL in labels:
+        try:
+            return parse_ports(labels[PORT_LABEL])
+        except ValueError:
+            return ()
+    if SERVICE_LABEL in labels:
+        return tuple(ServicePortSpec(port, name if name in PROTOCOLS else "http") for name, port in entry.ports)
+    return ()
 
 
 def from_workload_entry(entry: m.WorkloadEntry) -> Workload:
@@ -24,7 +42,7 @@ def from_workload_entry(entry: m.WorkloadEntry) -> Workload:
         labels=entry.labels,
         service_account=entry.service_account,
         service=labels.get(SERVICE_LABEL),
-        service_ports=tuple(ServicePortSpec(port) for _, port in entry.ports) if SERVICE_LABEL in labels else (),
+        service_ports=_service_ports(entry, labels),
         named_ports=entry.ports,
         sidecar_port=int(sidecar) if sidecar.isdigit() else None,
         origin="WorkloadEntry",

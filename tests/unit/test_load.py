@@ -72,7 +72,7 @@ def test_values_are_typed_with_istio_defaults() -> None:
     assert lines(loaded) == []
     route = loaded.mesh.virtual_services[0].http[0]
     assert route.timeout == 1.5
-    assert route.retries == m.HTTPRetry(attempts=3, per_try_timeout=0.1, retry_on=m.DEFAULT_RETRY_ON)
+    assert route.retries == m.HTTPRetry(attempts=3, per_try_timeout=0.1)
     assert route.fault == m.HTTPFaultInjection(m.Delay(60.0, 12.5), m.Abort(503, 100.0))
     assert route.mirrors == (m.Mirror(m.Destination("reviews", "v2"), None),)
     assert route.route[0].destination == m.Destination("reviews", "v1", 9080)

@@ -1,0 +1,40 @@
+"""The `minimesh.*` labels and annotations a workload carries (DESIGN §1.2), and their parsers.
+
+Shared by Docker discovery, WorkloadEntry registration and validation, so one spelling
+and one parser serve all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SERVICE_LABEL = "minimesh.service"
+PORT_LABEL = "minimesh.port"
+NAMESPACE_LABEL = "minimesh.namespace"
+SERVICE_ACCOUNT_LABEL = "minimesh.serviceaccount"
+INJECT_LABEL = "minimesh.inject"
+SIDECAR_PORT_ANNOTATION = "minimesh.sidecar-port"
+PROTOCOLS = frozenset({"http", "http2", "grpc", "tcp", "tls", "https"})
+"""Port protocols as Istio names them in port names."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePortSpec:
+    """A service port a workload declares itself (the `minimesh.port` label)."""
+
+    number: int
+    protocol: str = "http"
+
+
+def parse_ports(text: str) -> tuple[ServicePortSpec, ...]:
+    """The `minimesh.port` label: `[PROTOCOL:]PORT[,...]`; ValueError names what is wrong."""
+    specs = []
+    for item in (part.strip() for part in text.split(",")):
+        protocol, sep, number = item.rpartition(":")
+        protocol = protocol.lower() if sep else "http"
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol '{protocol}' in '{item}'; use one of {', '.join(sorted(PROTOCOLS))}")
+        if not number.isdigit() or not 0 < int(number) < 65536:
+            raise ValueError(f"'{item}' is not a port; write [PROTOCOL:]PORT, e.g. http:9080")
+        specs.append(ServicePortSpec(int(number), protocol))
+    return tuple(specs)

@@ -1,0 +1,767 @@
+"""The compiled, immutable routing state: services, clusters with their merged policies,
+virtual services with compiled match predicates, gateways, and the outcomes of a decision.
+
+Built once per config generation by `compile.py`; read by every request, never changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Literal
+
+from minimesh.config import model as m
+from minimesh.config.durations import format_duration
+from minimesh.errors import Location
+from minimesh.registry.model import Workload
+from minimesh.routing.request import RequestView
+
+INGRESS_LABELS: m.Labels = (("istio", "ingressgateway"),)
+"""The labels of the built-in ingress gateway: it serves every Gateway that selects them."""
+
+MESH = "mesh"
+NO_OPERATIONS = m.HeaderOperations()
+
+
+# ---------------------------------------------------------------- services and clusters
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One address of a cluster; `workload` is None for a ServiceEntry host reached by name."""
+
+    workload: Workload | None
+    address: str
+    port: int
+    labels: m.Labels = ()
+
+    def __str__(self) -> str:
+        who = f" ({self.workload.name})" if self.workload else ""
+        return f"{self.address}:{self.port}{who}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    number: int
+    name: str = ""
+    protocol: str = "HTTP"
+
+    def __str__(self) -> str:
+        return f"{self.number}/{self.protocol}" + (f" ({self.name})" if self.name else "")
+
+
+@dataclass(frozen=True, slots=True)
+class MeshService:
+    """A service of the registry: a Kubernetes-style service or a ServiceEntry host."""
+
+    host: str
+    short: str
+    namespace: str
+    ports: tuple[ServicePort, ...]
+    endpoints: Mapping[int, tuple[Endpoint, ...]] = field(repr=False)
+    origin: str = ""
+    external: bool = False
+
+    def port(self, number: int) -> ServicePort | None:
+        return next((p for p in self.ports if p.number == number), None)
+
+    def __repr__(self) -> str:
+        ports = ",".join(str(p.number) for p in self.ports)
+        count = sum(len(e) for e in self.endpoints.values())
+        return f"<MeshService {self.host} ports={ports} endpoints={count} from {self.origin}>"
+
+
+DEFAULT_LOAD_BALANCER = m.LoadBalancer(simple="LEAST_REQUEST")
+UNLIMITED = m.ConnectionPool()
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The DestinationRule policy in force for one cluster, merged as Istio merges it.
+
+    `tls` None means Istio's auto mTLS; `origin` says which levels it came from.
+    """
+
+    load_balancer: m.LoadBalancer = DEFAULT_LOAD_BALANCER
+    connection_pool: m.ConnectionPool = UNLIMITED
+    outlier_detection: m.OutlierDetection | None = None
+    tls: m.ClientTLS | None = None
+    origin: str = "defaults"
+
+    def describe(self) -> str:
+        lb = self.load_balancer
+        balance = f"consistent hash {_hash_source(lb.consistent_hash)}" if lb.consistent_hash else lb.simple
+        pool = "limits " + _pool_text(self.connection_pool) if self.connection_pool != UNLIMITED else "unlimited"
+        outlier = _outlier_text(self.outlier_detection) if self.outlier_detection else "none"
+        tls = self.tls.mode if self.tls else "auto (ISTIO_MUTUAL inside the mesh)"
+        return f"lb {balance}; pool {pool}; outlier detection {outlier}; tls {tls} (from {self.origin})"
+
+
+def _hash_source(consistent: m.ConsistentHash) -> str:
+    pairs = {
+        "header": consistent.http_header_name,
+        "cookie": consistent.http_cookie_name,
+        "source ip": "yes" if consistent.use_source_ip else None,
+        "query": consistent.http_query_parameter_name,
+    }
+    return ", ".join(f"{kind} {value}" for kind, value in pairs.items() if value) or "(no key)"
+
+
+POOL_LIMITS = {
+    "max_connections": "maxConnections",
+    "http1_max_pending_requests": "http1MaxPendingRequests",
+    "http2_max_requests": "http2MaxRequests",
+    "max_requests_per_connection": "maxRequestsPerConnection",
+    "max_retries": "maxRetries",
+}
+"""The connection pool limits `explain` shows, by their Istio names."""
+
+
+def _pool_text(pool: m.ConnectionPool) -> str:
+    return " ".join(f"{label}={getattr(pool, attr)}" for attr, label in POOL_LIMITS.items() if getattr(pool, attr))
+
+
+def _outlier_text(od: m.OutlierDetection) -> str:
+    errors = f"{od.consecutive_5xx_errors or od.consecutive_gateway_errors} consecutive errors"
+    timing = f"interval {format_duration(od.interval)} ejection {format_duration(od.base_ejection_time)}"
+    return f"{errors}, {timing}, max {od.max_ejection_percent}%"
+
+
+def cluster_name(port: int, subset: str | None, host: str) -> str:
+    """Istio's cluster name: `outbound|9080|v1|reviews.default.svc.cluster.local`."""
+    return f"outbound|{port}|{subset or ''}|{host}"
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """A destination service port and subset: its endpoints and its merged policy.
+
+    `problem` says why a cluster has no endpoints by construction (unknown host or subset);
+    the data plane answers such a cluster, like an empty one, with 503 `UH`.
+    """
+
+    name: str
+    host: str
+    short: str
+    namespace: str
+    subset: str | None
+    port: int
+    endpoints: tuple[Endpoint, ...]
+    policy: Policy = Policy()
+    protocol: str = "HTTP"
+    selector: m.Labels = ()
+    problem: str = ""
+
+    def __repr__(self) -> str:
+        lb = self.policy.load_balancer.simple or "CONSISTENT_HASH"
+        problem = f" problem={self.problem!r}" if self.problem else ""
+        return f"<Cluster {self.name} endpoints={len(self.endpoints)} lb={lb}{problem}>"
+
+
+# ---------------------------------------------------------------- compiled routes
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """The parts of one request that match conditions read, computed once per decision."""
+
+    request: RequestView
+    path: str
+    port: int
+    gateway: str
+    labels: dict[str, str] | None
+    namespace: str | None
+
+    def header(self, name: str) -> str | None:
+        reader = PSEUDO_HEADERS.get(name)
+        return reader(self.request) if reader else self.request.headers.get(name)
+
+
+PSEUDO_HEADERS: dict[str, Callable[[RequestView], str]] = {
+    ":method": lambda request: request.method,
+    ":authority": lambda request: request.authority,
+    ":scheme": lambda request: request.scheme,
+    ":path": lambda request: request.path,
+}
+
+Readers = Literal["path", "header", "query"]
+READERS: dict[str, Callable[[Facts, str], str | None]] = {
+    "path": lambda facts, name: facts.path,
+    "header": lambda facts, name: facts.header(name),
+    "query": lambda facts, name: facts.request.query_params().get(name),
+}
+"""Where each kind of string condition reads its value from the request."""
+
+
+@dataclass(frozen=True, slots=True)
+class StringTest:
+    """One string condition, as Envoy's header/path/query matchers evaluate it.
+
+    `match` None is a present match; `invert` is `withoutHeaders`, which reads a missing
+    header as empty unless the condition is a present match (Istio's translation).
+    """
+
+    label: str
+    reads: Readers
+    name: str
+    match: m.StringMatch | None
+    invert: bool = False
+    ignore_case: bool = False
+
+    def value(self, facts: Facts) -> str | None:
+        return READERS[self.reads](facts, self.name)
+
+    def holds(self, facts: Facts) -> bool:
+        value = self.value(facts)
+        if value is None:
+            if self.invert and self.match is not None:
+                value = ""
+            else:
+                return self.invert
+        held = True if self.match is None else self.match.matches(value, ignore_case=self.ignore_case)
+        return held != self.invert
+
+    def why(self, facts: Facts) -> str:
+        value = self.value(facts)
+        subject = {"path": "path", "header": self.name, "query": f"query parameter {self.name}"}[self.reads]
+        shown = f"request has {subject} {value!r}" if value is not None else f"request has no {subject}"
+        return f"{self.label} — {shown}"
+
+
+@dataclass(frozen=True, slots=True)
+class PortTest:
+    port: int
+
+    @property
+    def label(self) -> str:
+        return f"port {self.port}"
+
+    def holds(self, facts: Facts) -> bool:
+        return facts.port == self.port
+
+    def why(self, facts: Facts) -> str:
+        return f"{self.label} — request is on port {facts.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaysTest:
+    """Match-level `gateways`: decides alone; source labels and namespace are then ignored."""
+
+    gateways: frozenset[str]
+
+    @property
+    def label(self) -> str:
+        return "gateways " + ",".join(sorted(self.gateways))
+
+    def holds(self, facts: Facts) -> bool:
+        return facts.gateway in self.gateways
+
+    def why(self, facts: Facts) -> str:
+        return f"{self.label} — request is at {facts.gateway}"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceTest:
+    """`sourceLabels` and `sourceNamespace` against the calling workload."""
+
+    labels: m.Labels
+    namespace: str | None
+
+    @property
+    def label(self) -> str:
+        parts = []
+        if self.labels:
+            parts.append("sourceLabels " + ",".join(f"{k}={v}" for k, v in self.labels))
+        if self.namespace:
+            parts.append(f"sourceNamespace {self.namespace}")
+        return " ".join(parts)
+
+    def holds(self, facts: Facts) -> bool:
+        if facts.labels is None or facts.namespace is None:
+            return False
+        if not m.labels_match(self.labels, facts.labels):
+            return False
+        return self.namespace is None or self.namespace == facts.namespace
+
+    def why(self, facts: Facts) -> str:
+        if facts.labels is None:
+            return f"{self.label} — request has no source workload"
+        shown = ",".join(f"{k}={v}" for k, v in sorted(facts.labels.items())) or "no labels"
+        return f"{self.label} — source has {shown} in namespace {facts.namespace}"
+
+
+Test = StringTest | PortTest | GatewaysTest | SourceTest
+
+
+@dataclass(frozen=True, slots=True)
+class MatchBlock:
+    """One `match` entry: every test must hold. `static` are the tests Istio applies when it
+    builds a proxy's routes (port, gateways, source), so a block failing them does not
+    exist for that proxy. `prefix` is what a uri prefix rewrite replaces (None: the path)."""
+
+    index: int
+    tests: tuple[Test, ...]
+    static: tuple[Test, ...] = ()
+    prefix: str | None = "/"
+
+    def holds(self, facts: Facts) -> bool:
+        return all(test.holds(facts) for test in self.static) and all(test.holds(facts) for test in self.tests)
+
+    def exists_for(self, facts: Facts) -> bool:
+        return all(test.holds(facts) for test in self.static)
+
+    def first_failure(self, facts: Facts) -> Test | None:
+        return next((test for test in (*self.static, *self.tests) if not test.holds(facts)), None)
+
+    def describe(self) -> str:
+        return " and ".join(test.label for test in (*self.tests, *self.static)) or "anything"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Envoy's retry policy as Istio builds it: `attempts` retries on `retry_on`."""
+
+    attempts: int
+    retry_on: tuple[str, ...]
+    retriable_status_codes: tuple[int, ...] = ()
+    per_try_timeout: float | None = None
+
+    def __str__(self) -> str:
+        on = ",".join(self.retry_on)
+        codes = f" codes {','.join(map(str, self.retriable_status_codes))}" if self.retriable_status_codes else ""
+        per_try = f" per try {format_duration(self.per_try_timeout)}" if self.per_try_timeout else ""
+        return f"{self.attempts} retries on {on}{codes}{per_try}"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A route destination resolved on one port: the cluster, and the headers the route and
+    the destination add or remove; `authority` is the Host rewrite, if any."""
+
+    cluster: Cluster
+    request_headers: m.HeaderOperations = NO_OPERATIONS
+    response_headers: m.HeaderOperations = NO_OPERATIONS
+    authority: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One `route[]` entry. Its Target is `fixed` when the port is known at compile time,
+    else looked up per listener port (`by_port`), else built for that port."""
+
+    host: str
+    subset: str | None
+    port: int | None
+    weight: int
+    build: Callable[[int], Target] = field(repr=False, compare=False)
+    fixed: Target | None = None
+    by_port: Mapping[int, Target] = field(default_factory=dict, repr=False)
+
+    def target(self, listener_port: int) -> Target:
+        if self.fixed is not None:
+            return self.fixed
+        return self.by_port.get(listener_port) or self.build(listener_port)
+
+    @property
+    def label(self) -> str:
+        return self.subset or self.host.split(".")[0]
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorPolicy:
+    destination: Destination
+    percentage: float
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """A mirror resolved for one request: where, and how often (percent)."""
+
+    cluster: Cluster
+    percentage: float
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One compiled `http[]` rule of a VirtualService (or the default route of a service)."""
+
+    ref: str
+    name: str
+    location: Location | None
+    blocks: tuple[MatchBlock, ...]
+    destinations: tuple[Destination, ...] = ()
+    weights: tuple[int, ...] = ()
+    timeout: float | None = None
+    retries: RetryPolicy | None = None
+    fault: m.HTTPFaultInjection | None = None
+    mirrors: tuple[MirrorPolicy, ...] = ()
+    cors: m.CorsPolicy | None = None
+    rewrite: m.HTTPRewrite | None = None
+    redirect: m.HTTPRedirect | None = None
+    direct_response: m.HTTPDirectResponse | None = None
+
+    def __repr__(self) -> str:
+        return f"<Route {self.ref} blocks={len(self.blocks)} destinations={len(self.destinations)}>"
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledVirtualService:
+    """A VirtualService with resolved hosts and gateways and its compiled rules, in order."""
+
+    ref: str
+    meta: m.Meta
+    hosts: tuple[str, ...]
+    gateways: frozenset[str]
+    routes: tuple[Route, ...]
+    order: int
+    source: m.VirtualService = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"<CompiledVirtualService {self.ref} hosts={','.join(self.hosts)} routes={len(self.routes)}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """A VirtualService bound at a gateway under one virtual host domain."""
+
+    domain: str
+    virtual_service: CompiledVirtualService
+    gateway: str
+    server: m.Server
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayTable:
+    """The virtual hosts of one gateway proxy, for one protocol family (plain or TLS).
+
+    `exact` maps a domain to its bindings; `wildcards` are ordered most specific first.
+    """
+
+    gateways: tuple[str, ...]
+    exact: Mapping[str, tuple[Binding, ...]]
+    wildcards: tuple[tuple[str, tuple[Binding, ...]], ...]
+    servers: tuple[tuple[str, m.Server], ...]
+
+
+# ---------------------------------------------------------------- outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class Draw:
+    """The weighted split a decision made: the weights of the route's destinations and the pick."""
+
+    weights: tuple[int, ...]
+    picked: int
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send the request upstream to `target.cluster` under `route`."""
+
+    route_ref: str
+    route: Route
+    target: Target
+    port: int
+    draw: Draw | None = None
+    prefix: str | None = "/"
+
+    @property
+    def cluster(self) -> Cluster:
+        return self.target.cluster
+
+    @property
+    def policy(self) -> Policy:
+        return self.target.cluster.policy
+
+    @property
+    def timeout(self) -> float | None:
+        return self.route.timeout
+
+    @property
+    def retries(self) -> RetryPolicy | None:
+        return self.route.retries
+
+    @property
+    def fault(self) -> m.HTTPFaultInjection | None:
+        return self.route.fault
+
+    @property
+    def cors(self) -> m.CorsPolicy | None:
+        return self.route.cors
+
+    @property
+    def rewrite(self) -> m.HTTPRewrite | None:
+        return self.route.rewrite
+
+    @property
+    def request_headers(self) -> m.HeaderOperations:
+        return self.target.request_headers
+
+    @property
+    def response_headers(self) -> m.HeaderOperations:
+        return self.target.response_headers
+
+    @property
+    def mirrors(self) -> tuple[Mirror, ...]:
+        return tuple(Mirror(p.destination.target(self.port).cluster, p.percentage) for p in self.route.mirrors)
+
+    def rewritten(self, path: str, authority: str) -> tuple[str, str]:
+        """The path and authority sent upstream, as Envoy rewrites them for this route."""
+        return rewrite_path(self.route.rewrite, self.prefix, path), self.target.authority or authority
+
+    def __repr__(self) -> str:
+        return f"<Forward {self.route_ref} → {self.cluster.name} endpoints={len(self.cluster.endpoints)}>"
+
+
+def rewrite_path(rewrite: m.HTTPRewrite | None, prefix: str | None, path: str) -> str:
+    """Envoy's `regex_rewrite` (on the path, query kept) or `prefix_rewrite` (the matched
+    prefix; an exact or regex match counts its whole path as the prefix)."""
+    if rewrite is None:
+        return path
+    head, sep, query = path.partition("?")
+    if rewrite.uri_regex is not None:
+        return rewrite.uri_regex.match.sub(rewrite.uri_regex.rewrite, head) + sep + query
+    if rewrite.uri is None:
+        return path
+    matched = len(head) if prefix is None else len(prefix)
+    return rewrite.uri + path[matched:]
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Answer with a redirect; `route` is None for a Gateway server's `httpsRedirect`."""
+
+    route_ref: str
+    route: Route | None
+    status: int
+    location: str
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    route_ref: str
+    route: Route
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NoRoute:
+    """Envoy's 404 `NR`: no virtual host or no route matched."""
+
+    reason: str
+    status: int = 404
+    flag: str = "NR"
+
+
+@dataclass(frozen=True, slots=True)
+class PassThrough:
+    """ALLOW_ANY: a host outside the registry goes out as addressed (`PassthroughCluster`)."""
+
+    host: str
+    port: int
+    cluster: str = "PassthroughCluster"
+
+
+@dataclass(frozen=True, slots=True)
+class BlackHole:
+    """REGISTRY_ONLY: a host outside the registry gets 502 from `BlackHoleCluster`."""
+
+    host: str
+    port: int
+    status: int = 502
+    cluster: str = "BlackHoleCluster"
+
+
+Outcome = Forward | Redirect | DirectResponse | NoRoute | PassThrough | BlackHole
+
+Verdict = Literal["match", "miss", "info"]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStep:
+    """One line of `minimesh explain`: what was considered, and whether it held."""
+
+    what: str
+    verdict: Verdict
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.what} {self.verdict}: {self.detail}"
+
+
+# ---------------------------------------------------------------- the snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything one config generation routes by; immutable, swapped whole on reload."""
+
+    generation: int
+    mesh: m.Mesh = field(repr=False)
+    services: Mapping[str, MeshService] = field(repr=False)
+    clusters: Mapping[str, Cluster] = field(repr=False)
+    workloads: tuple[Workload, ...] = field(repr=False)
+    virtual_services: tuple[CompiledVirtualService, ...] = field(repr=False)
+    gateways: Mapping[str, m.Gateway] = field(repr=False)
+    names: Mapping[str, str] = field(repr=False)
+    short_names: Mapping[tuple[str, str], str] = field(repr=False)
+    wildcard_services: tuple[MeshService, ...] = field(repr=False)
+    mesh_hosts: Mapping[str, tuple[CompiledVirtualService, ...]] = field(repr=False)
+    external_hosts: tuple[tuple[str, CompiledVirtualService], ...] = field(repr=False)
+    default_routes: Mapping[tuple[str, int], Route] = field(repr=False)
+    gateway_tables: Mapping[tuple[str, bool], GatewayTable] = field(repr=False)
+    gateway_aliases: Mapping[str, str] = field(repr=False)
+
+    def gateways_selecting(self, labels: m.Labels | Mapping[str, str]) -> tuple[str, ...]:
+        """The Gateways (`namespace/name`) whose selector picks a workload with `labels`."""
+        found = dict(labels)
+        return tuple(name for name, gw in self.gateways.items() if m.labels_match(gw.selector, found))
+
+    @property
+    def ingress_gateways(self) -> tuple[str, ...]:
+        """The Gateways the built-in ingress serves: those selecting `istio: ingressgateway`."""
+        return self.gateways_selecting(INGRESS_LABELS)
+
+    def service_for(self, host: str, namespace: str = "default") -> MeshService | None:
+        """The service a client in `namespace` reaches by `host` (short, `.ns`, `.ns.svc` or FQDN)."""
+        fqdn = self.names.get(host) or self.short_names.get((host, namespace))
+        if fqdn is not None:
+            return self.services[fqdn]
+        return next((s for s in self.wildcard_services if host_covers(s.host, host)), None)
+
+    def to_json(self) -> dict[str, Any]:
+        """`/config_dump`: the generation, every resource with the `file:line:col` of each
+        rule, services with their endpoints, and every cluster with its policy."""
+        mesh = self.mesh
+        return {
+            "generation": self.generation,
+            "virtualServices": [_virtual_service_json(vs) for vs in self.virtual_services],
+            "destinationRules": [
+                {
+                    "ref": resource_ref(dr.meta),
+                    "location": str(dr.meta.location),
+                    "host": dr.host,
+                    "trafficPolicy": _plain(dr.traffic_policy),
+                    "subsets": [
+                        {"name": s.name, "labels": dict(s.labels), "location": str(s.location)} for s in dr.subsets
+                    ],
+                }
+                for dr in mesh.destination_rules
+            ],
+            "gateways": [
+                {
+                    "ref": f"Gateway/{name}",
+                    "location": str(gw.meta.location),
+                    "selector": dict(gw.selector),
+                    "servers": [
+                        {"port": s.port.number, "protocol": s.port.protocol, "hosts": list(s.hosts)} for s in gw.servers
+                    ],
+                }
+                for name, gw in self.gateways.items()
+            ],
+            "serviceEntries": [
+                {"ref": resource_ref(se.meta), "location": str(se.meta.location), "hosts": list(se.hosts)}
+                for se in mesh.service_entries
+            ],
+            "services": [
+                {
+                    "host": svc.host,
+                    "namespace": svc.namespace,
+                    "origin": svc.origin,
+                    "external": svc.external,
+                    "ports": [str(p) for p in svc.ports],
+                    "endpoints": {str(port): [str(e) for e in found] for port, found in svc.endpoints.items()},
+                }
+                for svc in self.services.values()
+            ],
+            "clusters": [
+                {
+                    "name": c.name,
+                    "endpoints": [str(e) for e in c.endpoints],
+                    "policy": c.policy.describe(),
+                    "problem": c.problem,
+                }
+                for c in self.clusters.values()
+            ],
+            "workloads": [
+                {
+                    "name": w.name,
+                    "namespace": w.namespace,
+                    "address": w.address,
+                    "service": w.service,
+                    "labels": dict(w.labels),
+                    "origin": w.origin,
+                }
+                for w in self.workloads
+            ],
+            "meshConfig": {
+                "outboundTrafficPolicy": mesh.mesh_config.outbound_mode,
+                "defaultRetry": _plain(mesh.mesh_config.default_retry),
+            },
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<Snapshot generation={self.generation} services={len(self.services)} "
+            f"clusters={len(self.clusters)} virtual_services={len(self.virtual_services)} "
+            f"gateways={len(self.gateways)} workloads={len(self.workloads)}>"
+        )
+
+
+def resource_ref(meta: m.Meta) -> str:
+    """`Kind/namespace/name`, the namespace always written (as `x-minimesh-route` shows it)."""
+    return f"{meta.kind}/{meta.namespace}/{meta.name}"
+
+
+def _plain(value: object) -> Any:
+    """A config value as JSON-able data (dataclasses to dicts, tuples to lists)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    return str(value)
+
+
+def _virtual_service_json(vs: CompiledVirtualService) -> dict[str, Any]:
+    return {
+        "ref": vs.ref,
+        "location": str(vs.meta.location),
+        "hosts": list(vs.hosts),
+        "gateways": sorted(vs.gateways),
+        "http": [
+            {
+                "ref": route.ref,
+                "name": route.name,
+                "location": str(route.location),
+                "match": [block.describe() for block in route.blocks],
+                "route": [
+                    {"host": d.host, "subset": d.subset, "port": d.port, "weight": d.weight} for d in route.destinations
+                ],
+                "redirect": _plain(route.redirect),
+                "directResponse": route.direct_response.status if route.direct_response else None,
+                "timeout": route.timeout,
+                "retries": str(route.retries) if route.retries else None,
+                "fault": _plain(route.fault),
+                "mirrors": [{"host": mi.destination.host, "percentage": mi.percentage} for mi in route.mirrors],
+            }
+            for route in vs.routes
+        ],
+    }
+
+
+def host_covers(pattern: str, host: str) -> bool:
+    """Istio host matching: `*` covers all, `*.x.com` covers `a.x.com` and `*.a.x.com`."""
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        suffix = pattern[1:]
+        return host.endswith(suffix) and (not host.startswith("*") or len(host) >= len(pattern))
+    return pattern == host
+
+
+def specificity(domain: str) -> tuple[int, int]:
+    """Envoy's virtual host order: exact before wildcard, a longer wildcard first."""
+    return (1 if domain.startswith("*") else 0, -len(domain))
