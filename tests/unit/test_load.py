@@ -39,7 +39,13 @@ def test_bookinfo_loads_clean() -> None:
     loaded = load_paths([str(BOOKINFO)])
     assert [str(p) for p in loaded.problems if p.severity != "note"] == []
     mesh = loaded.mesh
-    assert {vs.meta.name for vs in mesh.virtual_services} == {"bookinfo", "productpage", "reviews", "ratings", "details"}
+    assert {vs.meta.name for vs in mesh.virtual_services} == {
+        "bookinfo",
+        "productpage",
+        "reviews",
+        "ratings",
+        "details",
+    }
     reviews = next(dr for dr in mesh.destination_rules if dr.host == "reviews")
     assert [s.name for s in reviews.subsets] == ["v1", "v2", "v3"]
     assert reviews.subsets[1].labels == (("version", "v2"),)
@@ -154,9 +160,7 @@ def test_typo_in_a_field_is_an_error_with_a_suggestion() -> None:
 
 
 def test_a_field_minimesh_does_not_implement_is_a_warning() -> None:
-    loaded = load(
-        VS_HEAD + "  - route: [{destination: {host: reviews}}]\n    mirrorPercentage: {value: 5}\n"
-    )
+    loaded = load(VS_HEAD + "  - route: [{destination: {host: reviews}}]\n    mirrorPercentage: {value: 5}\n")
     assert lines(loaded) == []
     assert lines(loaded, "warning") == [
         "mesh.yaml:9:5: warning: field 'mirrorPercentage' has no effect locally; minimesh accepts but ignores it "

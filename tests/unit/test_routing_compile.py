@@ -9,9 +9,9 @@ import textwrap
 import pytest
 
 from minimesh.config import model as m
+from minimesh.config.labels import ServicePortSpec
 from minimesh.config.load import load_layers
 from minimesh.config.source import parse_text
-from minimesh.config.labels import ServicePortSpec
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
 from minimesh.routing.compile import compile_snapshot, gateway_ref, retry_policy

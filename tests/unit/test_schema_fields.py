@@ -43,6 +43,15 @@ def test_every_field_the_builders_read_is_in_istios_schema() -> None:
                 missing.append(f"{document.kind} {'.'.join(names)}")
     assert missing == []
     assert kinds_seen >= {
-        "VirtualService", "DestinationRule", "Gateway", "ServiceEntry", "WorkloadEntry", "Service",
-        "Sidecar", "PeerAuthentication", "AuthorizationPolicy", "MeshConfig", "RouteTest",
+        "VirtualService",
+        "DestinationRule",
+        "Gateway",
+        "ServiceEntry",
+        "WorkloadEntry",
+        "Service",
+        "Sidecar",
+        "PeerAuthentication",
+        "AuthorizationPolicy",
+        "MeshConfig",
+        "RouteTest",
     }

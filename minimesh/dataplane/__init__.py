@@ -1,0 +1,1 @@
+"""The proxy: listeners, the per-request steps, and the connections to upstreams."""

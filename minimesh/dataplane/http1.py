@@ -1,0 +1,657 @@
+"""HTTP/1.1 on the wire, both sides: llhttp (httptools) parses, bytes pass through untouched.
+
+`Downstream` is one client connection: it parses requests, hands each to the proxy's
+handler in order, and frames the responses. `UpstreamConnection` is one keep-alive
+connection to an endpoint. Header names are lower-cased, as Envoy forwards them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Any
+
+import httptools
+
+MAX_HEADER_BYTES = 60 * 1024
+"""Envoy's default `max_request_headers_kb`: past it the answer is 431."""
+HEADERS_TIMEOUT = 30.0
+"""A client that has not sent a whole request head by then is cut (408)."""
+IDLE_TIMEOUT = 300.0
+"""A keep-alive connection with no request for this long is closed."""
+READ_HIGH_WATER = 1 << 20
+"""Buffered body bytes past which a connection stops reading until they are consumed."""
+PIPELINE_DEPTH = 16
+
+HeaderList = list[tuple[bytes, bytes]]
+REASONS = {
+    200: b"OK", 201: b"Created", 204: b"No Content", 301: b"Moved Permanently", 302: b"Found",
+    303: b"See Other", 304: b"Not Modified", 307: b"Temporary Redirect", 308: b"Permanent Redirect",
+    400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 413: b"Payload Too Large", 418: b"I'm a teapot", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout",
+}  # fmt: skip
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"upgrade", b"trailer"}
+)
+
+
+def reason(status: int) -> bytes:
+    return REASONS.get(status, b"Unknown")
+
+
+class _DateCache:
+    """The `date` header value, formatted at most once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def get(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+DATE = _DateCache()
+
+
+class BodyTooLarge(Exception):
+    """A body that had to be buffered (for a retry or a mirror) outgrew its bound."""
+
+
+class Body:
+    """A message body arriving in chunks; read it whole (bounded) or stream it."""
+
+    __slots__ = ("_chunks", "_complete", "_on_drain", "_size", "_waiter", "error", "received")
+
+    def __init__(self, on_drain: Callable[[], None] | None = None) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._complete = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._on_drain = on_drain
+        self.error: BaseException | None = None
+        self.received = 0
+
+    @classmethod
+    def of(cls, data: bytes) -> Body:
+        body = cls()
+        if data:
+            body.feed(data)
+        body.finish()
+        return body
+
+    @property
+    def buffered(self) -> int:
+        return self._size
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self.received += len(data)
+        self._wake()
+
+    def finish(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._complete = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def read(self) -> bytes:
+        """The next chunk; b"" at the end."""
+        while not self._chunks:
+            if self.error is not None:
+                raise self.error
+            if self._complete:
+                return b""
+            await self._wait()
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        if self._on_drain is not None and self._size < READ_HIGH_WATER:
+            self._on_drain()
+        return chunk
+
+    async def read_all(self, limit: int) -> bytes:
+        """The whole body; BodyTooLarge once it passes `limit` bytes."""
+        while not self._complete:
+            if self._size > limit:
+                raise BodyTooLarge(limit)
+            await self._wait()
+        if self.error is not None:
+            raise self.error
+        if self._size > limit:
+            raise BodyTooLarge(limit)
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        if self._on_drain is not None:
+            self._on_drain()
+        return data
+
+
+@dataclass(slots=True)
+class Request:
+    """One downstream request as parsed: lower-case header names, body still arriving."""
+
+    method: bytes
+    target: bytes
+    headers: HeaderList
+    body: Body
+    version: bytes = b"1.1"
+    keep_alive: bool = True
+    expects_continue: bool = False
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def has_body(self) -> bool:
+        return not (self.body.complete and self.body.buffered == 0 and self.body.received == 0)
+
+
+Handler = Callable[[Request, "Responder"], Awaitable[None]]
+
+
+class Responder:
+    """Writes one response to the downstream connection, framing it as HTTP/1.1."""
+
+    __slots__ = ("_chunked", "_conn", "_ended", "_keep_alive", "_request", "bytes_sent", "head_sent", "status")
+
+    def __init__(self, conn: Downstream, request: Request) -> None:
+        self._conn = conn
+        self._request = request
+        self._chunked = False
+        self._ended = False
+        self._keep_alive = request.keep_alive
+        self.head_sent = False
+        self.status = 0
+        self.bytes_sent = 0
+
+    def send_head(self, status: int, headers: HeaderList, length: int | None, *, reason_phrase: bytes = b"") -> None:
+        """Status line and headers; `length` None means chunked (or close-delimited for HTTP/1.0)."""
+        self.status = status
+        self.head_sent = True
+        no_body = self._request.method == b"HEAD" or status in (204, 304) or status < 200
+        parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason_phrase or reason(status), b"\r\n"]
+        for name, value in headers:
+            if name in HOP_BY_HOP or name == b"content-length":
+                continue
+            parts += [name, b": ", value, b"\r\n"]
+        if length is not None:
+            parts += [b"content-length: ", str(length).encode(), b"\r\n"]
+        elif not no_body:
+            if self._request.version == b"1.1":
+                self._chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+            else:
+                self._keep_alive = False
+        if not self._keep_alive or self._conn.closing:
+            self._keep_alive = False
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        self._conn.write(b"".join(parts))
+
+    def send(self, data: bytes) -> None:
+        if not data or self._request.method == b"HEAD":
+            return
+        self.bytes_sent += len(data)
+        if self._chunked:
+            self._conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self._conn.write(data)
+
+    def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._chunked:
+            self._conn.write(b"0\r\n\r\n")
+        self._conn.response_done(keep_alive=self._keep_alive)
+
+    def abort(self) -> None:
+        """Reset the connection mid-response (the upstream died after the head was sent)."""
+        self._ended = True
+        self._conn.response_done(keep_alive=False)
+
+    async def drain(self) -> None:
+        await self._conn.drain()
+
+    def set_producer(self, producer: asyncio.BaseTransport | None) -> None:
+        """The transport to pause while the client is slower than the upstream."""
+        self._conn.producer = producer
+
+    def reply(self, status: int, body: bytes = b"", headers: HeaderList | None = None) -> None:
+        """A whole local reply, with Envoy's headers for one (content-type, date, server)."""
+        extra: HeaderList = [(b"date", DATE.get()), (b"server", b"istio-envoy")]
+        if body:
+            extra.insert(0, (b"content-type", b"text/plain"))
+        self.send_head(status, [*(headers or []), *extra], len(body))
+        self.send(body)
+        self.end()
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    @property
+    def peer(self) -> str:
+        host, port = self._conn.peer
+        return f"{host}:{port}"
+
+
+class Downstream(asyncio.Protocol):
+    """One client connection: requests are parsed and answered strictly in order."""
+
+    def __init__(self, handler: Handler, on_close: Callable[[Downstream], None] | None = None) -> None:
+        self._handler = handler
+        self._on_close = on_close
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._queue: collections.deque[Request] = collections.deque()
+        self._current: Request | None = None
+        self._headers: HeaderList = []
+        self._header_bytes = 0
+        self._url = b""
+        self._worker: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self.closing = False
+        self.producer: asyncio.BaseTransport | None = None
+        self.peer: tuple[str, int] = ("", 0)
+        self.local: tuple[str, int] = ("", 0)
+        self.extra: dict[str, Any] = {}
+
+    # ---- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
+        self.local = (str(local[0]), int(local[1])) if isinstance(local, tuple) else ("", 0)
+        self._arm(HEADERS_TIMEOUT)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(501, b"protocol upgrades are not supported by minimesh")
+        except httptools.HttpParserError as exc:
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self._fail(431, b"")
+            elif self._current is not None and not self._current.body.complete:
+                self._current.body.fail(ConnectionResetError(f"bad request body: {exc}"))
+                self.close()
+            else:
+                self._fail(400, b"")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._disarm()
+        if self._current is not None and not self._current.body.complete:
+            self._current.body.fail(ConnectionResetError("downstream closed the connection"))
+        if self._worker is not None:
+            self._worker.cancel()
+        self._wake_drain()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.producer is not None and hasattr(self.producer, "pause_reading"):
+            self.producer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.producer is not None and hasattr(self.producer, "resume_reading"):
+            self.producer.resume_reading()
+        self._wake_drain()
+
+    # ---- llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._header_bytes = 0
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise httptools.HttpParserError("headers too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise httptools.HttpParserError("headers too large")
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        request = Request(
+            method=parser.get_method(),
+            target=self._url,
+            headers=self._headers,
+            body=Body(self._resume_reading),
+            version=parser.get_http_version().encode(),
+            keep_alive=parser.should_keep_alive(),
+        )
+        request.expects_continue = request.header(b"expect") == b"100-continue"
+        self._current = request
+        self._disarm()
+        self._queue.append(request)
+        if len(self._queue) > PIPELINE_DEPTH:
+            self._pause_reading()
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    def on_body(self, body: bytes) -> None:
+        assert self._current is not None
+        self._current.body.feed(body)
+        if self._current.body.buffered > READ_HIGH_WATER:
+            self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._current is not None:
+            self._current.body.finish()
+            self._current = None
+
+    # ---- serving
+
+    async def _work(self) -> None:
+        while self._queue and not self.closing:
+            request = self._queue.popleft()
+            if self._read_paused and len(self._queue) <= PIPELINE_DEPTH // 2:
+                self._resume_reading()
+            if request.expects_continue and not request.body.complete:
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            responder = Responder(self, request)
+            try:
+                await self._handler(request, responder)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if not responder.head_sent:
+                    responder.reply(500, b"internal error in minimesh")
+                self.close()
+                raise
+            if not responder.ended:
+                responder.end()
+            if not request.body.complete:
+                self.close()
+        self._worker = None
+        if not self.closing:
+            self._arm(IDLE_TIMEOUT)
+
+    def response_done(self, *, keep_alive: bool) -> None:
+        if not keep_alive:
+            self.close()
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        if self._write_paused and not self.closing:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._drain_waiter = None
+
+    def close(self) -> None:
+        self.closing = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _fail(self, status: int, body: bytes) -> None:
+        if self._worker is None and self._transport is not None and not self._transport.is_closing():
+            head = b"HTTP/1.1 %d %b\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (
+                status,
+                reason(status),
+                len(body),
+            )
+            self._transport.write(head + body)
+        self.close()
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self._transport is not None:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self._transport is not None and not self.closing:
+            self._read_paused = False
+            self._transport.resume_reading()
+
+    def _arm(self, delay: float) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._current is not None or self._header_bytes:
+            self._fail(408, b"")
+        else:
+            self.close()
+
+
+# ---------------------------------------------------------------- upstream side
+
+
+class UpstreamClosed(ConnectionError):
+    """The upstream closed or reset the connection before the response was complete."""
+
+    def __init__(self, message: str, *, before_headers: bool, sent_nothing: bool = False) -> None:
+        super().__init__(message)
+        self.before_headers = before_headers
+        self.sent_nothing = sent_nothing
+
+
+class UpstreamResponse:
+    """A response being received: status and headers are in, the body streams."""
+
+    __slots__ = ("body", "conn", "headers", "keep_alive", "reason", "status")
+
+    def __init__(self, conn: UpstreamConnection, status: int, reason_phrase: bytes, headers: HeaderList) -> None:
+        self.conn = conn
+        self.status = status
+        self.reason = reason_phrase
+        self.headers = headers
+        self.body = Body(conn.resume)
+        self.keep_alive = True
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def length(self) -> int | None:
+        value = self.header(b"content-length")
+        return int(value) if value is not None and value.isdigit() else None
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an endpoint; one exchange at a time; reusable while keep-alive holds."""
+
+    def __init__(
+        self,
+        on_idle: Callable[[UpstreamConnection], None] | None = None,
+        on_lost: Callable[[UpstreamConnection], None] | None = None,
+    ) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._response: UpstreamResponse | None = None
+        self._head: asyncio.Future[UpstreamResponse] | None = None
+        self._headers: HeaderList = []
+        self._reason = b""
+        self._head_request = False
+        self._received_any = False
+        self._paused = False
+        self._on_idle = on_idle
+        self._on_lost = on_lost
+        self.closed = False
+        self.requests = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._on_lost is not None:
+            self._on_lost(self)
+        error = UpstreamClosed(
+            "upstream closed the connection", before_headers=True, sent_nothing=not self._received_any
+        )
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        elif self._response is not None and not self._response.body.complete:
+            self._response.body.fail(UpstreamClosed("upstream closed mid-response", before_headers=False))
+
+    def data_received(self, data: bytes) -> None:
+        self._received_any = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._broken(f"invalid upstream response: {exc}")
+
+    def _broken(self, message: str) -> None:
+        error = UpstreamClosed(message, before_headers=self._head is not None and not self._head.done())
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        elif self._response is not None and not self._response.body.complete:
+            self._response.body.fail(error)
+        self.close()
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            return
+        response = UpstreamResponse(self, status, self._reason, self._headers)
+        response.keep_alive = self._parser.should_keep_alive()
+        self._response = response
+        if self._head is not None and not self._head.done():
+            self._head.set_result(response)
+        if self._head_request or status in (204, 304):
+            self._complete(response, reusable=not self._head_request)
+
+    def on_body(self, body: bytes) -> None:
+        response = self._response
+        if response is not None and not response.body.complete:
+            response.body.feed(body)
+            if response.body.buffered > READ_HIGH_WATER:
+                self.pause()
+
+    def on_message_complete(self) -> None:
+        response = self._response
+        if response is not None and not response.body.complete:
+            self._complete(response, reusable=response.keep_alive)
+
+    def _complete(self, response: UpstreamResponse, *, reusable: bool) -> None:
+        response.body.finish()
+        self._response = None
+        self._head = None
+        if not reusable:
+            response.keep_alive = False
+            self.close()
+        elif self._on_idle is not None:
+            self._on_idle(self)
+
+    async def exchange(self, head: bytes, body: Body | bytes, *, head_request: bool = False) -> UpstreamResponse:
+        """Send a request; return once the response head has arrived."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        self._head = loop.create_future()
+        self._head_request = head_request
+        self._received_any = False
+        self.requests += 1
+        if isinstance(body, bytes):
+            self.transport.write(head + body if len(body) < 65536 else head)
+            if len(body) >= 65536:
+                self.transport.write(body)
+        else:
+            self.transport.write(head)
+            await self._stream(body)
+        return await self._head
+
+    async def _stream(self, body: Body) -> None:
+        assert self.transport is not None
+        while True:
+            chunk = await body.read()
+            if not chunk:
+                self.transport.write(b"0\r\n\r\n")
+                return
+            self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return self._head is None and self._response is None and not self.closed
