@@ -1,0 +1,169 @@
+"""The `minimesh` command as a user runs it: a subprocess, its output and its exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import BOOKINFO, ROOT
+
+JASON = BOOKINFO / "variants" / "virtual-service-reviews-jason-v2.yaml"
+FIFTY = BOOKINFO / "variants" / "virtual-service-reviews-50-v3.yaml"
+
+
+def minimesh(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "minimesh", *args], capture_output=True, text=True, cwd=cwd, timeout=60, check=False
+    )
+
+
+def test_validate_bookinfo_is_valid() -> None:
+    result = minimesh("validate", "-f", "examples/bookinfo/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("valid: 10 documents, 0 errors, 0 warnings")
+
+
+def test_validate_every_variant_layered_on_bookinfo() -> None:
+    for variant in sorted((BOOKINFO / "variants").glob("*.yaml")):
+        result = minimesh("validate", "--strict", "-f", str(BOOKINFO), "-f", str(variant))
+        assert result.returncode == 0, f"{variant.name}: {result.stdout}"
+
+
+def test_a_typo_exits_1_with_the_line_and_a_suggestion() -> None:
+    result = minimesh("validate", "-f", "tests/data/typo.yaml")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0] == (
+        "tests/data/typo.yaml:13:7: error: unknown field 'weigth'; did you mean 'weight'? "
+        "(VirtualService/reviews http[0].route[0].weigth)"
+    )
+
+
+def test_broken_yaml_is_one_clear_line_never_a_traceback(tmp_path: Path) -> None:
+    broken = tmp_path / "mesh.yaml"
+    broken.write_text("kind: VirtualService\nmetadata: {name: x\nspec: {}\n")
+    result = minimesh("validate", "-f", str(broken))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"{broken}:3:5: error: invalid YAML: ")
+
+
+def test_json_format_lists_every_problem() -> None:
+    result = minimesh("validate", "--format", "json", "-f", "tests/data/typo.yaml")
+    report = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert report["valid"] is False
+    assert report["problems"][0] == {
+        "file": "tests/data/typo.yaml",
+        "line": 13,
+        "col": 7,
+        "severity": "error",
+        "message": "unknown field 'weigth'; did you mean 'weight'?",
+        "resource": "VirtualService/reviews",
+        "field": "http[0].route[0].weigth",
+    }
+
+
+def test_strict_turns_warnings_into_errors(tmp_path: Path) -> None:
+    (tmp_path / "mesh.yaml").write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: lock}\nspec: {}\n"
+    )
+    assert minimesh("validate", "-f", str(tmp_path)).returncode == 0
+    strict = minimesh("validate", "--strict", "-f", str(tmp_path))
+    assert strict.returncode == 1
+    assert "error: an ALLOW policy with no rules" in strict.stdout
+
+
+def test_usage_errors_exit_2() -> None:
+    assert minimesh("validate", "--format", "yaml").returncode == 2
+    assert minimesh("explain", "-f", str(BOOKINFO), "GET").returncode == 2
+    bad_header = minimesh("explain", "-f", str(BOOKINFO), "GET", "http://reviews:9080/", "-H", "no-colon")
+    assert bad_header.returncode == 2
+    assert "-H takes 'Name: value'" in bad_header.stderr
+
+
+def test_missing_file_is_an_error_naming_it() -> None:
+    result = minimesh("validate", "-f", "does-not-exist.yaml")
+    assert result.returncode == 1
+    assert "no such file or folder 'does-not-exist.yaml'" in result.stdout
+
+
+def test_explain_names_subset_v2_and_the_rule_for_jason() -> None:
+    result = minimesh(
+        "explain",
+        "-f",
+        str(BOOKINFO),
+        "-f",
+        str(JASON),
+        "GET",
+        "http://reviews:9080/reviews/0",
+        "-H",
+        "end-user: jason",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "http[0]" in result.stdout and "match" in result.stdout
+    assert "header end-user exact 'jason'" in result.stdout
+    assert result.stdout.splitlines()[-1] == (
+        "result: route VirtualService/default/reviews#http[0]; destination reviews.default.svc.cluster.local "
+        "subset v2 port 9080; status 200; flag -"
+    )
+
+
+def test_explain_says_why_a_rule_missed() -> None:
+    result = minimesh("explain", "-f", str(BOOKINFO), "-f", str(JASON), "GET", "http://reviews:9080/reviews/0")
+    assert "http[0] " in result.stdout
+    assert "miss" in result.stdout
+    assert "request has no end-user" in result.stdout
+    assert "subset v1" in result.stdout.splitlines()[-1]
+
+
+def test_explain_shows_the_weight_draw_and_the_seed_decides_it() -> None:
+    picked = set()
+    for seed in range(6):
+        result = minimesh(
+            "explain", "-f", str(BOOKINFO), "-f", str(FIFTY), "--seed", str(seed), "GET", "http://reviews:9080/"
+        )
+        assert result.returncode == 0
+        assert "v1=50" in result.stdout and "v3=50" in result.stdout
+        picked.add(result.stdout.splitlines()[-1].split(" subset ")[1].split()[0])
+    assert picked == {"v1", "v3"}
+
+
+def test_explain_at_the_gateway_and_a_404() -> None:
+    ok = minimesh(
+        "explain", "-f", str(BOOKINFO), "--gateway", "bookinfo-gateway", "GET", "http://localhost:8080/productpage"
+    )
+    assert "route VirtualService/default/bookinfo#http[0]" in ok.stdout
+    missing = minimesh(
+        "explain", "-f", str(BOOKINFO), "--gateway", "bookinfo-gateway", "GET", "http://localhost:8080/nope"
+    )
+    assert missing.stdout.splitlines()[-1].endswith("status 404; flag NR")
+
+
+def test_route_tests_pass_and_fail_with_the_deciding_rule(tmp_path: Path) -> None:
+    test = """\
+apiVersion: minimesh.dev/v1
+kind: RouteTest
+metadata: {name: jason-gets-v2}
+spec:
+  request: {url: "http://reviews:9080/reviews/0", headers: {end-user: jason}}
+  expect: {host: reviews, subset: SUBSET, status: 200}
+"""
+    (tmp_path / "tests.yaml").write_text(test.replace("SUBSET", "v2"))
+    passing = minimesh("validate", "-f", str(BOOKINFO), "-f", str(JASON), "-f", str(tmp_path))
+    assert passing.returncode == 0, passing.stdout
+    (tmp_path / "tests.yaml").write_text(test.replace("SUBSET", "v3"))
+    failing = minimesh("validate", "-f", str(BOOKINFO), "-f", str(JASON), "-f", str(tmp_path))
+    assert failing.returncode == 1
+    assert (
+        f"{tmp_path / 'tests.yaml'}:1:1: error: route test failed: subset: expected v3, got v2 "
+        "(decided by VirtualService/default/reviews#http[0]) (RouteTest/jason-gets-v2 expect)"
+    ) in failing.stdout
+
+
+def test_version() -> None:
+    result = minimesh("version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("minimesh ")
