@@ -1,0 +1,1 @@
+"""How a workload's traffic reaches its sidecar: `netns` (transparent) or `explicit` (HTTP_PROXY)."""

@@ -1,0 +1,187 @@
+"""Transparent capture inside a workload's network namespace, as istio-init does it.
+
+One helper thread per namespace enters it once (setns through ctypes: Python 3.11 has no
+`os.setns`) and makes sockets there on request; sockets keep the namespace they were made
+in. The iptables rules send the app's outbound TCP to 15001 and its service ports to 15006.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import os
+import queue
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from minimesh.errors import MinimeshError
+
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+MESH_MARK = 0x539
+"""SO_MARK of the mesh's own sockets made inside a namespace: the capture rules let them pass."""
+OUTPUT_CHAIN = "MINIMESH_OUTPUT"
+INBOUND_CHAIN = "MINIMESH_INBOUND"
+SO_ORIGINAL_DST = 80
+CLONE_NEWNET = 0x40000000
+
+T = TypeVar("T")
+
+
+class CaptureError(MinimeshError):
+    """Capture could not be set up in a namespace (no root, no iptables, the container is gone)."""
+
+
+def _setns(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno), path)
+    finally:
+        os.close(fd)
+
+
+class Namespace:
+    """A network namespace and the thread that lives in it, making sockets on request."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], concurrent.futures.Future[object]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, name=f"netns {path}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        try:
+            self._ready.result(timeout=5)
+        except (OSError, concurrent.futures.TimeoutError) as exc:
+            raise CaptureError(f"cannot enter the network namespace {self.path}: {exc}; run minimesh as root") from exc
+
+    def _run(self) -> None:
+        try:
+            _setns(self.path)
+        except OSError as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        while (job := self._jobs.get()) is not None:
+            work, result = job
+            try:
+                result.set_result(work())
+            except BaseException as exc:  # handed back to the caller, raised there
+                result.set_exception(exc)
+
+    async def call(self, work: Callable[[], T]) -> T:
+        """Run `work` in the namespace (on its thread) and return what it returned."""
+        result: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((work, result))  # type: ignore[arg-type]
+        return await asyncio.wrap_future(result)
+
+    async def listen(self, port: int) -> socket.socket:
+        """A listening socket on all addresses of the namespace."""
+
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", port))
+            sock.listen(1024)
+            sock.setblocking(False)
+            return sock
+
+        return await self.call(make)
+
+    async def connect(self, host: str, port: int) -> socket.socket:
+        """A socket connected from inside the namespace, marked so capture lets it pass."""
+
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MESH_MARK)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            return sock
+
+        sock = await self.call(make)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+
+    def __repr__(self) -> str:
+        state = "alive" if self._thread.is_alive() else "stopped"
+        return f"<Namespace {self.path} {state}>"
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Where a redirected connection was headed (`SO_ORIGINAL_DST`)."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, address = struct.unpack("!2xH4s8x", raw)
+    return socket.inet_ntoa(address), port
+
+
+def capture_rules(inbound_ports: Iterable[int]) -> str:
+    """istio-init's rules as an iptables-restore script: outbound TCP → 15001 except loopback
+    and the mesh's marked sockets; inbound service ports → 15006."""
+    lines = [
+        "*nat",
+        f":{OUTPUT_CHAIN} - [0:0]",
+        f":{INBOUND_CHAIN} - [0:0]",
+        f"-A OUTPUT -p tcp -j {OUTPUT_CHAIN}",
+        f"-A {OUTPUT_CHAIN} -m mark --mark {MESH_MARK:#x} -j RETURN",
+        f"-A {OUTPUT_CHAIN} -d 127.0.0.0/8 -j RETURN",
+        f"-A {OUTPUT_CHAIN} -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}",
+        f"-A PREROUTING -p tcp -j {INBOUND_CHAIN}",
+    ]
+    lines += [
+        f"-A {INBOUND_CHAIN} -p tcp --dport {port} -j REDIRECT --to-ports {INBOUND_PORT}" for port in inbound_ports
+    ]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _iptables(path: str, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            ["nsenter", f"--net={path}", *args], input=stdin, text=True, capture_output=True, timeout=10, check=False
+        )
+    except FileNotFoundError as exc:
+        raise CaptureError(f"{exc.filename} is not installed; install util-linux and iptables") from exc
+
+
+def install_rules(path: str, inbound_ports: Iterable[int]) -> None:
+    """Capture in the namespace at `path`; rules a crashed daemon left there are removed first."""
+    remove_rules(path)
+    result = _iptables(path, ["iptables-restore", "--noflush"], capture_rules(inbound_ports))
+    if result.returncode != 0:
+        raise CaptureError(f"iptables-restore failed in {path}: {result.stderr.strip()}; run minimesh as root")
+
+
+def remove_rules(path: str) -> bool:
+    """Remove every rule and chain of ours from the namespace; True when there were some."""
+    found = False
+    for chain, hook in ((OUTPUT_CHAIN, "OUTPUT"), (INBOUND_CHAIN, "PREROUTING")):
+        while _iptables(path, ["iptables", "-t", "nat", "-D", hook, "-p", "tcp", "-j", chain]).returncode == 0:
+            found = True
+        if _iptables(path, ["iptables", "-t", "nat", "-F", chain]).returncode == 0:
+            found = True
+            _iptables(path, ["iptables", "-t", "nat", "-X", chain])
+    return found
+
+
+def has_rules(path: str) -> bool:
+    result = _iptables(path, ["iptables-save", "-t", "nat"])
+    return OUTPUT_CHAIN in result.stdout or INBOUND_CHAIN in result.stdout
