@@ -99,12 +99,18 @@ class _Builder:
     def build(self, node: yaml.Node, path: FieldPath) -> Any:
         self.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, yaml.MappingNode):
+            explicit = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+            self._scalars.flatten_mapping(node)
+            merged = len(node.value) - explicit
             result: dict[str, Any] = {}
-            for key_node, value_node in node.value:
+            written: set[str] = set()
+            for index, (key_node, value_node) in enumerate(node.value):
                 key = self._key(key_node)
-                if key in result:
+                if key in written:
                     self._error(key_node, f"duplicate key '{key}'")
                     continue
+                if index >= merged:
+                    written.add(key)
                 child = (*path, key)
                 self.keys[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
                 result[key] = self.build(value_node, child)

@@ -230,3 +230,11 @@ def test_mutated_bookinfo_never_raises(cut: int, junk: str) -> None:
         loaded.raise_errors()
     except ConfigError as exc:
         assert exc.problems
+
+
+def test_yaml_merge_keys_merge_and_explicit_keys_win() -> None:
+    documents, problems = parse_text("base: &b {a: 1, b: 2}\nother:\n  <<: *b\n  b: 3\n", "x.yaml")
+    assert problems == []
+    assert documents[0].body["other"] == {"a": 1, "b": 3}
+    _, duplicate = parse_text("m:\n  a: 1\n  a: 2\n", "x.yaml")
+    assert [str(p) for p in duplicate] == ["x.yaml:3:3: error: duplicate key 'a'"]
