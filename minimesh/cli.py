@@ -7,18 +7,24 @@ can fix become one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
 import os
 import random
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import replace
+from typing import Any
 from urllib.parse import urlsplit
 
 from minimesh import __version__
+from minimesh.admin.client import DEFAULT_ADMIN, NoDaemon, get_json, status_lines, wait_ready
+from minimesh.background import detach, down
 from minimesh.config.check import check_mesh
 from minimesh.config.load import Loaded, load_paths
 from minimesh.config.model import Mesh
+from minimesh.daemon import DaemonError, Options, serve
 from minimesh.errors import MinimeshError, Problem
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
@@ -160,6 +166,87 @@ def _flag(outcome: Outcome) -> str:
     return "-"
 
 
+def _log_to_stderr() -> logging.Logger:
+    """The daemon's log: one plain line per event on stderr (the access log has stdout)."""
+    log = logging.getLogger("minimesh")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on uvloop when it is installed, else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
+def _admin_of(args: argparse.Namespace) -> str:
+    host = "127.0.0.1" if args.bind in ("0.0.0.0", "::", "") else args.bind
+    return f"http://[{host}]:{args.admin_port}" if ":" in host else f"http://{host}:{args.admin_port}"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if args.capture == "netns":
+        raise DaemonError(
+            "--capture netns needs Docker discovery, which is not built yet; use --capture explicit "
+            "(sidecars on 127.0.0.1 ports; apps send through HTTP_PROXY)"
+        )
+    if args.detach:
+        up_args = [arg for arg in args.argv if arg != "--detach"]
+        up_args.remove("up")
+        return detach(up_args, _admin_of(args))
+    log = _log_to_stderr()
+    if args.capture == "auto":
+        log.info("minimesh: capture auto: chose explicit (Docker discovery is not built yet): sidecars listen on "
+                 "127.0.0.1, apps send through HTTP_PROXY")  # fmt: skip
+    elif not args.no_docker:
+        log.info("minimesh: Docker discovery is not built yet: serving the WorkloadEntry workloads only")
+    options = Options(
+        paths=tuple(_files(args)),
+        bind=args.bind,
+        gateway_port=args.gateway_port,
+        admin_port=args.admin_port,
+        debug_headers=args.debug_headers,
+        seed=args.seed,
+    )
+    _run(serve(options))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        dump = get_json(args.admin, "/config_dump")
+        clusters = get_json(args.admin, "/clusters")["clusters"]
+    except NoDaemon as exc:
+        print(
+            f"minimesh: error: no daemon answers at {args.admin} ({exc}); start one with minimesh up", file=sys.stderr
+        )
+        return EXIT_FAIL
+    print("\n".join(status_lines(args.admin, dump, clusters)))
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    if wait_ready(args.admin, args.timeout):
+        print(f"minimesh: ready at {args.admin}")
+        return EXIT_OK
+    print(f"minimesh: error: no daemon was ready at {args.admin} within {args.timeout:g} s", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def cmd_down(_: argparse.Namespace) -> int:
+    return down()
+
+
 def cmd_version(_: argparse.Namespace) -> int:
     print(f"minimesh {__version__}")
     return EXIT_OK
@@ -191,13 +278,47 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--seed", type=int, default=0, help="seed for the weighted split draw")
     explain.set_defaults(run=cmd_explain)
 
+    up = commands.add_parser("up", help="run the daemon: gateway, sidecars, admin API, hot reload")
+    _add_files(up)
+    up.add_argument("--gateway-port", type=int, default=8080, metavar="PORT", help="ingress gateway HTTP port")
+    up.add_argument(
+        "--gateway-tls-port",
+        type=int,
+        default=8443,
+        metavar="PORT",
+        help="ingress gateway HTTPS port (HTTPS serving is not built yet)",
+    )
+    up.add_argument("--admin-port", type=int, default=15000, metavar="PORT", help="admin API port")
+    up.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS", help="address of the gateway and admin API")
+    up.add_argument("--capture", choices=("auto", "netns", "explicit"), default="auto",
+                    help="how workloads' traffic reaches their sidecars")  # fmt: skip
+    up.add_argument("--no-docker", action="store_true", help="no Docker discovery: WorkloadEntry workloads only")
+    up.add_argument("--debug-headers", action="store_true", help="add x-minimesh-route to responses")
+    up.add_argument("--seed", type=int, metavar="N", help="seed splits and faults (deterministic tests)")
+    up.add_argument("--detach", action="store_true", help="run in the background; stop it with minimesh down")
+    up.set_defaults(run=cmd_up)
+
+    status = commands.add_parser("status", help="what a running daemon serves; exit 1 if none answers")
+    status.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL", help="the daemon's admin API")
+    status.set_defaults(run=cmd_status)
+
+    wait = commands.add_parser("wait", help="wait until a daemon is ready; exit 1 on timeout")
+    wait.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL", help="the daemon's admin API")
+    wait.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait")
+    wait.set_defaults(run=cmd_wait)
+
+    down_ = commands.add_parser("down", help="stop the daemon `up --detach` started")
+    down_.set_defaults(run=cmd_down)
+
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(run=cmd_version)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw)
+    args.argv = raw
     run: Command = args.run
     try:
         return run(args)

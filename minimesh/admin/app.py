@@ -1,0 +1,206 @@
+"""The admin API (`http://127.0.0.1:15000`): health, readiness, the config in force, clusters,
+stats, Prometheus metrics and the log level; handlers only read a running daemon's state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from minimesh.admin.metrics import Metrics
+from minimesh.dataplane.current import Current
+from minimesh.dataplane.proxy import Listener
+from minimesh.dataplane.upstream import ClusterState, Upstreams
+from minimesh.routing.snapshot import Cluster, Snapshot
+
+log = logging.getLogger("minimesh")
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigState:
+    """Where the config in force came from, when, and the error of the last reload (None: it worked)."""
+
+    sources: tuple[str, ...]
+    loaded_at: float
+    error: tuple[str, ...] | None = None
+
+
+class Runtime(Protocol):
+    """What the admin API reads of a running daemon."""
+
+    @property
+    def current(self) -> Current[Snapshot]: ...
+
+    @property
+    def upstreams(self) -> Upstreams: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def config(self) -> ConfigState: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def listeners(self) -> list[Listener]: ...
+
+
+def iso_time(moment: float) -> str:
+    stamp = datetime.fromtimestamp(moment, UTC)
+    return f"{stamp:%Y-%m-%dT%H:%M:%S}.{stamp.microsecond // 1000:03d}Z"
+
+
+def listener_json(listener: Listener) -> dict[str, Any]:
+    return {
+        "kind": listener.kind,
+        "name": listener.name,
+        "address": listener.address,
+        "port": listener.port,
+        "workload": listener.workload.name if listener.workload else None,
+        "gateways": list(listener.gateways),
+    }
+
+
+def config_dump(runtime: Runtime) -> dict[str, Any]:
+    """The snapshot in force, with where it came from and the last reload's error."""
+    config = runtime.config
+    dump = runtime.current.get().to_json()
+    dump["sources"] = list(config.sources)
+    dump["loadedAt"] = iso_time(config.loaded_at)
+    dump["lastReloadError"] = list(config.error) if config.error is not None else None
+    dump["listeners"] = [listener_json(listener) for listener in runtime.listeners()]
+    return dump
+
+
+def cluster_json(cluster: Cluster, state: ClusterState | None, now: float) -> dict[str, Any]:
+    """One cluster: its policy, each endpoint's health and load, and its circuit-breaker counters."""
+    endpoints = []
+    for endpoint in cluster.endpoints:
+        host = state.hosts.get((endpoint.address, endpoint.port)) if state else None
+        ejected = host is not None and host.ejected_until is not None and host.ejected_until > now
+        endpoints.append(
+            {
+                "address": endpoint.address,
+                "port": endpoint.port,
+                "workload": endpoint.workload.name if endpoint.workload else None,
+                "health": "ejected" if ejected else "healthy",
+                "timesEjected": host.times_ejected if host else 0,
+                "activeRequests": host.in_flight if host else 0,
+                "connections": host.connections if host else 0,
+                "successes": host.successes if host else 0,
+                "failures": host.failures if host else 0,
+            }
+        )
+    return {
+        "name": cluster.name,
+        "host": cluster.host,
+        "port": cluster.port,
+        "subset": cluster.subset,
+        "policy": cluster.policy.describe(),
+        "problem": cluster.problem or None,
+        "endpoints": endpoints,
+        "circuitBreakers": {
+            "activeRequests": state.requests if state else 0,
+            "pending": state.pending if state else 0,
+            "connections": state.connections if state else 0,
+            "retries": state.retries if state else 0,
+            "overflows": state.overflows if state else 0,
+        },
+    }
+
+
+def cluster_stats(cluster: Cluster, state: ClusterState | None, now: float) -> list[tuple[str, int]]:
+    """Envoy's names for one cluster's live counters."""
+    hosts = [state.hosts.get((e.address, e.port)) for e in cluster.endpoints] if state else []
+    ejected = sum(1 for h in hosts if h is not None and h.ejected_until is not None and h.ejected_until > now)
+    prefix = f"cluster.{cluster.name}."
+    values = {
+        "upstream_cx_active": state.connections if state else 0,
+        "upstream_rq_active": state.requests if state else 0,
+        "upstream_rq_pending_active": state.pending if state else 0,
+        "upstream_rq_pending_overflow": state.overflows if state else 0,
+        "outlier_detection.ejections_active": ejected,
+        "outlier_detection.ejections_enforced_total": sum(h.times_ejected for h in hosts if h is not None),
+        "membership_total": len(cluster.endpoints),
+        "membership_healthy": len(cluster.endpoints) - ejected,
+    }
+    return [(prefix + name, value) for name, value in values.items()]
+
+
+class AdminApi:
+    """The handlers, over one daemon's state."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self.runtime.ready:
+            return web.Response(text="LIVE\n")
+        return web.Response(status=503, text="NOT READY\n")
+
+    async def config_dump(self, request: web.Request) -> web.Response:
+        return web.json_response(config_dump(self.runtime), dumps=_dumps)
+
+    async def clusters(self, request: web.Request) -> web.Response:
+        runtime = self.runtime
+        now = runtime.upstreams.clock()
+        states = runtime.upstreams.clusters
+        found = [cluster_json(c, states.get(c.name), now) for c in runtime.current.get().clusters.values()]
+        return web.json_response({"clusters": found}, dumps=_dumps)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        runtime = self.runtime
+        snapshot = runtime.current.get()
+        now = runtime.upstreams.clock()
+        states = runtime.upstreams.clusters
+        lines = [("minimesh.config_generation", snapshot.generation)]
+        for cluster in snapshot.clusters.values():
+            lines += cluster_stats(cluster, states.get(cluster.name), now)
+        lines += runtime.metrics.cluster_stats(snapshot.clusters)
+        return web.Response(text="".join(f"{name}: {value}\n" for name, value in sorted(lines)))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.runtime.metrics.prometheus(), headers={"content-type": PROMETHEUS})
+
+    async def logging_get(self, request: web.Request) -> web.Response:
+        return web.json_response({"level": logging.getLevelName(log.getEffectiveLevel()).lower()})
+
+    async def logging_post(self, request: web.Request) -> web.Response:
+        wanted = request.query.get("level", "").lower()
+        level = LEVELS.get(wanted)
+        if level is None:
+            choices = "|".join(LEVELS)
+            return web.Response(status=400, text=f"error: level must be one of {choices}, got '{wanted}'\n")
+        log.setLevel(level)
+        log.info("minimesh: log level is now %s", wanted)
+        return web.json_response({"level": wanted})
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=2)
+
+
+def build_app(runtime: Runtime) -> web.Application:
+    """The admin web application over `runtime`."""
+    api = AdminApi(runtime)
+    app = web.Application()
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/ready", api.ready)
+    app.router.add_get("/config_dump", api.config_dump)
+    app.router.add_get("/clusters", api.clusters)
+    app.router.add_get("/stats", api.stats)
+    app.router.add_get("/metrics", api.metrics)
+    app.router.add_get("/logging", api.logging_get)
+    app.router.add_post("/logging", api.logging_post)
+    return app

@@ -1,0 +1,227 @@
+"""Istio's standard metrics: an `Exchange` observer that aggregates per label set (one dict
+lookup and a few adds per request) and renders Prometheus text and Envoy-style counters on scrape.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from minimesh.dataplane.proxy import Exchange, Listener
+from minimesh.registry.model import Workload
+from minimesh.routing.request import split_authority
+
+BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000,
+           3600000)  # fmt: skip
+"""Envoy's default histogram buckets, which Istio's telemetry uses for durations (ms) and sizes (bytes)."""
+LE = (*(str(bound) for bound in BUCKETS), "+Inf")
+
+UNKNOWN = "unknown"
+CLUSTER_ID = "Kubernetes"
+"""Istio's default cluster id, what `source_cluster`/`destination_cluster` say in one cluster."""
+GATEWAY_PEER = {
+    "workload": "istio-ingressgateway",
+    "workload_namespace": "istio-system",
+    "principal": UNKNOWN,
+    "app": "istio-ingressgateway",
+    "version": UNKNOWN,
+    "canonical_service": "istio-ingressgateway",
+    "canonical_revision": "latest",
+    "cluster": CLUSTER_ID,
+}
+NO_PEER = dict.fromkeys(GATEWAY_PEER, UNKNOWN)
+MESH_SUFFIX = ".svc.cluster.local"
+
+STATUS_CLASSES = tuple(f"upstream_rq_{n}xx" for n in range(6))
+"""Envoy's counters of upstream responses by status class, indexed by `status // 100`."""
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def peer(workload: Workload | None, *, gateway: bool = False) -> dict[str, str]:
+    """A side of a request as Istio's peer metadata describes it (without mTLS: no principal)."""
+    if gateway:
+        return GATEWAY_PEER
+    if workload is None:
+        return NO_PEER
+    labels = workload.label_map
+    app = labels.get("app", UNKNOWN)
+    version = labels.get("version", UNKNOWN)
+    return {
+        "workload": workload.name,
+        "workload_namespace": workload.namespace,
+        "principal": UNKNOWN,
+        "app": app,
+        "version": version,
+        "canonical_service": labels.get("service.istio.io/canonical-name", labels.get("app", workload.name)),
+        "canonical_revision": labels.get("service.istio.io/canonical-revision", labels.get("version", "latest")),
+        "cluster": CLUSTER_ID,
+    }
+
+
+def service_parts(host: str) -> tuple[str, str]:
+    """`reviews.default.svc.cluster.local` → (`reviews`, `default`); another host is its own name."""
+    if host.endswith(MESH_SUFFIX):
+        name, _, namespace = host[: -len(MESH_SUFFIX)].partition(".")
+        return name, namespace or UNKNOWN
+    return host, UNKNOWN
+
+
+def labels_of(listener: Listener, destination: Workload | None, service: str, status: int, flags: str) -> Labels:
+    """The labels of `istio_requests_total` and friends for one kind of request."""
+    source = peer(listener.workload, gateway=listener.kind == "gateway")
+    target = peer(destination)
+    name, namespace = service_parts(service) if service else (UNKNOWN, UNKNOWN)
+    return (
+        ("reporter", "source"),
+        ("source_workload", source["workload"]),
+        ("source_canonical_service", source["canonical_service"]),
+        ("source_canonical_revision", source["canonical_revision"]),
+        ("source_workload_namespace", source["workload_namespace"]),
+        ("source_principal", source["principal"]),
+        ("source_app", source["app"]),
+        ("source_version", source["version"]),
+        ("source_cluster", source["cluster"]),
+        ("destination_workload", target["workload"]),
+        ("destination_workload_namespace", target["workload_namespace"]),
+        ("destination_principal", target["principal"]),
+        ("destination_app", target["app"]),
+        ("destination_version", target["version"]),
+        ("destination_service", service or UNKNOWN),
+        ("destination_canonical_service", target["canonical_service"]),
+        ("destination_canonical_revision", target["canonical_revision"]),
+        ("destination_service_name", name),
+        ("destination_service_namespace", namespace),
+        ("destination_cluster", target["cluster"]),
+        ("request_protocol", "http"),
+        ("response_code", str(status)),
+        ("grpc_response_status", ""),
+        ("response_flags", flags),
+        ("connection_security_policy", UNKNOWN),
+    )
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_labels(labels: Labels) -> str:
+    return ",".join(f'{name}="{_escape(value)}"' for name, value in labels)
+
+
+class Histogram:
+    """Counts per bucket (not cumulative until rendered), their sum and count."""
+
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str, labels: str) -> Iterator[str]:
+        total = 0
+        for le, count in zip(LE, self.counts, strict=True):
+            total += count
+            yield f'{name}_bucket{{{labels},le="{le}"}} {total}'
+        yield f"{name}_sum{{{labels}}} {self.sum}"
+        yield f"{name}_count{{{labels}}} {self.count}"
+
+
+class Series:
+    """Everything measured for one label set."""
+
+    __slots__ = ("duration", "labels", "request_bytes", "requests", "response_bytes")
+
+    def __init__(self, labels: str) -> None:
+        self.labels = labels
+        self.requests = 0
+        self.duration = Histogram()
+        self.request_bytes = Histogram()
+        self.response_bytes = Histogram()
+
+
+HISTOGRAMS = (
+    ("istio_request_duration_milliseconds", "duration", "Duration of requests, in milliseconds."),
+    ("istio_request_bytes", "request_bytes", "Sizes of request bodies, in bytes."),
+    ("istio_response_bytes", "response_bytes", "Sizes of response bodies, in bytes."),
+)
+
+Key = tuple[Any, ...]
+
+
+class Metrics:
+    """Istio's request metrics and per-cluster upstream counters, aggregated as requests end."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[Key, Series] = {}
+        self._by_labels: dict[str, Series] = {}
+        self.upstream: dict[str, dict[str, int]] = {}
+        """Per cluster: `upstream_rq_total` and `upstream_rq_2xx`... of the responses upstreams gave."""
+
+    def __call__(self, exchange: Exchange) -> None:
+        destination = exchange.destination
+        workload = destination.workload if destination is not None else None
+        service = exchange.destination_service or exchange.authority
+        key = (exchange.listener, workload, service, exchange.status, exchange.flag_text)
+        series = self._by_key.get(key)
+        if series is None:
+            series = self._series(exchange.listener, workload, service, exchange.status, exchange.flag_text)
+            self._by_key[key] = series
+        series.requests += 1
+        series.duration.observe(exchange.duration * 1000.0)
+        series.request_bytes.observe(exchange.bytes_received)
+        series.response_bytes.observe(exchange.bytes_sent)
+        if exchange.upstream_time is not None and exchange.cluster:
+            counts = self.upstream.get(exchange.cluster)
+            if counts is None:
+                counts = self.upstream[exchange.cluster] = {"upstream_rq_total": 0}
+            counts["upstream_rq_total"] += 1
+            group = STATUS_CLASSES[min(exchange.status // 100, 5)]
+            counts[group] = counts.get(group, 0) + 1
+
+    def _series(self, listener: Listener, workload: Workload | None, service: str, status: int, flags: str) -> Series:
+        """The series of a label set seen first under this key (an authority counts by its host)."""
+        text = render_labels(labels_of(listener, workload, split_authority(service)[0], status, flags))
+        series = self._by_labels.get(text)
+        if series is None:
+            series = self._by_labels[text] = Series(text)
+        return series
+
+    def prometheus(self) -> str:
+        """The Prometheus text exposition of every metric family."""
+        series = list(self._by_labels.values())
+        lines = [
+            "# HELP istio_requests_total Count of requests, by source, destination and response.",
+            "# TYPE istio_requests_total counter",
+        ]
+        lines += [f"istio_requests_total{{{s.labels}}} {s.requests}" for s in series]
+        for name, attribute, text in HISTOGRAMS:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
+            for s in series:
+                histogram: Histogram = getattr(s, attribute)
+                lines.extend(histogram.lines(name, s.labels))
+        lines += [
+            "# HELP istio_tcp_connections_opened_total Count of TCP connections opened.",
+            "# TYPE istio_tcp_connections_opened_total counter",
+            "# HELP istio_tcp_connections_closed_total Count of TCP connections closed.",
+            "# TYPE istio_tcp_connections_closed_total counter",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def cluster_stats(self, names: Iterable[str]) -> Iterator[tuple[str, int]]:
+        """Envoy-style `(stat, value)` pairs of the upstream responses of each named cluster."""
+        for name in names:
+            counts = self.upstream.get(name, {"upstream_rq_total": 0})
+            for stat, value in sorted(counts.items()):
+                yield f"cluster.{name}.{stat}", value
+
+    def __repr__(self) -> str:
+        total = sum(s.requests for s in self._by_labels.values())
+        return f"<Metrics series={len(self._by_labels)} requests={total}>"

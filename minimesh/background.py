@@ -1,0 +1,122 @@
+"""A daemon in the background: `minimesh up --detach` starts one, `minimesh down` stops it.
+
+It is found by its pid file `.minimesh/minimesh.pid`; its output goes to `.minimesh/minimesh.log`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from minimesh.admin.client import is_ready
+
+STATE_DIR = Path(".minimesh")
+PID_FILE = STATE_DIR / "minimesh.pid"
+LOG_FILE = STATE_DIR / "minimesh.log"
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+POLL_INTERVAL = 0.1
+TAIL_LINES = 20
+
+
+def self_command() -> list[str]:
+    """How to run this minimesh again: the single binary itself, or this Python with `-m minimesh`."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable]
+    return [sys.executable, "-m", "minimesh"]
+
+
+def alive(pid: int) -> bool:
+    """Does process `pid` still run (a zombie does not)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in {"Z", "X"}
+
+
+def recorded_pid() -> int | None:
+    try:
+        text = PID_FILE.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def detach(up_args: Sequence[str], admin: str) -> int:
+    """Start `minimesh up UP_ARGS` in the background; 0 once it is ready, 1 if it died."""
+    pid = recorded_pid()
+    if pid is not None and alive(pid):
+        print(f"minimesh: error: a detached daemon already runs (pid {pid}); stop it with minimesh down",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    STATE_DIR.mkdir(exist_ok=True)
+    with LOG_FILE.open("wb") as log:
+        process = subprocess.Popen(
+            [*self_command(), "up", *up_args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    PID_FILE.write_text(f"{process.pid}\n")
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            PID_FILE.unlink(missing_ok=True)
+            print(tail(LOG_FILE), file=sys.stderr)
+            print(f"minimesh: error: the daemon exited with code {process.returncode}; its log is {LOG_FILE}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        if is_ready(admin):
+            print(f"minimesh: daemon running (pid {process.pid}), admin {admin}; log {LOG_FILE}; stop: minimesh down")
+            return 0
+        time.sleep(POLL_INTERVAL)
+    process.terminate()
+    process.wait(STOP_TIMEOUT)
+    PID_FILE.unlink(missing_ok=True)
+    print(tail(LOG_FILE), file=sys.stderr)
+    print(f"minimesh: error: the daemon was not ready within {READY_TIMEOUT:.0f} s; stopped it; its log is {LOG_FILE}",
+          file=sys.stderr)  # fmt: skip
+    return 1
+
+
+def down() -> int:
+    """Stop the detached daemon: SIGTERM, wait, SIGKILL if it will not stop; 0 also when none runs."""
+    pid = recorded_pid()
+    if pid is None:
+        print(f"minimesh: no detached daemon runs here (no {PID_FILE})")
+        return 0
+    if not alive(pid):
+        PID_FILE.unlink(missing_ok=True)
+        print(f"minimesh: the daemon of pid {pid} was not running; removed {PID_FILE}")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL)
+    how = "stopped"
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        how = f"killed (it did not stop within {STOP_TIMEOUT:.0f} s of SIGTERM)"
+    PID_FILE.unlink(missing_ok=True)
+    print(f"minimesh: {how} the daemon (pid {pid})")
+    return 0

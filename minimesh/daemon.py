@@ -1,0 +1,325 @@
+"""The daemon `minimesh up` runs: load and compile the config; serve the ingress gateway, the
+explicit sidecars and the admin API; watch the files and swap in each good reload (a bad one
+keeps the last good snapshot serving). One `asyncio.TaskGroup` owns its tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from aiohttp import web
+from watchfiles import Change, awatch
+
+from minimesh.admin.app import ConfigState, build_app
+from minimesh.admin.metrics import Metrics
+from minimesh.config.check import check_mesh
+from minimesh.config.labels import SIDECAR_PORT_ANNOTATION
+from minimesh.config.load import load_paths
+from minimesh.config.source import expand
+from minimesh.dataplane.accesslog import AccessLog
+from minimesh.dataplane.current import Current
+from minimesh.dataplane.listeners import Serving
+from minimesh.dataplane.proxy import Listener, Proxy
+from minimesh.dataplane.upstream import Upstreams
+from minimesh.errors import ConfigError, MinimeshError, Problem
+from minimesh.registry.model import Workload
+from minimesh.registry.static import workloads_of
+from minimesh.routing.compile import compile_snapshot
+from minimesh.routing.snapshot import Snapshot
+
+log = logging.getLogger("minimesh")
+
+SIDECAR_HOST = "127.0.0.1"
+"""Explicit sidecars listen on loopback only: local processes reach them through HTTP_PROXY."""
+DEBOUNCE_MS = 50
+STEP_MS = 10
+"""A burst of file changes is one reload: wait `STEP_MS` for more, at most `DEBOUNCE_MS` in all."""
+CONFIG_SUFFIXES = frozenset({".yaml", ".yml"})
+
+
+class DaemonError(MinimeshError):
+    """Why the daemon cannot start, as one line that names the cause and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What `minimesh up` was asked to do."""
+
+    paths: tuple[str, ...] = ("mesh.yaml",)
+    bind: str = "127.0.0.1"
+    gateway_port: int = 8080
+    admin_port: int = 15000
+    debug_headers: bool = False
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A config that loaded and checked without errors, compiled: what a reload swaps in."""
+
+    snapshot: Snapshot
+    sources: tuple[str, ...]
+    warnings: tuple[Problem, ...]
+
+
+def compile_config(paths: Iterable[str], generation: int) -> Compiled:
+    """Load, check and compile `paths`; ConfigError carrying every error-level problem."""
+    paths = tuple(paths)
+    loaded = load_paths(paths)
+    problems = list(loaded.problems)
+    if not loaded.errors:
+        problems += check_mesh(loaded.mesh, loaded.documents)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise ConfigError(errors)
+    snapshot = compile_snapshot(loaded.mesh, workloads_of(loaded.mesh), generation=generation)
+    files, _ = expand(paths)
+    warnings = tuple(p for p in problems if p.severity == "warning")
+    return Compiled(snapshot, tuple(str(f) for f in files), warnings)
+
+
+def sidecars_of(workloads: Iterable[Workload]) -> dict[int, Workload]:
+    """The explicit sidecars wanted, by port: one per workload annotated with a sidecar port."""
+    wanted: dict[int, Workload] = {}
+    for workload in workloads:
+        if workload.sidecar_port is not None and workload.sidecar_port not in wanted:
+            wanted[workload.sidecar_port] = workload
+    return wanted
+
+
+def bind_problem(exc: OSError, host: str, port: int, fix: str) -> str:
+    """The one line a failed bind is reported as."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is in use; {fix}"
+    if exc.errno == errno.EACCES:
+        return f"no permission to listen on port {port} (ports below 1024 need root); {fix}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}: not an address of this machine; pass --bind"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}; {fix}"
+
+
+def sidecar_fix(workload: Workload) -> str:
+    return f"change the {SIDECAR_PORT_ANNOTATION} annotation of WorkloadEntry/{workload.name}"
+
+
+def watch_filter(paths: Iterable[str]) -> tuple[tuple[Path, ...], Callable[[Change, str], bool]]:
+    """The folders to watch for `paths` (a file's folder, or the folder itself), and a filter
+    that keeps the changes that concern them (the file, or a YAML file directly in the folder)."""
+    files: set[Path] = set()
+    folders: set[Path] = set()
+    for raw in paths:
+        path = Path(raw).resolve()
+        (folders if path.is_dir() else files).add(path)
+
+    def concerns(change: Change, changed: str) -> bool:
+        path = Path(changed)
+        return path in files or (path.parent in folders and path.suffix in CONFIG_SUFFIXES)
+
+    watched = tuple(sorted(folders | {f.parent for f in files}))
+    return watched, concerns
+
+
+class Daemon:
+    """The gateway, the sidecars and the admin API over one `Current[Snapshot]`."""
+
+    def __init__(self, options: Options, first: Compiled) -> None:
+        self.options = options
+        self.current = Current(first.snapshot)
+        self.config = ConfigState(first.sources, time.time())
+        self.upstreams = Upstreams()
+        self.metrics = Metrics()
+        self.access_log = AccessLog()
+        self.proxy = Proxy(
+            self.current,
+            self.upstreams,
+            rng=random.Random(options.seed),
+            observers=(self.metrics, self.access_log),
+            debug_headers=options.debug_headers,
+        )
+        self.gateway: Serving | None = None
+        self.sidecars: dict[int, Serving] = {}
+        self.failed: dict[int, str] = {}
+        """Sidecar ports a reload could not listen on, and why (the daemon is then not ready)."""
+        self.ready = False
+        self._admin: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        self._unwatch = asyncio.Event()
+
+    def listeners(self) -> list[Listener]:
+        servings = [self.gateway, *self.sidecars.values()]
+        return [s.listener for s in servings if s is not None]
+
+    def stop(self) -> None:
+        """Begin a clean stop (SIGTERM, SIGINT)."""
+        self._stopping.set()
+
+    # ---- running
+
+    async def run(self) -> None:
+        """Serve until `stop()`; DaemonError if a port cannot be listened on at start."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        try:
+            self._configure_access_log(self.current.get())
+            await self._listen()
+            async with asyncio.TaskGroup() as tasks:
+                watcher = tasks.create_task(self._watch(), name="watch config files")
+                await asyncio.sleep(0)  # the watcher registers with the OS before we say ready
+                self.ready = not self.failed
+                log.info("minimesh: ready; watching %s for changes", ", ".join(self.options.paths))
+                await self._stopping.wait()
+                log.info("minimesh: stopping")
+                self.ready = False
+                self._unwatch.set()
+                watcher.cancel()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            await self._close()
+
+    async def _listen(self) -> None:
+        options = self.options
+        snapshot = self.current.get()
+        listener = Listener("gateway", options.gateway_port, snapshot.ingress_gateways, address=options.bind)
+        gateway = Serving(self.proxy, listener)
+        self.gateway = gateway
+        try:
+            await gateway.start(options.bind, options.gateway_port)
+        except OSError as exc:
+            raise DaemonError(bind_problem(exc, options.bind, options.gateway_port, "pass --gateway-port")) from exc
+        gateway.listener = replace(listener, port=gateway.address[1])
+        bound = (
+            ", ".join(snapshot.ingress_gateways)
+            or "none: no Gateway selects istio: ingressgateway, so every request gets 404"
+        )
+        log.info("minimesh: gateway on http://%s:%d (Gateway %s)", options.bind, gateway.address[1], bound)
+        for port, workload in sidecars_of(snapshot.workloads).items():
+            problem = await self._start_sidecar(port, workload)
+            if problem:
+                raise DaemonError(problem)
+        self._admin = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        await self._admin.setup()
+        site = web.TCPSite(self._admin, options.bind, options.admin_port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise DaemonError(bind_problem(exc, options.bind, options.admin_port, "pass --admin-port")) from exc
+        log.info("minimesh: admin API on http://%s:%d", options.bind, options.admin_port)
+
+    async def _start_sidecar(self, port: int, workload: Workload) -> str:
+        """Listen for `workload`'s outbound traffic on 127.0.0.1:`port`; the problem, or ""."""
+        serving = Serving(self.proxy, Listener("sidecar", port, workload=workload, address=SIDECAR_HOST))
+        try:
+            await serving.start(SIDECAR_HOST, port)
+        except OSError as exc:
+            return bind_problem(exc, SIDECAR_HOST, port, sidecar_fix(workload))
+        self.sidecars[port] = serving
+        log.info("minimesh: sidecar of %s on %s:%d (HTTP_PROXY=http://%s:%d)", workload, SIDECAR_HOST, port,
+                 SIDECAR_HOST, port)  # fmt: skip
+        return ""
+
+    async def _close(self) -> None:
+        servings = [s for s in (self.gateway, *self.sidecars.values()) if s is not None]
+        await asyncio.gather(*(serving.stop() for serving in servings))
+        if self._admin is not None:
+            await self._admin.cleanup()
+        await self.proxy.close()
+        self.access_log.close()
+
+    # ---- reloading
+
+    async def _watch(self) -> None:
+        folders, concerns = watch_filter(self.options.paths)
+        changes = awatch(*folders, watch_filter=concerns, debounce=DEBOUNCE_MS, step=STEP_MS,
+                         stop_event=self._unwatch, recursive=False)  # fmt: skip
+        async for batch in changes:
+            log.debug("minimesh: changed: %s", ", ".join(sorted(path for _, path in batch)))
+            await self.reload()
+
+    async def reload(self) -> None:
+        """Load, check and compile the files again, off the request path; swap in the result,
+        or keep the snapshot in force and remember why the new one was refused."""
+        began = time.monotonic()
+        generation = self.current.get().generation + 1
+        try:
+            compiled = await asyncio.to_thread(compile_config, self.options.paths, generation)
+        except ConfigError as exc:
+            lines = tuple(str(p) for p in exc.problems)
+            for line in lines:
+                log.error("%s", line)
+            kept = self.current.get().generation
+            log.error("minimesh: reload refused (%d errors); still serving generation %d", len(lines), kept)
+            self.config = replace(self.config, error=lines)
+            return
+        for warning in compiled.warnings:
+            log.warning("%s", warning)
+        self._swap(compiled)
+        await self._reconcile_sidecars(compiled.snapshot)
+        took = (time.monotonic() - began) * 1000
+        log.info("minimesh: reloaded: generation %d live in %.0f ms", generation, took)
+
+    def _swap(self, compiled: Compiled) -> None:
+        """Put the new snapshot in force, with the listeners that read it, in one loop step."""
+        snapshot = compiled.snapshot
+        self.current.swap(snapshot)
+        if self.gateway is not None and self.gateway.listener.gateways != snapshot.ingress_gateways:
+            self.gateway.listener = replace(self.gateway.listener, gateways=snapshot.ingress_gateways)
+        wanted = sidecars_of(snapshot.workloads)
+        for port, serving in self.sidecars.items():
+            workload = wanted.get(port)
+            if workload is not None and serving.listener.workload != workload:
+                serving.listener = replace(serving.listener, workload=workload)
+        self.config = ConfigState(compiled.sources, time.time())
+        self._configure_access_log(snapshot)
+
+    async def _reconcile_sidecars(self, snapshot: Snapshot) -> None:
+        """Stop the sidecars no workload asks for any more; start the new ones."""
+        wanted = sidecars_of(snapshot.workloads)
+        for port in [p for p in self.sidecars if p not in wanted]:
+            serving = self.sidecars.pop(port)
+            log.info("minimesh: sidecar of %s on %s:%d stopped", serving.listener.name, SIDECAR_HOST, port)
+            await serving.stop()
+        self.failed = {}
+        for port, workload in wanted.items():
+            if port not in self.sidecars:
+                problem = await self._start_sidecar(port, workload)
+                if problem:
+                    log.error("minimesh: error: %s", problem)
+                    self.failed[port] = problem
+        self.ready = not self.failed and not self._stopping.is_set()
+
+    def _configure_access_log(self, snapshot: Snapshot) -> None:
+        config = snapshot.mesh.mesh_config
+        self.access_log.configure(config.access_log_file, config.access_log_encoding)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Daemon generation={self.current.get().generation} sidecars={sorted(self.sidecars)} "
+            f"ready={self.ready} failed={sorted(self.failed)}>"
+        )
+
+
+async def serve(options: Options) -> None:
+    """Run the daemon until SIGTERM or SIGINT; DaemonError when it cannot start."""
+    try:
+        first = compile_config(options.paths, 1)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("%s", problem)
+        files = " ".join(f"-f {p}" for p in options.paths)
+        count = len(exc.problems)
+        raise DaemonError(f"the config has {count} errors (above); fix them (minimesh validate {files})") from exc
+    for warning in first.warnings:
+        log.warning("%s", warning)
+    log.info("minimesh: loaded %s: generation 1, %d services, %d workloads", ", ".join(first.sources),
+             len(first.snapshot.services), len(first.snapshot.workloads))  # fmt: skip
+    await Daemon(options, first).run()

@@ -1,0 +1,176 @@
+"""The access log, an `Exchange` observer: one line per request in Istio's default format (TEXT
+or JSON) plus the source and destination workload, buffered and written once per loop tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from minimesh.dataplane.proxy import Exchange
+
+log = logging.getLogger("minimesh")
+
+STDOUT = "/dev/stdout"
+DETAILS = {
+    "NR": "route_not_found",
+    "FI": "fault_filter_abort",
+    "UH": "no_healthy_upstream",
+    "UF": "upstream_reset_before_response_started{connection_failure}",
+    "UC": "upstream_reset_before_response_started{connection_termination}",
+    "UO": "upstream_reset_before_response_started{overflow}",
+    "UT": "response_timeout",
+    "UPE": "upstream_reset_after_response_started{protocol_error}",
+    "RBAC": "rbac_access_denied_matched_policy[none]",
+}
+"""Envoy's %RESPONSE_CODE_DETAILS% for the proxy's own answers, by access-log flag."""
+
+
+def start_time(started: float) -> str:
+    """Envoy's %START_TIME%: `2026-11-23T00:00:00.000Z`."""
+    moment = datetime.fromtimestamp(started, UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+
+
+def response_code_details(exchange: Exchange) -> str:
+    """Why the response is what it is, in Envoy's words."""
+    for flag in exchange.flags:
+        detail = DETAILS.get(flag)
+        if detail is not None:
+            return detail
+    if exchange.upstream_time is not None:
+        return "via_upstream"
+    if exchange.route and exchange.status:
+        return "direct_response"
+    return "-"
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
+
+
+def fields(exchange: Exchange) -> dict[str, Any]:
+    """Every field of Istio's default format, by its JSON name; None where unknown."""
+    listener = exchange.listener
+    destination = exchange.destination
+    return {
+        "start_time": start_time(exchange.started),
+        "method": exchange.method,
+        "path": exchange.path,
+        "protocol": exchange.protocol,
+        "response_code": exchange.status,
+        "response_flags": exchange.flag_text,
+        "response_code_details": response_code_details(exchange),
+        "connection_termination_details": None,
+        "upstream_transport_failure_reason": None,
+        "bytes_received": exchange.bytes_received,
+        "bytes_sent": exchange.bytes_sent,
+        "duration": _ms(exchange.duration),
+        "upstream_service_time": _ms(exchange.upstream_time),
+        "x_forwarded_for": exchange.forwarded_for or None,
+        "user_agent": exchange.user_agent or None,
+        "request_id": exchange.request_id,
+        "authority": exchange.authority or None,
+        "upstream_host": exchange.upstream_host or None,
+        "upstream_cluster": exchange.cluster or None,
+        "upstream_local_address": None,
+        "downstream_local_address": f"{listener.address}:{listener.port}" if listener.address else None,
+        "downstream_remote_address": exchange.downstream or None,
+        "requested_server_name": None,
+        "route_name": exchange.route or None,
+        "source_workload": listener.name,
+        "destination_workload": destination.workload.name if destination and destination.workload else None,
+    }
+
+
+QUOTED = frozenset(
+    {"upstream_transport_failure_reason", "x_forwarded_for", "user_agent", "request_id", "authority", "upstream_host"}
+)
+"""Fields Istio's text format writes in double quotes."""
+
+
+def text_line(exchange: Exchange) -> str:
+    """`[START_TIME] "METHOD PATH PROTOCOL" CODE FLAGS DETAILS ...`, `-` for what is unknown."""
+    values = fields(exchange)
+    out = []
+    for name, value in values.items():
+        shown = "-" if value is None else str(value)
+        out.append(f'"{shown}"' if name in QUOTED else shown)
+    start, method, path, protocol, *rest = out
+    return f'[{start}] "{method} {path} {protocol}" ' + " ".join(rest)
+
+
+def json_line(exchange: Exchange) -> str:
+    return json.dumps(fields(exchange), separators=(",", ":"))
+
+
+ENCODINGS: dict[str, Callable[[Exchange], str]] = {"TEXT": text_line, "JSON": json_line}
+
+
+class AccessLog:
+    """Writes a line per exchange to the configured file; `configure` follows MeshConfig."""
+
+    def __init__(self) -> None:
+        self.path = ""
+        self.encode: Callable[[Exchange], str] = text_line
+        self._file: IO[str] | None = None
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def configure(self, path: str, encoding: str) -> None:
+        """Switch to `path` ("" turns the log off) and `encoding` (TEXT or JSON)."""
+        self.encode = ENCODINGS.get(encoding.upper(), text_line)
+        if path == self.path:
+            return
+        self.flush()
+        self._close_file()
+        self.path = path
+        if not path:
+            return
+        if path == STDOUT:
+            self._file = sys.stdout
+            return
+        try:
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (kept open; closed by close())
+        except OSError as exc:
+            log.error("minimesh: error: cannot open access log %s: %s; access log off", path, exc)
+            self.path = ""
+
+    def __call__(self, exchange: Exchange) -> None:
+        if self._file is None:
+            return
+        self._pending.append(self.encode(exchange))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending or self._file is None:
+            self._pending.clear()
+            return
+        lines, self._pending = self._pending, []
+        try:
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+        except (OSError, ValueError) as exc:
+            log.error("minimesh: error: cannot write the access log %s: %s; access log off", self.path, exc)
+            self._close_file()
+            self.path = ""
+
+    def _close_file(self) -> None:
+        if self._file is not None and self._file is not sys.stdout:
+            self._file.close()
+        self._file = None
+
+    def close(self) -> None:
+        self.flush()
+        self._close_file()
+
+    def __repr__(self) -> str:
+        return f"<AccessLog {self.path or 'off'} pending={len(self._pending)}>"

@@ -1,0 +1,163 @@
+"""Helpers of the in-process tests: free loopback ports, small upstreams, and `minimesh up`
+run as a user runs it (a subprocess), stopped at the end of each test."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from minimesh.testing import Upstream, start_upstream
+
+READY_TIMEOUT = 20.0
+
+
+LISTEN_PORTS = range(20000, 32000)
+"""Where the daemon's ports are picked: below Linux's ephemeral range (32768-60999), so no
+outgoing connection takes one between the pick and the daemon's bind."""
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 right now."""
+    found: list[int] = []
+    for port in random.sample(LISTEN_PORTS, 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise RuntimeError(f"no {count} free ports in {LISTEN_PORTS}")
+
+
+def minimesh(*args: str, cwd: Path | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run one `minimesh` command to completion, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "minimesh", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def refused(port: int) -> bool:
+    """Is a connection to 127.0.0.1:`port` refused (nothing listens)?"""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@dataclass
+class Daemon:
+    """A `minimesh up` subprocess: its ports, its stdout (the access log) and stderr (its log)."""
+
+    process: subprocess.Popen[bytes]
+    gateway_port: int
+    admin_port: int
+    out: Path
+    err: Path
+    extra_ports: list[int] = field(default_factory=list)
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def stdout(self) -> str:
+        return self.out.read_text()
+
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then the exit code (killed and failed if it does not stop in time)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"minimesh up did not stop within {timeout} s of SIGTERM:\n{self.stderr()}")
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    pytest.fail(f"minimesh up exited with {self.process.returncode}:\n{self.stderr()}")
+                try:
+                    async with session.get(f"{self.admin}/ready") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+        pytest.fail(f"minimesh up was not ready within {timeout} s:\n{self.stderr()}")
+
+    async def config_dump(self, session: aiohttp.ClientSession) -> dict[str, object]:
+        async with session.get(f"{self.admin}/config_dump") as response:
+            assert response.status == 200
+            dump: dict[str, object] = await response.json()
+            return dump
+
+
+StartDaemon = Callable[..., Awaitable[Daemon]]
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
+    """Start `minimesh up --no-docker -f PATH... ARGS` on free ports; every one is stopped after the test."""
+    running: list[Daemon] = []
+
+    async def start(*paths: Path, args: tuple[str, ...] = (), ready: bool = True) -> Daemon:
+        gateway, admin = free_ports(2)
+        number = len(running)
+        out, err = tmp_path / f"daemon{number}.out", tmp_path / f"daemon{number}.err"
+        files = [arg for path in paths for arg in ("-f", str(path))]
+        command = [sys.executable, "-m", "minimesh", "up", "--no-docker", *files, "--gateway-port", str(gateway),
+                   "--admin-port", str(admin), *args]  # fmt: skip
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            process = subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, cwd=tmp_path)
+        daemon = Daemon(process, gateway, admin, out, err)
+        running.append(daemon)
+        if ready:
+            await daemon.wait_ready()
+        return daemon
+
+    yield start
+    for daemon in running:
+        if daemon.process.poll() is None:
+            daemon.stop()
+
+
+StartUpstream = Callable[[str], Awaitable[Upstream]]
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[StartUpstream]:
+    """Start named upstreams on ephemeral 127.0.0.1 ports; all are closed after the test."""
+    started: list[Upstream] = []
+
+    async def start(name: str) -> Upstream:
+        upstream = await start_upstream(name)
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        await upstream.close()

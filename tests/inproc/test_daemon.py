@@ -1,0 +1,529 @@
+"""`minimesh up --no-docker` driven as a user drives it: a real subprocess, WorkloadEntry
+upstreams on 127.0.0.1, the gateway, an explicit sidecar, the admin API, hot reload,
+the access log, metrics, SIGTERM, and the status, wait, up --detach and down commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from string import Template
+
+import aiohttp
+import pytest
+
+from tests.inproc.conftest import Daemon, StartDaemon, StartUpstream, free_ports, minimesh, refused
+
+MESH = Template("""\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: $gateway}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews}
+spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: productpage}
+spec: {selector: {app: productpage}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: reviews-v1
+  annotations: {$reviews_annotations}
+spec: {address: 127.0.0.1, ports: {http: $reviews_v1}, labels: {app: reviews, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v2}
+spec: {address: 127.0.0.1, ports: {http: $reviews_v2}, labels: {app: reviews, version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: productpage-v1
+  annotations: {$productpage_annotations}
+spec: {address: 127.0.0.1, ports: {http: $productpage}, labels: {app: productpage, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: entry}
+spec:
+  hosts: ["*"]
+  gateways: [$gateway]
+  http:
+  - name: reviews-entry
+    match: [{uri: {prefix: /reviews}}]
+    route: [{destination: {host: reviews, subset: $entry_subset, port: {number: 9080}}}]
+  - match: [{uri: {prefix: /productpage}}]
+    route: [{destination: {host: productpage, port: {number: 9080}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{sourceLabels: {app: productpage}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route: [{destination: {host: reviews, subset: v1}}]
+$extra""")
+
+
+class Shop:
+    """Three upstreams (reviews v1 and v2, productpage v1) and the mesh.yaml that names them."""
+
+    def __init__(self, folder: Path, reviews_v1: int, reviews_v2: int, productpage: int, sidecar: int) -> None:
+        self.folder = folder
+        self.path = folder / "mesh.yaml"
+        self.ports = {"reviews_v1": reviews_v1, "reviews_v2": reviews_v2, "productpage": productpage}
+        self.sidecar = sidecar
+
+    def text(self, *, gateway: str = "web", entry_subset: str = "v1", reviews_sidecar: int | None = None,
+             productpage_sidecar: bool = True, extra: str = "") -> str:  # fmt: skip
+        def annotations(port: int | None) -> str:
+            return f'minimesh.sidecar-port: "{port}"' if port else ""
+
+        return MESH.substitute(
+            **self.ports,
+            gateway=gateway,
+            entry_subset=entry_subset,
+            reviews_annotations=annotations(reviews_sidecar),
+            productpage_annotations=annotations(self.sidecar if productpage_sidecar else None),
+            extra=extra,
+        )
+
+    def write(self, text: str) -> None:
+        """Replace the file whole (write aside, then rename), as most editors save."""
+        aside = self.path.with_suffix(".tmp")
+        aside.write_text(text)
+        os.replace(aside, self.path)
+
+
+@pytest.fixture
+async def shop(tmp_path: Path, upstreams: StartUpstream) -> Shop:
+    folder = tmp_path / "config"
+    folder.mkdir()
+    v1, v2, page = [await upstreams(name) for name in ("reviews-v1", "reviews-v2", "productpage-v1")]
+    shop = Shop(folder, v1.port, v2.port, page.port, free_ports(1)[0])
+    shop.write(shop.text())
+    return shop
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, **kwargs: object) -> tuple[int, str]:
+    async with session.get(url, **kwargs) as response:  # type: ignore[arg-type]
+        return response.status, await response.text()
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
+    """Poll an async predicate until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"not within {timeout} s: {what}")
+
+
+async def generation(daemon: Daemon, session: aiohttp.ClientSession) -> int:
+    dump = await daemon.config_dump(session)
+    value = dump["generation"]
+    assert isinstance(value, int)
+    return value
+
+
+async def traffic(session: aiohttp.ClientSession, url: str, results: list[tuple[int, str]], *, total: int,
+                  clients: int, seconds: float) -> None:  # fmt: skip
+    """`clients` concurrent loops GETting `url` until `total` requests or `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    sent = 0
+
+    async def client() -> None:
+        nonlocal sent
+        while sent < total and time.monotonic() < deadline:
+            sent += 1
+            try:
+                results.append(await fetch(session, url))
+            except aiohttp.ClientError as exc:
+                results.append((0, repr(exc)))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+
+
+# ---------------------------------------------------------------- serving
+
+
+async def test_gateway_routes_to_workload_entries(shop: Shop, start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(shop.folder, args=("--debug-headers", "--seed", "7"))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{daemon.gateway}/reviews/1") as response:
+            assert (response.status, await response.text()) == (200, "reviews-v1")
+            assert response.headers["x-minimesh-route"] == "VirtualService/default/entry#http[0]"
+            assert response.headers["server"] == "istio-envoy"
+        assert await fetch(session, f"{daemon.gateway}/productpage") == (200, "productpage-v1")
+        status, _ = await fetch(session, f"{daemon.gateway}/nowhere")
+        assert status == 404
+
+
+async def test_explicit_sidecar_routes_by_source_labels(shop: Shop, start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(shop.folder)
+    async with aiohttp.ClientSession() as session:
+        # productpage's sidecar: `sourceLabels: {app: productpage}` sends it to reviews v2
+        proxy = f"http://127.0.0.1:{shop.sidecar}"
+        assert await fetch(session, "http://reviews:9080/reviews/1", proxy=proxy) == (200, "reviews-v2")
+        # the gateway has no source workload: the catch-all rule, v1
+        assert await fetch(session, f"{daemon.gateway}/reviews/1") == (200, "reviews-v1")
+
+
+async def test_admin_api(shop: Shop, start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(shop.folder)
+    async with aiohttp.ClientSession() as session:
+        assert (await fetch(session, f"{daemon.admin}/healthz"))[0] == 200
+        assert (await fetch(session, f"{daemon.admin}/ready"))[0] == 200
+        assert (await fetch(session, f"{daemon.gateway}/reviews/1"))[0] == 200
+
+        dump = await daemon.config_dump(session)
+        assert dump["generation"] == 1
+        assert dump["sources"] == [str(shop.path)]
+        assert dump["lastReloadError"] is None
+        line = shop.path.read_text().splitlines().index("  - name: reviews-entry") + 1
+        routes = [route for vs in dump["virtualServices"] for route in vs["http"]]  # type: ignore[attr-defined]
+        entry = next(route for route in routes if route["name"] == "reviews-entry")
+        assert entry["location"].startswith(f"{shop.path}:{line}:")
+        kinds = {(listener["kind"], listener["port"]) for listener in dump["listeners"]}  # type: ignore[attr-defined]
+        assert kinds == {("gateway", daemon.gateway_port), ("sidecar", shop.sidecar)}
+
+        async with session.get(f"{daemon.admin}/clusters") as response:
+            clusters = {c["name"]: c for c in (await response.json())["clusters"]}
+        v1 = clusters["outbound|9080|v1|reviews.default.svc.cluster.local"]
+        assert v1["endpoints"] == [
+            {"address": "127.0.0.1", "port": shop.ports["reviews_v1"], "workload": "reviews-v1", "health": "healthy",
+             "timesEjected": 0, "activeRequests": 0, "connections": 1, "successes": 1, "failures": 0}
+        ]  # fmt: skip
+        assert v1["circuitBreakers"] == {"activeRequests": 0, "pending": 0, "connections": 1, "retries": 0,
+                                         "overflows": 0}  # fmt: skip
+        assert "LEAST_REQUEST" in v1["policy"]
+
+        status, stats = await fetch(session, f"{daemon.admin}/stats")
+        assert status == 200
+        prefix = "cluster.outbound|9080|v1|reviews.default.svc.cluster.local."
+        for stat in ("upstream_rq_active: 0", "upstream_rq_pending_overflow: 0",
+                     "outlier_detection.ejections_active: 0", "upstream_rq_total: 1", "upstream_rq_2xx: 1"):  # fmt: skip
+            assert prefix + stat in stats.splitlines()
+
+        async with session.get(f"{daemon.admin}/metrics") as response:
+            assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+            metrics = await response.text()
+        assert "# TYPE istio_requests_total counter" in metrics
+        assert "# TYPE istio_request_duration_milliseconds histogram" in metrics
+        assert "# TYPE istio_tcp_connections_opened_total counter" in metrics
+        total = re.search(r"^istio_requests_total\{([^}]*)\} (\d+)$", metrics, re.MULTILINE)
+        assert total is not None and total.group(2) == "1"
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', total.group(1)))
+        assert labels["response_code"] == "200"
+        assert labels["reporter"] == "source"
+        assert labels["source_workload"] == "istio-ingressgateway"
+        assert labels["destination_workload"] == "reviews-v1"
+        assert labels["destination_version"] == "v1"
+        assert labels["destination_service"] == "reviews.default.svc.cluster.local"
+        assert labels["destination_service_name"] == "reviews"
+        assert labels["response_flags"] == "-"
+        assert "istio_request_duration_milliseconds_bucket{" in metrics and 'le="+Inf"} 1' in metrics
+
+        async with session.get(f"{daemon.admin}/logging") as response:
+            assert await response.json() == {"level": "info"}
+        async with session.post(f"{daemon.admin}/logging?level=debug") as response:
+            assert response.status == 200
+        async with session.get(f"{daemon.admin}/logging") as response:
+            assert await response.json() == {"level": "debug"}
+        async with session.post(f"{daemon.admin}/logging?level=loud") as response:
+            assert response.status == 400
+
+
+async def access_lines(daemon: Daemon, count: int) -> list[str]:
+    """The first `count` access-log lines (stdout), waiting for them (bounded)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = daemon.stdout().splitlines()
+        if len(lines) >= count:
+            return lines
+        await asyncio.sleep(0.02)
+    pytest.fail(f"expected {count} access-log lines, got:\n{daemon.stdout()}")
+
+
+async def test_access_log(shop: Shop, start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(shop.folder)
+    async with aiohttp.ClientSession() as session:
+        await fetch(session, f"{daemon.gateway}/nowhere", headers={"user-agent": "probe/1", "x-request-id": "r-404"})
+        await fetch(session, f"{daemon.gateway}/reviews/1", headers={"x-request-id": "r-200"})
+        not_found, found = await access_lines(daemon, 2)
+        time_ = r"\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\]"
+        assert re.match(
+            time_ + r' "GET /nowhere HTTP/1\.1" 404 NR route_not_found - "-" 0 0 \d+ - "-" "probe/1" "r-404" '
+            rf'"127\.0\.0\.1:{daemon.gateway_port}" "-" - - 127\.0\.0\.1:{daemon.gateway_port} 127\.0\.0\.1:\d+ - - '
+            r"istio-ingressgateway -$",
+            not_found,
+        ), not_found
+        upstream = shop.ports["reviews_v1"]
+        assert re.match(
+            time_ + r' "GET /reviews/1 HTTP/1\.1" 200 - via_upstream - "-" 0 10 \d+ \d+ "-" "[^"]+" "r-200" '
+            rf'"127\.0\.0\.1:{daemon.gateway_port}" "127\.0\.0\.1:{upstream}" '
+            r"outbound\|9080\|v1\|reviews\.default\.svc\.cluster\.local - "
+            rf"127\.0\.0\.1:{daemon.gateway_port} 127\.0\.0\.1:\d+ - VirtualService/default/entry#http\[0\] "
+            r"istio-ingressgateway reviews-v1$",
+            found,
+        ), found
+
+        # MeshConfig switches the encoding on reload
+        config = "---\napiVersion: minimesh.dev/v1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {accessLogEncoding: JSON}\n"
+        shop.write(shop.text(extra=config))
+        await wait_for(lambda: _generation_is(daemon, session, 2), "the JSON access log config is live")
+        await fetch(session, f"{daemon.gateway}/nowhere", headers={"x-request-id": "r-json"})
+        record = json.loads((await access_lines(daemon, 3))[2])
+        assert record["response_code"] == 404
+        assert record["response_flags"] == "NR"
+        assert record["request_id"] == "r-json"
+        assert record["upstream_host"] is None
+        assert record["source_workload"] == "istio-ingressgateway"
+
+
+async def _generation_is(daemon: Daemon, session: aiohttp.ClientSession, wanted: int) -> bool:
+    return await generation(daemon, session) == wanted
+
+
+# ---------------------------------------------------------------- hot reload
+
+
+async def test_reload_under_traffic_loses_nothing(shop: Shop, start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(shop.folder)
+    results: list[tuple[int, str]] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8)) as session:
+        load = asyncio.create_task(
+            traffic(session, f"{daemon.gateway}/reviews/1", results, total=2000, clients=8, seconds=20)
+        )
+        await wait_for(lambda: _at_least(results, 400), "400 requests before the reload", timeout=20)
+        shop.write(shop.text(entry_subset="v2"))
+        await wait_for(lambda: _generation_is(daemon, session, 2), "the reload", timeout=10)
+        await load
+        failed = [r for r in results if r[0] != 200]
+        assert not failed, f"{len(failed)} of {len(results)} requests failed, e.g. {failed[:3]}"
+        assert len(results) == 2000
+        assert results[0] == (200, "reviews-v1")
+        assert (200, "reviews-v2") in results
+        assert await fetch(session, f"{daemon.gateway}/reviews/1") == (200, "reviews-v2")
+
+
+async def _at_least(results: list[tuple[int, str]], count: int) -> bool:
+    return len(results) >= count
+
+
+async def test_broken_reload_keeps_the_last_good_config(shop: Shop, start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(shop.folder)
+    results: list[tuple[int, str]] = []
+    async with aiohttp.ClientSession() as session:
+        load = asyncio.create_task(
+            traffic(session, f"{daemon.gateway}/reviews/1", results, total=600, clients=4, seconds=20)
+        )
+        await wait_for(lambda: _at_least(results, 100), "100 requests before the broken edit", timeout=20)
+        broken = shop.text().replace("subset: v1, port", "subset: v1, prot")
+        shop.path.write_text(broken)  # in place, as some editors save
+        line = broken.splitlines().index(next(x for x in broken.splitlines() if "prot:" in x)) + 1
+
+        async def error_shown() -> bool:
+            return (await daemon.config_dump(session))["lastReloadError"] is not None
+
+        await wait_for(error_shown, "the reload error in /config_dump")
+        await load
+        dump = await daemon.config_dump(session)
+        assert dump["generation"] == 1
+        errors = dump["lastReloadError"]
+        assert isinstance(errors, list) and len(errors) == 1
+        assert errors[0].startswith(f"{shop.path}:{line}:")
+        assert "error: unknown field 'prot'" in errors[0]
+        assert f"{shop.path}:{line}:" in daemon.stderr()
+        assert all(r == (200, "reviews-v1") for r in results), [r for r in results if r[0] != 200][:3]
+
+        status = minimesh("status", "--admin", daemon.admin)
+        assert status.returncode == 0
+        assert "unknown field 'prot'" in status.stdout
+
+        shop.write(shop.text(entry_subset="v2"))
+        await wait_for(lambda: _generation_is(daemon, session, 2), "the fixed file")
+        assert (await daemon.config_dump(session))["lastReloadError"] is None
+        assert await fetch(session, f"{daemon.gateway}/reviews/1") == (200, "reviews-v2")
+
+
+async def test_reload_latency(shop: Shop, start_daemon: StartDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+    """How long from saving the file to the new config answering; reported, not asserted (DESIGN §5)."""
+    daemon = await start_daemon(shop.folder)
+    took = []
+    async with aiohttp.ClientSession() as session:
+        for number in range(2, 8):
+            subset = "v2" if number % 2 == 0 else "v1"
+            began = time.monotonic()
+            shop.write(shop.text(entry_subset=subset))
+            deadline = began + 5
+            while await generation(daemon, session) != number:
+                assert time.monotonic() < deadline, f"reload {number} not live within 5 s"
+                await asyncio.sleep(0.002)
+            took.append((time.monotonic() - began) * 1000)
+            assert await fetch(session, f"{daemon.gateway}/reviews/1") == (200, f"reviews-{subset}")
+    with capsys.disabled():
+        print(f"\nreload latency (file saved → new generation live), {len(took)} reloads: "
+              f"median {statistics.median(took):.0f} ms, max {max(took):.0f} ms")  # fmt: skip
+
+
+async def test_reload_reconciles_listeners(shop: Shop, start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(shop.folder)
+    (reviews_sidecar,) = free_ports(1)
+    async with aiohttp.ClientSession() as session:
+        # the Gateway renamed (and the VirtualService bound to the new name); reviews-v1 gets a
+        # sidecar; productpage-v1 loses its own
+        shop.write(shop.text(gateway="shop", reviews_sidecar=reviews_sidecar, productpage_sidecar=False))
+
+        async def reconciled() -> bool:
+            listeners = (await daemon.config_dump(session))["listeners"]
+            return [x["port"] for x in listeners] == [daemon.gateway_port, reviews_sidecar]  # type: ignore[attr-defined]
+
+        await wait_for(reconciled, "the sidecars reconciled")
+        assert await fetch(session, f"{daemon.gateway}/reviews/1") == (200, "reviews-v1")
+        proxy = f"http://127.0.0.1:{reviews_sidecar}"
+        assert await fetch(session, "http://productpage:9080/", proxy=proxy) == (200, "productpage-v1")
+        assert refused(shop.sidecar)
+        listeners = (await daemon.config_dump(session))["listeners"]
+        assert [(x["kind"], x["gateways"]) for x in listeners] == [  # type: ignore[attr-defined]
+            ("gateway", ["default/shop"]),
+            ("sidecar", []),
+        ]
+        status, _ = await fetch(session, f"{daemon.admin}/ready")
+        assert status == 200
+
+
+# ---------------------------------------------------------------- start and stop
+
+
+async def test_sigterm_stops_cleanly(shop: Shop, start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(shop.folder)
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.gateway_port)
+    writer.write(b"GET /reviews/1 HTTP/1.1\r\nhost: shop\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    await reader.readexactly(len(b"reviews-v1"))  # a keep-alive connection, open and idle
+    assert await asyncio.to_thread(daemon.stop) == 0
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the daemon
+    writer.close()
+    for port in (daemon.gateway_port, daemon.admin_port, shop.sidecar):
+        assert refused(port), f"port {port} still accepts connections"
+    assert "minimesh: stopping" in daemon.stderr()
+    assert "Traceback" not in daemon.stderr()
+
+
+def test_a_port_in_use_is_one_line(shop: Shop) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (admin,) = free_ports(1)
+        done = minimesh("up", "--no-docker", "-f", str(shop.folder), "--gateway-port", str(port),
+                        "--admin-port", str(admin), timeout=30)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == f"minimesh: error: port {port} is in use; pass --gateway-port"
+    assert "Traceback" not in done.stderr
+
+
+def test_invalid_config_at_start(shop: Shop) -> None:
+    shop.write(shop.text().replace("hosts: [reviews]", "hosts: [reviews]\n  hots: [x]"))
+    gateway, admin = free_ports(2)
+    done = minimesh("up", "--no-docker", "-f", str(shop.folder), "--gateway-port", str(gateway),
+                    "--admin-port", str(admin), timeout=30)  # fmt: skip
+    assert done.returncode == 1
+    assert re.search(rf"^{re.escape(str(shop.path))}:\d+:\d+: error: unknown field 'hots'", done.stderr, re.M)
+    assert done.stderr.splitlines()[-1].startswith("minimesh: error: the config has 1 errors")
+
+
+def test_capture_netns_is_not_built_yet(shop: Shop) -> None:
+    done = minimesh("up", "--capture", "netns", "-f", str(shop.folder))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Docker discovery" in done.stderr
+
+
+# ---------------------------------------------------------------- status, wait, detach, down
+
+
+async def test_status_and_wait(shop: Shop, start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(shop.folder, args=("--capture", "explicit"))
+    assert minimesh("wait", "--admin", daemon.admin, "--timeout", "5").returncode == 0
+    status = minimesh("status", "--admin", daemon.admin)
+    assert status.returncode == 0, status.stderr
+    out = status.stdout
+    assert "config generation 1" in out
+    assert "last reload error: none" in out
+    assert f"reviews.default.svc.cluster.local:9080  127.0.0.1:{shop.ports['reviews_v1']} reviews-v1 healthy" in out
+    assert (
+        f"productpage-v1.default  127.0.0.1  capture explicit sidecar (HTTP_PROXY=http://127.0.0.1:{shop.sidecar})"
+        in out
+    )
+    assert "reviews-v1.default  127.0.0.1  capture none" in out
+
+    assert await asyncio.to_thread(daemon.stop) == 0
+    gone = minimesh("status", "--admin", daemon.admin)
+    assert gone.returncode == 1
+    assert gone.stderr.count("\n") == 1 and gone.stderr.startswith("minimesh: error: no daemon answers")
+    assert minimesh("wait", "--admin", daemon.admin, "--timeout", "0.3").returncode == 1
+
+
+async def test_detach_and_down(shop: Shop, tmp_path: Path) -> None:
+    gateway, admin = free_ports(2)
+    work = tmp_path / "work"
+    work.mkdir()
+    up = await asyncio.to_thread(
+        minimesh, "up", "--detach", "--no-docker", "-f", str(shop.folder), "--gateway-port", str(gateway),
+        "--admin-port", str(admin), cwd=work,
+    )  # fmt: skip
+    pid_file = work / ".minimesh" / "minimesh.pid"
+    try:
+        assert up.returncode == 0, up.stderr
+        assert pid_file.is_file()
+        async with aiohttp.ClientSession() as session:
+            assert await fetch(session, f"http://127.0.0.1:{gateway}/reviews/1") == (200, "reviews-v1")
+        assert "minimesh: ready" in (work / ".minimesh" / "minimesh.log").read_text()
+    finally:
+        down = await asyncio.to_thread(minimesh, "down", cwd=work)
+    assert down.returncode == 0, down.stderr
+    assert "stopped the daemon" in down.stdout
+    assert not pid_file.exists()
+    assert refused(gateway) and refused(admin)
+    again = minimesh("down", cwd=work)
+    assert again.returncode == 0 and "no detached daemon" in again.stdout
+
+
+def test_detach_reports_a_daemon_that_died(shop: Shop, tmp_path: Path) -> None:
+    shop.write(shop.text().replace("selector: {istio", "selectr: {istio"))
+    gateway, admin = free_ports(2)
+    up = minimesh("up", "--detach", "--no-docker", "-f", str(shop.folder), "--gateway-port", str(gateway),
+                  "--admin-port", str(admin), cwd=tmp_path)  # fmt: skip
+    assert up.returncode == 1
+    assert f"{shop.path}:" in up.stderr and "error:" in up.stderr
+    assert up.stderr.splitlines()[-1].startswith("minimesh: error: the daemon exited with code 1")
+    assert not (tmp_path / ".minimesh" / "minimesh.pid").exists()
