@@ -33,9 +33,16 @@ binary: venv
 		--specpath build --workpath build/pyinstaller --distpath dist minimesh/__main__.py
 	@dist/minimesh version
 
-demo images demo-down bench:
+demo images demo-down:
 	@echo "make $@: not available yet: the data plane and the Docker demo are still being built (see README.md, 'What works today')" >&2
 	@exit 1
+
+# Gateway throughput and latency against nginx and the bare upstream, reload latency and a
+# py-spy profile (DESIGN.md §5); prints a table, writes bench/results.json, ~2 minutes.
+bench: venv
+	@test -x $(BIN)/py-spy || { echo "==> installing py-spy into $(VENV) for the profile"; \
+		$(BIN)/pip install --quiet py-spy || echo "==> py-spy could not be installed: no profile this time" >&2; }
+	@$(BIN)/python bench/run.py
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache
