@@ -10,7 +10,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 
 from minimesh.config import model as m
-from minimesh.config.labels import PORT_LABEL, SERVICE_LABEL, SIDECAR_PORT_ANNOTATION, parse_ports
+from minimesh.config.labels import (
+    FAULT_FIRST_ANNOTATION,
+    PORT_LABEL,
+    SERVICE_LABEL,
+    SIDECAR_PORT_ANNOTATION,
+    parse_fault_first,
+    parse_ports,
+)
 from minimesh.config.source import SPEC, Document, FieldPath, field_path
 from minimesh.errors import Problem, Severity
 
@@ -161,8 +168,9 @@ def _methods(route: m.HTTPRoute) -> set[str]:
 
 def _lint_fault(vs: m.VirtualService, route: m.HTTPRoute, findings: _Findings) -> None:
     assert route.fault is not None
+    counted = FAULT_FIRST_ANNOTATION in dict(vs.meta.annotations)
     for name, part in (("delay", route.fault.delay), ("abort", route.fault.abort)):
-        if part is not None and part.percentage is None:
+        if part is not None and part.percentage is None and not counted:
             message = f"fault {name} has no percentage, so it injects nothing; add percentage: {{value: 100}}"
             findings.warn(vs.meta, ("http", route.index, "fault", name), message)
     for name, value in (("timeout", route.timeout), ("retries", route.retries)):
@@ -214,9 +222,26 @@ def check_workload_entries(mesh: m.Mesh, findings: _Findings) -> None:
                 findings.error(entry.meta, ("labels", PORT_LABEL), f"label {PORT_LABEL}: {exc}")
 
 
+def check_fault_first(mesh: m.Mesh, findings: _Findings) -> None:
+    """`minimesh.dev/fault-first` on a VirtualService must be a count of requests."""
+    for vs in mesh.virtual_services:
+        value = dict(vs.meta.annotations).get(FAULT_FIRST_ANNOTATION)
+        if value is None:
+            continue
+        try:
+            parse_fault_first(value)
+        except ValueError as exc:
+            findings.error(
+                vs.meta,
+                ("metadata", "annotations", FAULT_FIRST_ANNOTATION),
+                f"annotation {FAULT_FIRST_ANNOTATION} {exc}",
+            )
+
+
 CHECKS: tuple[Callable[[m.Mesh, _Findings], None], ...] = (
     check_references,
     check_workload_entries,
+    check_fault_first,
     lint_gateway_hosts,
     lint_virtual_services,
     lint_authorization,

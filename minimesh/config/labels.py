@@ -14,6 +14,8 @@ NAMESPACE_LABEL = "minimesh.namespace"
 SERVICE_ACCOUNT_LABEL = "minimesh.serviceaccount"
 INJECT_LABEL = "minimesh.inject"
 SIDECAR_PORT_ANNOTATION = "minimesh.sidecar-port"
+FAULT_FIRST_ANNOTATION = "minimesh.dev/fault-first"
+"""On a VirtualService: each fault of its routes fires for exactly the first N requests (DESIGN §1.4)."""
 PROTOCOLS = frozenset({"http", "http2", "grpc", "tcp", "tls", "https"})
 """Port protocols as Istio names them in port names."""
 
@@ -24,6 +26,13 @@ class ServicePortSpec:
 
     number: int
     protocol: str = "http"
+
+
+def parse_fault_first(text: str) -> int:
+    """The `minimesh.dev/fault-first` annotation: a whole number of requests, 0 or more."""
+    if not text.strip().isdigit():
+        raise ValueError(f"must be a whole number of requests, e.g. \"3\", got '{text}'")
+    return int(text)
 
 
 def parse_ports(text: str) -> tuple[ServicePortSpec, ...]:

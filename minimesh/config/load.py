@@ -443,8 +443,8 @@ def _outlier(r: _Reader, path: FieldPath) -> m.OutlierDetection:
     if consecutive is None:
         consecutive = r.integer((*path, "consecutiveErrors"))
     gateway = r.integer((*path, "consecutiveGatewayErrors"))
-    if consecutive is None and gateway is None:
-        consecutive = 5
+    if consecutive is None:
+        consecutive = 5  # Envoy's default, which Istio leaves in force unless consecutive5xxErrors is set
     percent = r.integer((*path, "maxEjectionPercent"))
     if percent is not None and not 0 <= percent <= 100:
         r.error((*path, "maxEjectionPercent"), f"maxEjectionPercent must be 0-100, got {percent}")

@@ -13,21 +13,33 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
-MAX_HEADER_BYTES = 60 * 1024
-"""Envoy's default `max_request_headers_kb`: past it the answer is 431."""
-HEADERS_TIMEOUT = 30.0
-"""A client that has not sent a whole request head by then is cut (408)."""
-IDLE_TIMEOUT = 300.0
-"""A keep-alive connection with no request for this long is closed."""
 READ_HIGH_WATER = 1 << 20
 """Buffered body bytes past which a connection stops reading until they are consumed."""
 PIPELINE_DEPTH = 16
 
 HeaderList = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What a downstream connection is allowed: header size and how long it may dawdle.
+
+    `headers_timeout` runs from the first byte of a request head to its end (Envoy's
+    `request_headers_timeout`: 408 and close); `idle_timeout` closes a connection that
+    has no request in progress for that long.
+    """
+
+    max_header_bytes: int = 60 * 1024
+    headers_timeout: float = 30.0
+    idle_timeout: float = 300.0
+
+
+DEFAULT_LIMITS = ConnectionLimits()
+"""Envoy's `max_request_headers_kb` (60); the timeouts minimesh applies by default."""
 REASONS = {
     200: b"OK", 201: b"Created", 204: b"No Content", 301: b"Moved Permanently", 302: b"Found",
     303: b"See Other", 304: b"Not Modified", 307: b"Temporary Redirect", 308: b"Permanent Redirect",
@@ -61,6 +73,18 @@ class _DateCache:
 
 
 DATE = _DateCache()
+
+
+def local_reply_bytes(status: int, body: bytes, *, close: bool) -> bytes:
+    """A whole local reply as Envoy frames one: content-length, content-type when there is a
+    body, date, `server: istio-envoy`, and `connection: close` when the connection ends."""
+    head = b"HTTP/1.1 %d %b\r\ncontent-length: %d\r\n" % (status, reason(status), len(body))
+    if body:
+        head += b"content-type: text/plain\r\n"
+    head += b"date: %b\r\nserver: istio-envoy\r\n" % DATE.get()
+    if close:
+        head += b"connection: close\r\n"
+    return head + b"\r\n" + body
 
 
 class BodyTooLarge(Exception):
@@ -272,15 +296,22 @@ class Responder:
 class Downstream(asyncio.Protocol):
     """One client connection: requests are parsed and answered strictly in order."""
 
-    def __init__(self, handler: Handler, on_close: Callable[[Downstream], None] | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        on_close: Callable[[Downstream], None] | None = None,
+        limits: ConnectionLimits = DEFAULT_LIMITS,
+    ) -> None:
         self._handler = handler
         self._on_close = on_close
+        self._limits = limits
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._queue: collections.deque[Request] = collections.deque()
         self._current: Request | None = None
         self._headers: HeaderList = []
         self._header_bytes = 0
+        self._in_head = False
         self._url = b""
         self._worker: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -296,13 +327,12 @@ class Downstream(asyncio.Protocol):
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's subclasses
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
         self.local = (str(local[0]), int(local[1])) if isinstance(local, tuple) else ("", 0)
-        self._arm(HEADERS_TIMEOUT)
+        self._arm(self._limits.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -310,13 +340,13 @@ class Downstream(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(501, b"protocol upgrades are not supported by minimesh")
         except httptools.HttpParserError as exc:
-            if self._header_bytes > MAX_HEADER_BYTES:
-                self._fail(431, b"")
+            if self._header_bytes > self._limits.max_header_bytes:
+                self._fail(431, reason(431))
             elif self._current is not None and not self._current.body.complete:
                 self._current.body.fail(ConnectionResetError(f"bad request body: {exc}"))
                 self.close()
             else:
-                self._fail(400, b"")
+                self._fail(400, reason(400))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -346,16 +376,18 @@ class Downstream(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         self._url = b""
+        self._in_head = True
+        self._arm(self._limits.headers_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._header_bytes += len(url)
-        if self._header_bytes > MAX_HEADER_BYTES:
+        if self._header_bytes > self._limits.max_header_bytes:
             raise httptools.HttpParserError("headers too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADER_BYTES:
+        if self._header_bytes > self._limits.max_header_bytes:
             raise httptools.HttpParserError("headers too large")
         self._headers.append((name.lower(), value))
 
@@ -371,6 +403,7 @@ class Downstream(asyncio.Protocol):
         )
         request.expects_continue = request.header(b"expect") == b"100-continue"
         self._current = request
+        self._in_head = False
         self._disarm()
         self._queue.append(request)
         if len(self._queue) > PIPELINE_DEPTH:
@@ -413,8 +446,8 @@ class Downstream(asyncio.Protocol):
             if not request.body.complete:
                 self.close()
         self._worker = None
-        if not self.closing:
-            self._arm(IDLE_TIMEOUT)
+        if not self.closing and not self._in_head:
+            self._arm(self._limits.idle_timeout)
 
     def response_done(self, *, keep_alive: bool) -> None:
         if not keep_alive:
@@ -441,13 +474,10 @@ class Downstream(asyncio.Protocol):
             self._transport.close()
 
     def _fail(self, status: int, body: bytes) -> None:
+        """Envoy's answer to a request it could not parse or wait for: a local reply, then close
+        (nothing is written while an earlier pipelined response is still going out)."""
         if self._worker is None and self._transport is not None and not self._transport.is_closing():
-            head = b"HTTP/1.1 %d %b\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (
-                status,
-                reason(status),
-                len(body),
-            )
-            self._transport.write(head + body)
+            self._transport.write(local_reply_bytes(status, body, close=True))
         self.close()
 
     def _pause_reading(self) -> None:
@@ -471,10 +501,14 @@ class Downstream(asyncio.Protocol):
 
     def _expire(self) -> None:
         self._timer = None
-        if self._current is not None or self._header_bytes:
+        if self._in_head:
             self._fail(408, b"")
         else:
             self.close()
+
+    def __repr__(self) -> str:
+        state = "closing" if self.closing else ("busy" if self._worker is not None else "idle")
+        return f"<Downstream {self.peer[0]}:{self.peer[1]} {state} queued={len(self._queue)}>"
 
 
 # ---------------------------------------------------------------- upstream side
@@ -513,6 +547,11 @@ class UpstreamResponse:
         value = self.header(b"content-length")
         return int(value) if value is not None and value.isdigit() else None
 
+    @property
+    def close_delimited(self) -> bool:
+        """No length and not chunked: the body ends when the upstream closes (HTTP/1.0 style)."""
+        return self.header(b"content-length") is None and b"chunked" not in (self.header(b"transfer-encoding") or b"")
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an endpoint; one exchange at a time; reusable while keep-alive holds."""
@@ -531,26 +570,46 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_request = False
         self._received_any = False
         self._paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
         self._on_idle = on_idle
         self._on_lost = on_lost
         self.closed = False
         self.requests = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's subclasses
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._wake_drain()
         if self._on_lost is not None:
             self._on_lost(self)
         error = UpstreamClosed(
             "upstream closed the connection", before_headers=True, sent_nothing=not self._received_any
         )
+        response = self._response
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
-        elif self._response is not None and not self._response.body.complete:
-            self._response.body.fail(UpstreamClosed("upstream closed mid-response", before_headers=False))
+        elif response is not None and not response.body.complete:
+            if response.close_delimited:
+                response.keep_alive = False
+                response.body.finish()
+            else:
+                response.body.fail(UpstreamClosed("upstream closed mid-response", before_headers=False))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        self._drain_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self._received_any = True
@@ -611,11 +670,14 @@ class UpstreamConnection(asyncio.Protocol):
         elif self._on_idle is not None:
             self._on_idle(self)
 
-    async def exchange(self, head: bytes, body: Body | bytes, *, head_request: bool = False) -> UpstreamResponse:
-        """Send a request; return once the response head has arrived."""
+    async def exchange(
+        self, head: bytes, body: Body | bytes, *, head_request: bool = False, chunked: bool = True
+    ) -> UpstreamResponse:
+        """Send a request; return once the response head has arrived. A streamed `body` goes
+        out chunked, or as it arrives when the head carries its content-length."""
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        self._head = loop.create_future()
+        arrived: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
+        self._head = arrived
         self._head_request = head_request
         self._received_any = False
         self.requests += 1
@@ -625,17 +687,23 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.write(body)
         else:
             self.transport.write(head)
-            await self._stream(body)
-        return await self._head
+            await self._stream(body, chunked)
+        return await arrived
 
-    async def _stream(self, body: Body) -> None:
+    async def _stream(self, body: Body, chunked: bool) -> None:
+        """Pass a body on as it arrives, no faster than the upstream takes it; stop early if
+        the connection is gone (the pending head then carries the error)."""
         assert self.transport is not None
-        while True:
+        while not self.closed:
             chunk = await body.read()
             if not chunk:
-                self.transport.write(b"0\r\n\r\n")
+                if chunked:
+                    self.transport.write(b"0\r\n\r\n")
                 return
-            self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if self._write_paused:
+                self._drain_waiter = asyncio.get_running_loop().create_future()
+                await self._drain_waiter
 
     def pause(self) -> None:
         if not self._paused and self.transport is not None:
@@ -655,3 +723,7 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return self._head is None and self._response is None and not self.closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("idle" if self.idle else "busy")
+        return f"<UpstreamConnection {state} requests={self.requests}>"

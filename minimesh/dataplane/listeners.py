@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from minimesh.dataplane.http1 import Downstream, Request, Responder
+from minimesh.dataplane.http1 import DEFAULT_LIMITS, ConnectionLimits, Downstream, Request, Responder
 from minimesh.dataplane.proxy import Listener, Proxy
 
 METHOD_NOT_ALLOWED_FOR_CONNECT = b"CONNECT is not supported by the minimesh sidecar; send plain HTTP via HTTP_PROXY"
@@ -18,14 +18,15 @@ METHOD_NOT_ALLOWED_FOR_CONNECT = b"CONNECT is not supported by the minimesh side
 class Serving:
     """One listening socket and the connections it accepted."""
 
-    def __init__(self, proxy: Proxy, listener: Listener) -> None:
+    def __init__(self, proxy: Proxy, listener: Listener, limits: ConnectionLimits = DEFAULT_LIMITS) -> None:
         self.proxy = proxy
         self.listener = listener
+        self.limits = limits
         self.connections: set[Downstream] = set()
         self.server: asyncio.Server | None = None
 
     def _protocol(self) -> Downstream:
-        connection = Downstream(self._handle, self.connections.discard)
+        connection = Downstream(self._handle, self.connections.discard, self.limits)
         self.connections.add(connection)
         return connection
 

@@ -1,8 +1,10 @@
 """The proxy: one request in, routing's decision, the route's steps, one response out.
 
 Every listener (gateway, sidecar) hands its parsed requests to `Proxy.handle`. The
-snapshot is read once per request; the steps (fault, timeout, retry, balance, breaker,
-outlier, forward, mirror) run in the order Envoy's router applies them.
+snapshot is read once per request; the steps run in the order of Istio's filter chain and
+Envoy's router: CORS, fault, body buffering (for retries and mirrors), mirror, admission
+(`http2MaxRequests`), route timeout, then attempts (pick an endpoint, per-try timeout,
+send, retry decision with back-off, outlier record), and the response streamed back.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from minimesh.config import model as m
 from minimesh.dataplane.current import Current
+from minimesh.dataplane.fault import Faults, fires
 from minimesh.dataplane.http1 import (
     DATE,
     HOP_BY_HOP,
+    READ_HIGH_WATER,
     Body,
     BodyTooLarge,
     HeaderList,
@@ -32,8 +37,8 @@ from minimesh.dataplane.upstream import (
     BLACK_HOLE,
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE,
-    PAYLOAD_TOO_LARGE,
     UPSTREAM_TIMEOUT,
+    ClusterState,
     LocalReply,
     UpstreamFailure,
     Upstreams,
@@ -48,35 +53,51 @@ from minimesh.routing.snapshot import (
     DirectResponse,
     Endpoint,
     Forward,
+    Mirror,
     NoRoute,
     PassThrough,
     Redirect,
+    RetryPolicy,
     Snapshot,
 )
 
-BUFFER_LIMIT = 16 * 1024 * 1024
-"""A body kept for retries or mirrors is held whole up to this size; past it, 413."""
+BUFFER_LIMIT = READ_HIGH_WATER
+"""Envoy's default `per_connection_buffer_limit_bytes` (1 MiB), which bounds the copy of a
+request body kept for retries and mirrors: a longer body is streamed with both abandoned.
+At most what a connection buffers before it stops reading, so waiting for it never stalls."""
 MIRRORS_IN_FLIGHT = 64
 """Mirrored requests in flight at once; more are dropped (mirrors must never slow traffic)."""
+MIRROR_TIMEOUT = 30.0
 RETRY_BACKOFF_BASE = 0.025
 RETRY_BACKOFF_MAX = 0.250
 """Envoy's retry back-off: fully jittered, 25 ms base, at most 250 ms."""
 FAULT_ABORT_BODY = b"fault filter abort"
+BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+"""Methods whose empty body is still framed with `content-length: 0`, as Envoy does."""
 REWRITTEN_REQUEST_HEADERS = frozenset(
     {b"host", b"content-length", b"x-request-id", b"x-envoy-attempt-count", b"expect", b"x-forwarded-for",
      b"x-forwarded-proto"}
 )  # fmt: skip
 """Request headers the proxy writes itself; the client's copies are not passed on."""
+FLAG_ORDER = (
+    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC",
+    "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR", "RBAC",
+)  # fmt: skip
+"""Envoy's access-log flags in the order `%RESPONSE_FLAGS%` prints them."""
+FLAG_RANK = {flag: rank for rank, flag in enumerate(FLAG_ORDER)}
+AUTHORITY_AT = 4
+"""Where the authority sits in a request head's parts (a mirror swaps in HOST-shadow)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """Who is serving: the ingress gateway, or the sidecar of `workload`."""
+    """Who is serving: the ingress gateway, or the sidecar of `workload`, on `address:port`."""
 
     kind: str
     port: int
     gateways: tuple[str, ...] = ()
     workload: Workload | None = None
+    address: str = ""
 
     @property
     def name(self) -> str:
@@ -113,10 +134,66 @@ class Exchange:
 
     @property
     def flag_text(self) -> str:
-        return ",".join(self.flags) or "-"
+        """`%RESPONSE_FLAGS%`: the flags in Envoy's order, `-` when none."""
+        if not self.flags:
+            return "-"
+        return ",".join(sorted(dict.fromkeys(self.flags), key=lambda flag: FLAG_RANK.get(flag, len(FLAG_RANK))))
 
 
 Observer = Callable[[Exchange], None]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _ByIdentity(Generic[K, V]):
+    """Values derived once from snapshot objects, looked up by identity (no hashing of the
+    frozen config on the hot path); bounded, so old snapshots' entries do not pile up."""
+
+    __slots__ = ("_build", "_entries")
+
+    def __init__(self, build: Callable[[K], V]) -> None:
+        self._build = build
+        self._entries: dict[int, tuple[K, V]] = {}
+
+    def get(self, key: K) -> V:
+        entry = self._entries.get(id(key))
+        if entry is not None and entry[0] is key:
+            return entry[1]
+        if len(self._entries) >= 4096:
+            self._entries.clear()
+        value = self._build(key)
+        self._entries[id(key)] = (key, value)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _RequestOps:
+    """A route's request header operations, ready to apply: names to drop, lines to add."""
+
+    drop: frozenset[bytes]
+    lines: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, ops: m.HeaderOperations) -> _RequestOps:
+        drop = (
+            HOP_BY_HOP | REWRITTEN_REQUEST_HEADERS | {n.encode() for n, _ in ops.set} | {n.encode() for n in ops.remove}
+        )
+        lines = tuple(b"%b: %b\r\n" % (n.encode(), v.encode("latin-1")) for n, v in (*ops.set, *ops.add))
+        return cls(frozenset(drop), lines)
+
+
+@dataclass(frozen=True, slots=True)
+class _ResponseOps:
+    """A route's response header operations, ready to apply."""
+
+    drop: frozenset[bytes]
+    add: tuple[tuple[bytes, bytes], ...]
+
+    @classmethod
+    def of(cls, ops: m.HeaderOperations) -> _ResponseOps:
+        drop = {b"server"} | {n.encode() for n, _ in ops.set} | {n.encode() for n in ops.remove}
+        return cls(frozenset(drop), tuple((n.encode(), v.encode("latin-1")) for n, v in (*ops.set, *ops.add)))
 
 
 class Proxy:
@@ -134,9 +211,13 @@ class Proxy:
         self.current = current
         self.upstreams = upstreams
         self.rng = rng or random.Random()
+        self.faults = Faults(self.rng)
         self.observers = observers
         self.debug_headers = debug_headers
         self.mirrors: set[asyncio.Task[None]] = set()
+        self._deciders: _ByIdentity[RetryPolicy, RetryDecider] = _ByIdentity(RetryDecider.of)
+        self._request_ops: _ByIdentity[m.HeaderOperations, _RequestOps] = _ByIdentity(_RequestOps.of)
+        self._response_ops: _ByIdentity[m.HeaderOperations, _ResponseOps] = _ByIdentity(_ResponseOps.of)
 
     # ---- the request
 
@@ -173,13 +254,16 @@ class Proxy:
             scheme=scheme,
             port=listener.port if listener.kind == "gateway" else None,
             source=listener.workload,
-            gateway=listener.gateways[0] if listener.kind == "gateway" and listener.gateways else "mesh",
+            gateway=(listener.gateways or ("",))[0] if listener.kind == "gateway" else "mesh",
             source_address=peer.rpartition(":")[0],
         )
         try:
             outcome = decide(snapshot, view, self.rng)
             exchange.route = getattr(outcome, "route_ref", "")
             await OUTCOMES[type(outcome)](self, outcome, request, responder, exchange, view, snapshot)
+        except asyncio.CancelledError:
+            exchange.flags.append("DC")
+            raise
         finally:
             exchange.status = responder.status
             exchange.bytes_sent = responder.bytes_sent
@@ -193,7 +277,7 @@ class Proxy:
     ) -> None:
         if reply.flag:
             exchange.flags.append(reply.flag)
-        headers = [*reply.headers, *(extra or [])]
+        headers = [*reply.headers, *(extra or ())]
         if self.debug_headers and exchange.route:
             headers.append((b"x-minimesh-route", exchange.route.encode()))
         responder.reply(reply.status, reply.body, headers)
@@ -225,28 +309,32 @@ class Proxy:
             name=outcome.cluster, host=host, short=host, namespace="", subset=None, port=outcome.port,
             endpoints=(Endpoint(None, host, outcome.port),),
         )  # fmt: skip
-        await self._forward_to(cluster, None, request, responder, exchange, view, NO_RETRY, None)
+        await self._forward_to(cluster, None, request, responder, exchange, view, NO_RETRY, None, [])
 
     # ---- forwarding
 
     async def _forward(self, outcome: Forward, request: Request, responder: Responder, exchange: Exchange,
                        view: RequestView, snapshot: Snapshot) -> None:  # fmt: skip
-        fault = outcome.fault
-        if fault is not None:
-            if fault.delay is not None and self._roll(fault.delay.percentage):
-                exchange.flags.append("DI")
-                await asyncio.sleep(fault.delay.fixed_delay)
-            if fault.abort is not None and self._roll(fault.abort.percentage):
-                exchange.cluster = outcome.cluster.name
-                self.reply(responder, exchange, LocalReply(fault.abort.http_status, FAULT_ABORT_BODY, "FI"))
-                return
-        cors = outcome.cors
-        if cors is not None and _preflight(view):
-            self._preflight_reply(cors, view, responder, exchange)
+        route = outcome.route
+        cors = route.cors
+        cors_headers = _cors_headers(cors, view) if cors is not None else []
+        if cors is not None and _preflight(view) and (cors_headers or cors.unmatched_preflights == "IGNORE"):
+            self._preflight_reply(cors, cors_headers, responder, exchange)
             return
-        retry = NO_RETRY if fault is not None else RetryDecider.of(outcome.retries)
-        timeout = None if fault is not None else outcome.timeout
-        await self._forward_to(outcome.cluster, outcome, request, responder, exchange, view, retry, timeout)
+        if route.fault is not None:
+            injection = self.faults.decide(route)
+            if injection.delay is not None:
+                exchange.flags.append("DI")
+                await asyncio.sleep(injection.delay)
+            if injection.abort is not None:
+                exchange.cluster = outcome.cluster.name
+                abort = LocalReply(injection.abort, FAULT_ABORT_BODY, "FI")
+                self.reply(responder, exchange, abort, cors_headers)
+                return
+        retry = NO_RETRY if route.retries is None else self._deciders.get(route.retries)
+        await self._forward_to(
+            outcome.cluster, outcome, request, responder, exchange, view, retry, route.timeout, cors_headers
+        )
 
     async def _forward_to(
         self,
@@ -258,159 +346,205 @@ class Proxy:
         view: RequestView,
         retry: RetryDecider,
         timeout: float | None,
+        cors_headers: HeaderList,
     ) -> None:
         exchange.cluster = cluster.name
         exchange.destination_service = cluster.host
-        mirrors = outcome.mirrors if outcome is not None else ()
+        mirrors = outcome.mirrors if outcome is not None and outcome.route.mirrors else ()
         body: Body | bytes = request.body
-        if retry.attempts or mirrors:
+        if not request.has_body:
+            body = b""
+        elif retry.attempts or mirrors:
             try:
                 body = await request.body.read_all(BUFFER_LIMIT)
             except BodyTooLarge:
-                self.reply(responder, exchange, PAYLOAD_TOO_LARGE)
-                return
+                retry, mirrors = NO_RETRY, ()
         path, authority = outcome.rewritten(exchange.path, exchange.authority) if outcome else (
             exchange.path, exchange.authority
         )  # fmt: skip
-        head_parts = self._request_head(request, exchange, outcome, path, authority)
-        for mirror in mirrors:
-            if self._roll(mirror.percentage) and isinstance(body, bytes):
-                self._mirror(mirror.cluster, request, head_parts, authority, body)
+        ops = self._request_ops.get(outcome.request_headers if outcome is not None else NO_OPERATIONS)
+        head_parts = self._request_head(request, exchange, ops, path, authority)
+        if isinstance(body, bytes):
+            for mirror in mirrors:
+                if fires(self.rng, mirror.percentage):
+                    self._mirror(mirror, view, head_parts, body)
         state = self.upstreams.state(cluster)
         try:
             state.admit(cluster.policy.connection_pool)
         except UpstreamFailure as failure:
-            self.reply(responder, exchange, failure.reply)
+            self.reply(responder, exchange, failure.reply, cors_headers)
             return
         try:
-            async with asyncio.timeout(timeout):
-                response = await self._attempts(cluster, retry, request, body, head_parts, exchange, view)
-        except TimeoutError:
-            self.reply(responder, exchange, UPSTREAM_TIMEOUT)
-            return
-        except UpstreamFailure as failure:
-            if failure.endpoint is not None:
-                exchange.upstream_host = f"{failure.endpoint.address}:{failure.endpoint.port}"
-            self.reply(responder, exchange, failure.reply)
-            return
+            try:
+                if timeout is None:
+                    response, endpoint = await self._attempts(
+                        cluster, state, retry, request, body, head_parts, exchange, view, None
+                    )
+                else:
+                    async with asyncio.timeout(timeout) as deadline:
+                        response, endpoint = await self._attempts(
+                            cluster, state, retry, request, body, head_parts, exchange, view, deadline
+                        )
+            except TimeoutError:
+                self.reply(responder, exchange, UPSTREAM_TIMEOUT, cors_headers)
+                return
+            except UpstreamFailure as failure:
+                if failure.endpoint is not None:
+                    exchange.upstream_host = f"{failure.endpoint.address}:{failure.endpoint.port}"
+                self.reply(responder, exchange, failure.reply, cors_headers)
+                return
+            host = state.host(endpoint)
+            try:
+                await self._respond(response, responder, exchange, outcome, cors_headers)
+            finally:
+                host.in_flight -= 1
         finally:
             state.done()
-        await self._respond(response, responder, exchange, outcome, view)
 
     def _request_head(
-        self, request: Request, exchange: Exchange, outcome: Forward | None, path: str, authority: str
+        self, request: Request, exchange: Exchange, ops: _RequestOps, path: str, authority: str
     ) -> list[bytes]:
-        """The request line and headers sent upstream, less the attempt count and framing."""
-        ops = outcome.request_headers if outcome is not None else m.HeaderOperations()
-        drop = HOP_BY_HOP | REWRITTEN_REQUEST_HEADERS
-        drop |= {name.encode() for name, _ in ops.set} | {name.encode() for name in ops.remove}
+        """The request line and headers sent upstream, less the attempt count and framing.
+
+        The gateway is the edge (Istio's `use_remote_address`): it appends the client to
+        x-forwarded-for and says `x-forwarded-proto: http`; a sidecar keeps what it got."""
+        drop = ops.drop
         parts = [request.method, b" ", path.encode("latin-1"), b" HTTP/1.1\r\nhost: ", authority.encode("latin-1"),
                  b"\r\nx-request-id: ", exchange.request_id.encode(), b"\r\n"]  # fmt: skip
         for name, value in request.headers:
             if name not in drop:
                 parts += [name, b": ", value, b"\r\n"]
-        for text_name, text_value in (*ops.set, *ops.add):
-            parts += [text_name.encode(), b": ", text_value.encode("latin-1"), b"\r\n"]
+        parts += ops.lines
         forwarded = exchange.forwarded_for
+        proto = b"http"
         if exchange.listener.kind == "gateway":
             forwarded = f"{forwarded}, {exchange.downstream.rpartition(':')[0]}".lstrip(", ")
+        else:
+            proto = request.header(b"x-forwarded-proto") or proto
         if forwarded:
             parts += [b"x-forwarded-for: ", forwarded.encode("latin-1"), b"\r\n"]
-        parts.append(b"x-forwarded-proto: http\r\n")
+        parts += [b"x-forwarded-proto: ", proto, b"\r\n"]
         return parts
 
     async def _attempts(
         self,
         cluster: Cluster,
+        state: ClusterState,
         decider: RetryDecider,
         request: Request,
         body: Body | bytes,
         head_parts: list[bytes],
         exchange: Exchange,
         view: RequestView,
-    ) -> UpstreamResponse:
-        """Attempts within the retry policy; the response to return, or the last failure."""
-        attempts = 1 + decider.attempts
-        state = self.upstreams.state(cluster)
+        deadline: asyncio.Timeout | None,
+    ) -> tuple[UpstreamResponse, Endpoint]:
+        """Attempts within the retry policy: the response to pass on and its endpoint, or the
+        failure to answer with. Exhausted retries add `URX`; a retry refused by `maxRetries`
+        adds `UO`. The endpoint stays counted in flight until the caller has the body through."""
+        pool = cluster.policy.connection_pool
+        head_request = request.method == b"HEAD"
+        framing = _framing(body, request)
+        chunked = framing is CHUNKED
         tried: list[Endpoint] = []
-        last: UpstreamResponse | UpstreamFailure | None = None
-        for attempt in range(1, attempts + 1):
-            if attempt > 1:
-                if not state.admit_retry(cluster.policy.connection_pool):
-                    break
-                state.retry_done()
-                ceiling = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE * (2 ** (attempt - 1) - 1))
-                await asyncio.sleep(self.rng.uniform(0, ceiling))
-            endpoint = self._pick(cluster, view, tried)
+        attempt = 0
+        retrying = False
+        while True:
+            attempt += 1
+            endpoint = self._pick(cluster, state, view, tried)
             if endpoint is None:
+                if retrying:
+                    state.retry_done()
                 raise UpstreamFailure(NO_HEALTHY_UPSTREAM)
-            tried.append(endpoint)
+            if decider.attempts:
+                tried.append(endpoint)
             exchange.attempts = attempt
             exchange.destination = endpoint
             exchange.upstream_host = f"{endpoint.address}:{endpoint.port}"
-            head = b"".join([*head_parts, *_framing(body, request, attempt)])
+            head = b"".join([*head_parts, b"x-envoy-attempt-count: %d\r\n" % attempt, *framing])
             host = state.host(endpoint)
             host.in_flight += 1
             sent = time.monotonic()
+            failure: UpstreamFailure | None = None
             try:
-                async with asyncio.timeout(decider.per_try_timeout):
-                    response = await self.upstreams.send(
-                        cluster, endpoint, head, body, head_request=request.method == b"HEAD"
-                    )
+                if decider.per_try_timeout is None:
+                    response = await self.upstreams.send(cluster, endpoint, head, body, head_request=head_request,
+                                                         chunked=chunked)  # fmt: skip
+                else:
+                    async with asyncio.timeout(decider.per_try_timeout):
+                        response = await self.upstreams.send(cluster, endpoint, head, body, head_request=head_request,
+                                                             chunked=chunked)  # fmt: skip
             except TimeoutError:
-                state.record(cluster, endpoint, 504)
-                last = UpstreamFailure(UPSTREAM_TIMEOUT, endpoint)
-                if not decider.retries_failure("UT"):
-                    raise last from None
-                continue
-            except UpstreamFailure as failure:
-                failure.endpoint = endpoint
-                state.record(cluster, endpoint, 503)
-                last = failure
-                if not decider.retries_failure(failure.reply.flag) or not isinstance(body, bytes):
-                    raise
-                continue
-            finally:
+                failure = UpstreamFailure(UPSTREAM_TIMEOUT, endpoint)
+            except UpstreamFailure as raised:
+                raised.endpoint = endpoint
+                failure = raised
+            except asyncio.CancelledError:
                 host.in_flight -= 1
-            exchange.upstream_time = time.monotonic() - sent
-            state.record(cluster, endpoint, response.status)
-            if attempt < attempts and decider.retries_status(response.status) and isinstance(body, bytes):
-                last = response
+                if deadline is not None and deadline.expired():
+                    state.record(cluster, endpoint, 504)
+                raise
+            finally:
+                if retrying:
+                    state.retry_done()
+                    retrying = False
+            if failure is not None:
+                host.in_flight -= 1
+                state.record(cluster, endpoint, 504 if failure.reply is UPSTREAM_TIMEOUT else 503)
+                if not decider.retries_failure(failure.reply.flag):
+                    raise failure
+                if attempt > decider.attempts or not state.admit_retry(pool):
+                    exchange.flags.append("URX" if attempt > decider.attempts else "UO")
+                    raise failure
+            else:
+                exchange.upstream_time = time.monotonic() - sent
+                state.record(cluster, endpoint, response.status)
+                if not decider.retries_status(response.status):
+                    return response, endpoint
+                if attempt > decider.attempts or not state.admit_retry(pool):
+                    exchange.flags.append("URX" if attempt > decider.attempts else "UO")
+                    return response, endpoint
+                host.in_flight -= 1
                 response.conn.close()
-                continue
-            return response
-        if isinstance(last, UpstreamResponse):
-            exchange.flags.append("URX")
-            return last
-        if last is not None:
-            exchange.flags.append("URX")
-            raise last
-        raise UpstreamFailure(NO_HEALTHY_UPSTREAM)
+            retrying = True
+            ceiling = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE * (2**attempt - 1))
+            try:
+                await asyncio.sleep(self.rng.uniform(0, ceiling))
+            except asyncio.CancelledError:
+                state.retry_done()
+                raise
 
-    def _pick(self, cluster: Cluster, view: RequestView, tried: list[Endpoint]) -> Endpoint | None:
-        state = self.upstreams.state(cluster)
+    def _pick(self, cluster: Cluster, state: ClusterState, view: RequestView, tried: list[Endpoint]) -> Endpoint | None:
+        """An endpoint that is not ejected, avoiding the ones already tried while others
+        remain (Istio's `previous_hosts` retry predicate)."""
         ejected = state.ejected(cluster)
         balancer = state.balancer(cluster, self.rng)
         consistent = cluster.policy.load_balancer.consistent_hash
         key = hash_key(consistent, view) if consistent is not None else None
-        exclude = ejected | frozenset(tried) if len(tried) < len(cluster.endpoints) - len(ejected) else ejected
+        exclude: frozenset[Endpoint] = ejected
+        if tried:
+            avoid = ejected.union(tried)
+            if len(avoid) < len(cluster.endpoints):
+                exclude = avoid
         return balancer.pick(key=key, exclude=exclude)
 
     async def _respond(
-        self, response: UpstreamResponse, responder: Responder, exchange: Exchange, outcome: Forward | None,
-        view: RequestView,
-    ) -> None:  # fmt: skip
-        ops = outcome.response_headers if outcome is not None else m.HeaderOperations()
-        drop = {name.encode() for name, _ in ops.set} | {name.encode() for name in ops.remove} | {b"server"}
+        self,
+        response: UpstreamResponse,
+        responder: Responder,
+        exchange: Exchange,
+        outcome: Forward | None,
+        cors_headers: HeaderList,
+    ) -> None:
+        ops = self._response_ops.get(outcome.response_headers if outcome is not None else NO_OPERATIONS)
+        drop = ops.drop
         headers = [(name, value) for name, value in response.headers if name not in drop]
-        headers += [(name.encode(), value.encode("latin-1")) for name, value in (*ops.set, *ops.add)]
+        headers += ops.add
         if response.header(b"date") is None:
             headers.append((b"date", DATE.get()))
         headers.append((b"server", b"istio-envoy"))
         if exchange.upstream_time is not None:
-            headers.append((b"x-envoy-upstream-service-time", str(int(exchange.upstream_time * 1000)).encode()))
-        if outcome is not None and outcome.cors is not None:
-            headers += _cors_headers(outcome.cors, view)
+            headers.append((b"x-envoy-upstream-service-time", b"%d" % int(exchange.upstream_time * 1000)))
+        headers += cors_headers
         if self.debug_headers and exchange.route:
             headers.append((b"x-minimesh-route", exchange.route.encode()))
         responder.send_head(response.status, headers, response.length, reason_phrase=response.reason)
@@ -424,52 +558,57 @@ class Proxy:
                 responder.send(chunk)
                 await responder.drain()
         except UpstreamClosed:
-            exchange.flags.append("UPE")
+            exchange.flags.append("UC")
             responder.abort()
             return
         finally:
             responder.set_producer(None)
+            if not body.complete:
+                response.conn.close()
         responder.end()
 
-    # ---- helpers
+    # ---- mirrors and CORS
 
-    def _roll(self, percentage: float | None) -> bool:
-        """Does a percentage-gated action fire? No percentage means never (Istio's default)."""
-        if percentage is None:
-            return False
-        return percentage >= 100.0 or self.rng.random() * 100.0 < percentage
-
-    def _mirror(self, cluster: Cluster, request: Request, head_parts: list[bytes], authority: str, body: bytes) -> None:
+    def _mirror(self, mirror: Mirror, view: RequestView, head_parts: list[bytes], body: bytes) -> None:
+        """Send a copy to the mirror's cluster with Host `HOST-shadow`, in the background; its
+        response is read and dropped, and it never holds up the request it copies."""
+        cluster = mirror.cluster
         if len(self.mirrors) >= MIRRORS_IN_FLIGHT or not cluster.endpoints:
             return
-        shadow = authority.partition(":")
-        shadow_host = f"{shadow[0]}-shadow{shadow[1]}{shadow[2]}".encode("latin-1")
+        state = self.upstreams.state(cluster)
+        endpoint = self._pick(cluster, state, view, [])
+        if endpoint is None:
+            return
+        host, colon, port = head_parts[AUTHORITY_AT].partition(b":")
         parts = list(head_parts)
-        parts[4] = shadow_host
-        head = b"".join([*parts, b"content-length: ", str(len(body)).encode(), b"\r\n\r\n"])
-        endpoint = cluster.endpoints[self.rng.randrange(len(cluster.endpoints))]
+        parts[AUTHORITY_AT] = host + b"-shadow" + colon + port
+        head = b"".join([*parts, b"content-length: %d\r\n\r\n" % len(body)])
         task = asyncio.get_running_loop().create_task(self._send_mirror(cluster, endpoint, head, body))
         self.mirrors.add(task)
         task.add_done_callback(self.mirrors.discard)
 
     async def _send_mirror(self, cluster: Cluster, endpoint: Endpoint, head: bytes, body: bytes) -> None:
         try:
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(MIRROR_TIMEOUT):
                 response = await self.upstreams.send(cluster, endpoint, head, body)
                 while await response.body.read():
                     pass
         except (UpstreamFailure, UpstreamClosed, TimeoutError):
             return
 
-    def _preflight_reply(self, cors: m.CorsPolicy, view: RequestView, responder: Responder, exchange: Exchange) -> None:
-        headers = _cors_headers(cors, view)
+    def _preflight_reply(
+        self, cors: m.CorsPolicy, cors_headers: HeaderList, responder: Responder, exchange: Exchange
+    ) -> None:
+        """Envoy's CORS filter answers a preflight itself: 200 with the allowed methods and
+        headers and the max age (expose headers are for the actual request)."""
+        headers = [h for h in cors_headers if h[0] != b"access-control-expose-headers"]
         if headers:
             if cors.allow_methods:
                 headers.append((b"access-control-allow-methods", ",".join(cors.allow_methods).encode()))
             if cors.allow_headers:
                 headers.append((b"access-control-allow-headers", ",".join(cors.allow_headers).encode()))
             if cors.max_age is not None:
-                headers.append((b"access-control-max-age", str(int(cors.max_age)).encode()))
+                headers.append((b"access-control-max-age", b"%d" % int(cors.max_age)))
         self.reply(responder, exchange, LocalReply(200, b"", ""), headers)
 
     async def close(self) -> None:
@@ -479,15 +618,21 @@ class Proxy:
         self.upstreams.close()
 
 
-def _framing(body: Body | bytes, request: Request, attempt: int) -> list[bytes]:
-    count = b"x-envoy-attempt-count: %d\r\n" % attempt
+NO_OPERATIONS = m.HeaderOperations()
+CHUNKED = (b"transfer-encoding: chunked\r\n\r\n",)
+NO_BODY = (b"\r\n",)
+
+
+def _framing(body: Body | bytes, request: Request) -> tuple[bytes, ...]:
+    """How the request body is framed upstream: its length when known, else chunked."""
     if isinstance(body, bytes):
-        if body or request.method in (b"POST", b"PUT", b"PATCH"):
-            return [count, b"content-length: %d\r\n\r\n" % len(body)]
-        return [count, b"\r\n"]
-    if body.complete and body.buffered == 0:
-        return [count, b"\r\n"]
-    return [count, b"transfer-encoding: chunked\r\n\r\n"]
+        if body or request.method in BODY_METHODS:
+            return (b"content-length: %d\r\n\r\n" % len(body),)
+        return NO_BODY
+    length = request.header(b"content-length")
+    if length is not None and length.isdigit():
+        return (b"content-length: %b\r\n\r\n" % length,)
+    return CHUNKED
 
 
 def _preflight(view: RequestView) -> bool:
@@ -495,6 +640,7 @@ def _preflight(view: RequestView) -> bool:
 
 
 def _cors_headers(cors: m.CorsPolicy, view: RequestView) -> HeaderList:
+    """The CORS headers Envoy adds to a response when the request's Origin is allowed."""
     origin = view.headers.get("origin")
     if origin is None or not any(match.matches(origin) for match in cors.allow_origins):
         return []

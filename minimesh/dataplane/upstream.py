@@ -23,6 +23,10 @@ from minimesh.routing.snapshot import Cluster, Endpoint, Policy
 Clock = Callable[[], float]
 UNLIMITED = 2**32 - 1
 """What Istio programs for a connection-pool limit that is not set."""
+CONNECT_TIMEOUT = 10.0
+"""Istio's default `connectTimeout`."""
+MAX_EJECTION_TIME = 300.0
+"""Envoy's default `max_ejection_time`: an ejection never lasts longer."""
 
 
 # ---------------------------------------------------------------- Envoy's local replies
@@ -47,7 +51,6 @@ OVERFLOW = LocalReply(503, RESET_BEFORE_HEADERS + b"overflow", "UO", ((b"x-envoy
 UPSTREAM_TIMEOUT = LocalReply(504, b"upstream request timeout", "UT")
 RBAC_DENIED = LocalReply(403, b"RBAC: access denied", "RBAC")
 BLACK_HOLE = LocalReply(502, b"", "")
-PAYLOAD_TOO_LARGE = LocalReply(413, b"Payload Too Large", "")
 
 
 class UpstreamFailure(Exception):
@@ -62,8 +65,15 @@ class UpstreamFailure(Exception):
 # ---------------------------------------------------------------- per-endpoint state
 
 
+NONE_EJECTED: frozenset[Endpoint] = frozenset()
+
+
 class HostState:
-    """One endpoint of a cluster: its idle connections, load and outlier record."""
+    """One endpoint of a cluster: its connections, load and outlier record.
+
+    `waiters` are requests queued for a connection to this endpoint (the pending queue);
+    each gets an idle connection handed over, or None: a connection slot to fill itself.
+    """
 
     __slots__ = (
         "address",
@@ -78,12 +88,14 @@ class HostState:
         "port",
         "successes",
         "times_ejected",
+        "waiters",
     )
 
     def __init__(self, address: str, port: int) -> None:
         self.address = address
         self.port = port
         self.idle: list[UpstreamConnection] = []
+        self.waiters: collections.deque[asyncio.Future[UpstreamConnection | None]] = collections.deque()
         self.connections = 0
         self.in_flight = 0
         self.consecutive_5xx = 0
@@ -100,7 +112,10 @@ class HostState:
 
     def __repr__(self) -> str:
         state = f" EJECTED x{self.times_ejected}" if self.ejected else ""
-        return f"<Host {self.address}:{self.port} active={self.in_flight} conns={self.connections}{state}>"
+        return (
+            f"<Host {self.address}:{self.port} active={self.in_flight} conns={self.connections} "
+            f"idle={len(self.idle)} waiting={len(self.waiters)}{state}>"
+        )
 
 
 GATEWAY_ERRORS = frozenset({502, 503, 504})
@@ -118,17 +133,20 @@ class ClusterState:
         self.pending = 0
         self.retries = 0
         self.overflows = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._balancer: Balancer | None = None
         self._balanced: tuple[tuple[Endpoint, ...], Policy] | None = None
+        self._balanced_for: Cluster | None = None
 
     def balancer(self, cluster: Cluster, rng: random.Random) -> Balancer:
         """The cluster's load balancer, kept while its endpoints and policy stay the same
         (round-robin position and the hash ring survive a reload that does not touch them)."""
+        if self._balancer is not None and self._balanced_for is cluster:
+            return self._balancer
         basis = (cluster.endpoints, cluster.policy)
         if self._balancer is None or self._balanced != basis:
             self._balancer = balancer_for(cluster.policy, cluster.endpoints, rng, self.active)
             self._balanced = basis
+        self._balanced_for = cluster
         return self._balancer
 
     def host(self, endpoint: Endpoint) -> HostState:
@@ -147,7 +165,7 @@ class ClusterState:
     def ejected(self, cluster: Cluster) -> frozenset[Endpoint]:
         """The endpoints ejected now; expired ejections end here (Envoy does it each interval)."""
         if cluster.policy.outlier_detection is None:
-            return frozenset()
+            return NONE_EJECTED
         now = self.clock()
         out = []
         for endpoint in cluster.endpoints:
@@ -160,10 +178,14 @@ class ClusterState:
                 state.consecutive_5xx = state.consecutive_gateway = 0
                 continue
             out.append(endpoint)
-        return frozenset(out)
+        return frozenset(out) if out else NONE_EJECTED
 
     def record(self, cluster: Cluster, endpoint: Endpoint, status: int) -> None:
-        """An attempt's result for outlier detection: an HTTP status, or 503 for a local failure."""
+        """An attempt's result for outlier detection: an HTTP status, 503 for a local failure
+        (connect failure, reset, overflow) and 504 for a timeout, as Envoy maps them.
+
+        As in Envoy, a streak that reaches its threshold triggers one ejection attempt and
+        starts over, whether or not `maxEjectionPercent` lets the ejection happen."""
         state = self.host(endpoint)
         failed = status >= 500
         if failed:
@@ -173,15 +195,23 @@ class ClusterState:
         detection = cluster.policy.outlier_detection
         if detection is None:
             return
-        state.consecutive_5xx = state.consecutive_5xx + 1 if failed else 0
+        if not failed:
+            state.consecutive_5xx = state.consecutive_gateway = 0
+            return
         state.consecutive_gateway = state.consecutive_gateway + 1 if status in GATEWAY_ERRORS else 0
-        tripped = (detection.consecutive_5xx_errors and state.consecutive_5xx >= detection.consecutive_5xx_errors) or (
-            detection.consecutive_gateway_errors and state.consecutive_gateway >= detection.consecutive_gateway_errors
-        )
+        state.consecutive_5xx += 1
+        tripped = False
+        if detection.consecutive_gateway_errors and state.consecutive_gateway >= detection.consecutive_gateway_errors:
+            state.consecutive_gateway = 0
+            tripped = True
+        if detection.consecutive_5xx_errors and state.consecutive_5xx >= detection.consecutive_5xx_errors:
+            state.consecutive_5xx = 0
+            tripped = True
         if tripped and not state.ejected:
             self._eject(cluster, state, detection)
 
     def _eject(self, cluster: Cluster, state: HostState, detection: m.OutlierDetection) -> None:
+        """Eject within `maxEjectionPercent`, but always allow one host (Istio's setting)."""
         total = max(len(cluster.endpoints), 1)
         ejected = len(self.ejected(cluster))
         if ejected > 0 and 100.0 * (ejected + 1) / total > detection.max_ejection_percent:
@@ -189,8 +219,7 @@ class ClusterState:
         state.times_ejected += 1
         now = self.clock()
         state.ejected_at = now
-        state.ejected_until = now + detection.base_ejection_time * state.times_ejected
-        state.consecutive_5xx = state.consecutive_gateway = 0
+        state.ejected_until = now + min(detection.base_ejection_time * state.times_ejected, MAX_EJECTION_TIME)
 
     # ---- circuit breaking
 
@@ -205,6 +234,8 @@ class ClusterState:
         self.requests -= 1
 
     def admit_retry(self, pool: m.ConnectionPool) -> bool:
+        """Count one retry in flight against `maxRetries` (released by `retry_done` when that
+        attempt ends); False when the cluster already has as many retries outstanding."""
         if self.retries >= (pool.max_retries or UNLIMITED):
             self.overflows += 1
             return False
@@ -218,76 +249,116 @@ class ClusterState:
         self, cluster: Cluster, endpoint: Endpoint, tls: ssl.SSLContext | None, server_name: str | None
     ) -> UpstreamConnection:
         """An idle keep-alive connection to `endpoint`, a new one within `maxConnections`, or
-        a wait in the pending queue (bounded by `http1MaxPendingRequests`)."""
+        a wait in the pending queue (bounded by `http1MaxPendingRequests`, else 503 UO).
+
+        As in Envoy, an endpoint with no connection at all may always open one, even past
+        `maxConnections`, so one busy endpoint never starves another."""
         pool = cluster.policy.connection_pool
         state = self.host(endpoint)
-        while True:
-            while state.idle:
-                conn = state.idle.pop()
-                if conn.idle:
-                    return conn
-            if self.connections < (pool.max_connections or UNLIMITED):
-                return await self._open(state, pool, tls, server_name)
-            if self.pending >= (pool.http1_max_pending_requests or UNLIMITED):
-                self.overflows += 1
-                raise UpstreamFailure(OVERFLOW, endpoint)
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            self.pending += 1
-            try:
-                await waiter
-            finally:
-                self.pending -= 1
+        while state.idle:
+            conn = state.idle.pop()
+            if conn.idle:
+                return conn
+        if self.connections < (pool.max_connections or UNLIMITED) or state.connections == 0:
+            return await self._open(state, pool, tls, server_name)
+        if self.pending >= (pool.http1_max_pending_requests or UNLIMITED):
+            self.overflows += 1
+            raise UpstreamFailure(OVERFLOW, endpoint)
+        waiter: asyncio.Future[UpstreamConnection | None] = asyncio.get_running_loop().create_future()
+        state.waiters.append(waiter)
+        self.pending += 1
+        try:
+            handed = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._handed_back(state, pool, waiter.result())
+            elif waiter in state.waiters:
+                state.waiters.remove(waiter)
+            raise
+        finally:
+            self.pending -= 1
+        if handed is None:
+            return await self._open(state, pool, tls, server_name, slot_reserved=True)
+        return handed
+
+    def _handed_back(self, state: HostState, pool: m.ConnectionPool, conn: UpstreamConnection | None) -> None:
+        """A waiter was cancelled after it was handed a connection or a slot: pass it on."""
+        if conn is not None:
+            self._release(state, pool, conn)
+        else:
+            self.connections -= 1
+            self._slot_freed(state)
 
     async def _open(
-        self, state: HostState, pool: m.ConnectionPool, tls: ssl.SSLContext | None, server_name: str | None
+        self,
+        state: HostState,
+        pool: m.ConnectionPool,
+        tls: ssl.SSLContext | None,
+        server_name: str | None,
+        *,
+        slot_reserved: bool = False,
     ) -> UpstreamConnection:
-        self.connections += 1
+        if not slot_reserved:
+            self.connections += 1
         state.connections += 1
         loop = asyncio.get_running_loop()
-
-        def on_idle(conn: UpstreamConnection) -> None:
-            limit = pool.max_requests_per_connection or 0
-            if limit and conn.requests >= limit:
-                conn.close()
-            else:
-                state.idle.append(conn)
-                self._wake()
-
-        def on_lost(conn: UpstreamConnection) -> None:
-            if conn in state.idle:
-                state.idle.remove(conn)
-            self._closed(state)
-
         try:
             connect = loop.create_connection(
-                lambda: UpstreamConnection(on_idle, on_lost),
+                lambda: UpstreamConnection(
+                    lambda conn: self._release(state, pool, conn), lambda conn: self._lost(state, conn)
+                ),
                 state.address,
                 state.port,
                 ssl=tls,
                 server_hostname=server_name if tls else None,
             )
-            _, protocol = await asyncio.wait_for(connect, pool.connect_timeout or 10.0)
+            _, protocol = await asyncio.wait_for(connect, pool.connect_timeout or CONNECT_TIMEOUT)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             self._closed(state)
             raise UpstreamFailure(CONNECT_FAILURE) from exc
+        except asyncio.CancelledError:
+            self._closed(state)
+            raise
         return protocol
+
+    def _release(self, state: HostState, pool: m.ConnectionPool, conn: UpstreamConnection) -> None:
+        """A connection finished an exchange: the first waiter for its endpoint gets it, else it
+        waits idle; past `maxRequestsPerConnection` it is closed instead (its slot freed)."""
+        limit = pool.max_requests_per_connection or 0
+        if limit and conn.requests >= limit:
+            conn.close()
+            return
+        while state.waiters:
+            waiter = state.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        state.idle.append(conn)
+
+    def _lost(self, state: HostState, conn: UpstreamConnection) -> None:
+        if conn in state.idle:
+            state.idle.remove(conn)
+        self._closed(state)
 
     def _closed(self, state: HostState) -> None:
         self.connections -= 1
         state.connections -= 1
-        self._wake()
+        self._slot_freed(state)
 
-    def _wake(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _slot_freed(self, state: HostState) -> None:
+        """A connection slot is free: a waiter (this endpoint's first, else any) takes it over,
+        so nothing that arrives meanwhile can push the cluster past `maxConnections`."""
+        for host in (state, *self.hosts.values()):
+            while host.waiters:
+                waiter = host.waiters.popleft()
+                if not waiter.done():
+                    self.connections += 1
+                    waiter.set_result(None)
+                    return
 
     def close(self) -> None:
         for state in self.hosts.values():
-            for conn in state.idle:
+            for conn in list(state.idle):
                 conn.close()
             state.idle.clear()
 
@@ -295,7 +366,7 @@ class ClusterState:
         ejected = sum(1 for h in self.hosts.values() if h.ejected)
         return (
             f"<ClusterState {self.name} hosts={len(self.hosts)} conns={self.connections} "
-            f"active={self.requests} pending={self.pending} ejected={ejected}>"
+            f"active={self.requests} pending={self.pending} retries={self.retries} ejected={ejected}>"
         )
 
 
@@ -314,9 +385,20 @@ class Upstreams:
         return state
 
     async def send(
-        self, cluster: Cluster, endpoint: Endpoint, head: bytes, body: Body | bytes, *, head_request: bool = False
+        self,
+        cluster: Cluster,
+        endpoint: Endpoint,
+        head: bytes,
+        body: Body | bytes,
+        *,
+        head_request: bool = False,
+        chunked: bool = True,
     ) -> UpstreamResponse:
-        """One attempt to `endpoint`; the response once its head is in, or UpstreamFailure."""
+        """One attempt to `endpoint`; the response once its head is in, or UpstreamFailure.
+
+        A reused keep-alive connection the upstream had already closed is retried once on a
+        fresh one when nothing was sent yet that cannot be sent again; an attempt cancelled
+        (timeout, client gone) closes its connection, as Envoy resets the stream."""
         state = self.state(cluster)
         tls = self._tls(cluster) if self._tls else None
         reused_once = False
@@ -324,7 +406,7 @@ class Upstreams:
             conn = await state.connection(cluster, endpoint, tls, cluster.host)
             fresh = conn.requests == 0
             try:
-                return await conn.exchange(head, body, head_request=head_request)
+                return await conn.exchange(head, body, head_request=head_request, chunked=chunked)
             except UpstreamClosed as exc:
                 conn.close()
                 if not fresh and exc.sent_nothing and isinstance(body, bytes) and not reused_once:
@@ -334,6 +416,9 @@ class Upstreams:
             except (OSError, ssl.SSLError) as exc:
                 conn.close()
                 raise UpstreamFailure(CONNECTION_TERMINATION, endpoint) from exc
+            except asyncio.CancelledError:
+                conn.close()
+                raise
 
     def close(self) -> None:
         for state in self.clusters.values():

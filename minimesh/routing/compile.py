@@ -12,6 +12,7 @@ from http import HTTPStatus
 from types import MappingProxyType
 
 from minimesh.config import model as m
+from minimesh.config.labels import FAULT_FIRST_ANNOTATION, parse_fault_first
 from minimesh.registry.model import Workload
 from minimesh.registry.static import from_workload_entry
 from minimesh.routing.snapshot import (
@@ -420,6 +421,15 @@ def retry_policy(retry: m.HTTPRetry) -> RetryPolicy | None:
     return RetryPolicy(retry.attempts, conditions, codes, retry.per_try_timeout)
 
 
+def _fault_first(meta: m.Meta) -> int | None:
+    """The `minimesh.dev/fault-first` count of a VirtualService (validation rejects a bad one)."""
+    value = dict(meta.annotations).get(FAULT_FIRST_ANNOTATION)
+    try:
+        return None if value is None else parse_fault_first(value)
+    except ValueError:
+        return None
+
+
 def _string_label(field_name: str, name: str, match: m.StringMatch | None) -> str:
     return f"{field_name} {name} {match if match is not None else 'present'}"
 
@@ -513,7 +523,7 @@ class _Compiler:
         by_port = {p.number: build(p.number) for p in svc.ports} if svc else {}
         return Destination(host, dest.subset, None, weight, build, by_port=by_port)
 
-    def route(self, vs: m.VirtualService, rule: m.HTTPRoute) -> Route:
+    def route(self, vs: m.VirtualService, rule: m.HTTPRoute, fault_first: int | None = None) -> Route:
         namespace = vs.meta.namespace
         authority = (rule.rewrite.authority if rule.rewrite else None) or _header_authority(rule.headers)
         destinations = tuple(
@@ -540,17 +550,19 @@ class _Compiler:
             rewrite=rule.rewrite,
             redirect=rule.redirect,
             direct_response=rule.direct_response,
+            fault_first=fault_first if faulty else None,
         )
 
     def virtual_service(self, vs: m.VirtualService, order: int) -> CompiledVirtualService:
         namespace = vs.meta.namespace
         gateways = frozenset(gateway_ref(g, namespace) for g in vs.gateways) or frozenset({MESH})
+        fault_first = _fault_first(vs.meta)
         return CompiledVirtualService(
             ref=resource_ref(vs.meta),
             meta=vs.meta,
             hosts=tuple(fqdn(h, namespace) for h in vs.hosts),
             gateways=gateways,
-            routes=tuple(self.route(vs, rule) for rule in vs.http),
+            routes=tuple(self.route(vs, rule, fault_first) for rule in vs.http),
             order=order,
             source=vs,
         )

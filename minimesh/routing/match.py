@@ -333,7 +333,7 @@ def _describe_forward(forward: Forward, request: RequestView) -> list[TraceStep]
     retries = str(route.retries) if route.retries else (faulty if route.fault else "off (attempts 0)")
     steps.append(TraceStep("retries", "info", retries))
     if route.fault is not None:
-        steps.append(TraceStep("fault", "info", _fault_text(route.fault)))
+        steps.append(TraceStep("fault", "info", _fault_text(route.fault, route.fault_first)))
     steps.extend(TraceStep("mirror", "info", f"{mi.cluster.name} {mi.percentage:g}%") for mi in forward.mirrors)
     if route.rewrite is not None:
         path, authority = forward.rewritten(request.path, request.authority)
@@ -341,12 +341,17 @@ def _describe_forward(forward: Forward, request: RequestView) -> list[TraceStep]
     return steps
 
 
-def _fault_text(fault: m.HTTPFaultInjection) -> str:
+def _fault_text(fault: m.HTTPFaultInjection, first: int | None) -> str:
+    def share(percentage: float | None) -> str:
+        if first is not None:
+            return f"the first {first} requests only (minimesh.dev/fault-first; percentage ignored)"
+        return _percent(percentage)
+
     parts = []
     if fault.delay is not None:
-        parts.append(f"delay {format_duration(fault.delay.fixed_delay)} for {_percent(fault.delay.percentage)}")
+        parts.append(f"delay {format_duration(fault.delay.fixed_delay)} for {share(fault.delay.percentage)}")
     if fault.abort is not None:
-        parts.append(f"abort {fault.abort.http_status} for {_percent(fault.abort.percentage)}")
+        parts.append(f"abort {fault.abort.http_status} for {share(fault.abort.percentage)}")
     return "; ".join(parts)
 
 

@@ -399,6 +399,9 @@ class Route:
     rewrite: m.HTTPRewrite | None = None
     redirect: m.HTTPRedirect | None = None
     direct_response: m.HTTPDirectResponse | None = None
+    fault_first: int | None = None
+    """From `minimesh.dev/fault-first: N`: the fault fires for exactly the first N requests
+    (percentages ignored), counted by the data plane per route `ref`."""
 
     def __repr__(self) -> str:
         return f"<Route {self.ref} blocks={len(self.blocks)} destinations={len(self.destinations)}>"

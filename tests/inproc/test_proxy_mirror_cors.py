@@ -1,0 +1,187 @@
+"""Mirroring (`HOST-shadow`, fire and forget, `mirrorPercentage`), CORS preflight and simple
+requests as Envoy's CORS filter answers them, redirects and direct responses."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from tests.inproc.upstreams import Backend, Reply, running_mesh, service
+
+APPS = service("web", "app") + "---" + service("shadow", "copy")
+
+
+def mirrored(percentage: str = "") -> str:
+    return f"""
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route: [{{destination: {{host: web}}}}]
+    mirror: {{host: shadow}}
+    {percentage}
+"""
+
+
+async def until(condition, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_mirror_gets_a_copy_with_a_shadow_host_and_its_answer_is_dropped() -> None:
+    app, copy = Backend("app"), Backend("copy", Reply(status=500, body=b"mirror answer"))
+    async with running_mesh(APPS + mirrored(), {"app": app, "copy": copy}) as mesh:
+        answer = await mesh.request("POST", "/orders?id=1", data=b'{"n": 1}', headers={"Host": "shop.example.com:80"})
+        assert (answer.status, answer.body) == (200, b"app")
+        await until(lambda: copy.seen)
+        seen = copy.seen[0]
+        assert seen.headers["host"] == "shop.example.com-shadow:80"
+        assert (seen.method, seen.path, seen.body) == ("POST", "/orders?id=1", b'{"n": 1}')
+        assert seen.headers["x-request-id"] == app.seen[0].headers["x-request-id"]
+        assert app.seen[0].headers["host"] == "shop.example.com:80"
+        assert mesh.last().flag_text == "-"
+
+
+async def test_a_slow_mirror_never_delays_the_request() -> None:
+    app, copy = Backend("app"), Backend("copy", Reply(delay=0.5))
+    async with running_mesh(APPS + mirrored(), {"app": app, "copy": copy}) as mesh:
+        started = time.monotonic()
+        for _ in range(3):
+            assert (await mesh.get("/")).status == 200
+        assert time.monotonic() - started < 0.3
+        await until(lambda: len(copy.seen) == 3)
+
+
+async def test_mirror_percentage_mirrors_a_share() -> None:
+    app, copy = Backend("app"), Backend("copy")
+    async with running_mesh(APPS + mirrored("mirrorPercentage: {value: 25}"), {"app": app, "copy": copy}) as mesh:
+        for _ in range(100):
+            await mesh.get("/")
+        await asyncio.sleep(0.1)
+        assert 12 <= len(copy.seen) <= 40, len(copy.seen)
+
+
+async def test_an_unreachable_mirror_changes_nothing() -> None:
+    app = Backend("app")
+    async with running_mesh(APPS + mirrored(), {"app": app}, ports={"copy": 1, "copy_LABELS": "version: v1"}) as mesh:
+        assert (await mesh.get("/")).status == 200
+        assert mesh.last().flag_text == "-"
+
+
+CORS = (
+    service("web", "app")
+    + """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - match: [{uri: {prefix: /faulty}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+    corsPolicy: &cors
+      allowOrigins: [{exact: "https://app.example.com"}, {regex: "https://.*[.]dev[.]example[.]com"}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-token, content-type]
+      exposeHeaders: [x-trace]
+      maxAge: 24h
+      allowCredentials: true
+    route: [{destination: {host: web}}]
+  - corsPolicy: *cors
+    route: [{destination: {host: web}}]
+"""
+)
+
+PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-token"}
+
+
+async def test_cors_preflight_from_an_allowed_origin_is_answered_by_the_proxy() -> None:
+    app = Backend("app")
+    async with running_mesh(CORS, {"app": app}) as mesh:
+        for origin in ("https://app.example.com", "https://a.dev.example.com"):
+            answer = await mesh.request("OPTIONS", "/api", headers={"Origin": origin, **PREFLIGHT})
+            assert (answer.status, answer.body) == (200, b"")
+            assert answer.headers["access-control-allow-origin"] == origin
+            assert answer.headers["access-control-allow-methods"] == "GET,POST"
+            assert answer.headers["access-control-allow-headers"] == "x-token,content-type"
+            assert answer.headers["access-control-max-age"] == "86400"
+            assert answer.headers["access-control-allow-credentials"] == "true"
+            assert "access-control-expose-headers" not in answer.headers
+        assert app.seen == []
+
+
+async def test_cors_preflight_from_another_origin_is_forwarded() -> None:
+    app = Backend("app")
+    async with running_mesh(CORS, {"app": app}) as mesh:
+        answer = await mesh.request("OPTIONS", "/api", headers={"Origin": "https://evil.example.org", **PREFLIGHT})
+        assert (answer.status, answer.body) == (200, b"app")
+        assert not [h for h in answer.headers if h.startswith("access-control-")]
+        assert [s.method for s in app.seen] == ["OPTIONS"]
+
+
+async def test_cors_simple_request_gets_the_allow_headers_only_for_an_allowed_origin() -> None:
+    async with running_mesh(CORS, {"app": Backend("app")}) as mesh:
+        allowed = await mesh.get("/api", headers={"Origin": "https://app.example.com"})
+        assert allowed.body == b"app"
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+        assert allowed.headers["access-control-expose-headers"] == "x-trace"
+        assert allowed.headers["access-control-allow-credentials"] == "true"
+        other = await mesh.get("/api", headers={"Origin": "https://evil.example.org"})
+        assert other.body == b"app"
+        assert not [h for h in other.headers if h.startswith("access-control-")]
+
+
+async def test_cors_comes_before_the_fault_and_marks_its_answer() -> None:
+    async with running_mesh(CORS, {"app": Backend("app")}) as mesh:
+        origin = {"Origin": "https://app.example.com"}
+        preflight = await mesh.request("OPTIONS", "/faulty", headers={**origin, **PREFLIGHT})
+        assert preflight.status == 200
+        aborted = await mesh.get("/faulty", headers=origin)
+        assert (aborted.status, aborted.body) == (503, b"fault filter abort")
+        assert aborted.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
+REDIRECTS = """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, authority: new.example.com}
+  - match: [{uri: {prefix: /moved}}]
+    redirect: {scheme: https, redirectCode: 308}
+  - match: [{uri: {exact: /health}}]
+    directResponse: {status: 200, body: {string: "ok\\n"}}
+  - match: [{uri: {exact: /gone}}]
+    directResponse: {status: 410}
+"""
+
+
+async def test_redirects_and_direct_responses_never_reach_an_upstream() -> None:
+    async with running_mesh(REDIRECTS) as mesh:
+        answer = await mesh.get("/old/page?x=1", allow_redirects=False)
+        assert (answer.status, answer.body) == (301, b"")
+        assert answer.headers["location"] == "http://new.example.com/new?x=1"
+        assert answer.headers["content-length"] == "0"
+        answer = await mesh.get("/moved", allow_redirects=False, headers={"Host": "shop.example.com"})
+        assert answer.status == 308
+        assert answer.headers["location"] == "https://shop.example.com/moved"
+        answer = await mesh.get("/health")
+        assert (answer.status, answer.body) == (200, b"ok\n")
+        assert answer.headers["content-type"] == "text/plain"
+        assert answer.headers["server"] == "istio-envoy"
+        answer = await mesh.get("/gone")
+        assert (answer.status, answer.body) == (410, b"")
+        assert {e.flag_text for e in mesh.exchanges} == {"-"}
+        assert mesh.exchanges[0].route == "VirtualService/default/web#http[0]"

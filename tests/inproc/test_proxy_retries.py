@@ -1,0 +1,222 @@
+"""Timeouts and retries as Envoy's router applies Istio's policy: 504 `UT`, retries within the
+route timeout, per-try timeouts, each `retryOn` condition, Istio's default policy, `URX`,
+the body replayed on retry, another endpoint on retry — and the upstream failures Envoy
+answers itself (`UF` refused, `UC` closed before headers)."""
+
+from __future__ import annotations
+
+import time
+
+from tests.inproc.upstreams import RESET, Backend, Hangup, Reply, refused_port, running_mesh, service
+
+APP = service("web", "app")
+
+
+def vs(http: str) -> str:
+    return f"""
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route: [{{destination: {{host: web}}}}]
+    {http}
+"""
+
+
+def script(backend: Backend, *statuses: int, delay: float = 0.0) -> Backend:
+    backend.replies.extend(Reply(status=s, delay=delay) for s in statuses)
+    return backend
+
+
+async def test_route_timeout_is_504_UT() -> None:
+    app = Backend("app", Reply(delay=0.6))
+    async with running_mesh(APP + vs("timeout: 0.2s"), {"app": app}) as mesh:
+        started = time.monotonic()
+        answer = await mesh.get("/")
+        assert 0.2 <= time.monotonic() - started < 0.55
+        assert (answer.status, answer.body) == (504, b"upstream request timeout")
+        assert answer.headers["content-type"] == "text/plain"
+        assert mesh.last().flag_text == "UT"
+        assert mesh.last().upstream_host == f"127.0.0.1:{app.port}"
+
+
+async def test_retries_count_against_the_route_timeout() -> None:
+    app = Backend("app", Reply(status=503, delay=0.15))
+    policy = "timeout: 0.4s\n    retries: {attempts: 10, retryOn: 5xx}"
+    async with running_mesh(APP + vs(policy), {"app": app}) as mesh:
+        started = time.monotonic()
+        answer = await mesh.get("/")
+        assert 0.4 <= time.monotonic() - started < 0.9
+        assert answer.status == 504
+        assert mesh.last().flag_text == "UT"
+        assert 2 <= len(app.seen) <= 3
+
+
+async def test_per_try_timeout_retries_a_slow_attempt() -> None:
+    app = script(Backend("app"), 200, delay=0.5)
+    policy = "retries: {attempts: 2, perTryTimeout: 0.1s, retryOn: 5xx}"
+    async with running_mesh(APP + vs(policy), {"app": app}) as mesh:
+        answer = await mesh.get("/")
+        assert (answer.status, answer.body) == (200, b"app")
+        assert [s.attempt for s in app.seen] == [1, 2]
+        assert mesh.last().flag_text == "-"
+        assert mesh.last().attempts == 2
+
+
+async def test_per_try_timeouts_exhaust_the_retries_UT_URX() -> None:
+    app = Backend("app", Reply(delay=0.5))
+    policy = "retries: {attempts: 2, perTryTimeout: 0.05s, retryOn: gateway-error}"
+    async with running_mesh(APP + vs(policy), {"app": app}) as mesh:
+        answer = await mesh.get("/")
+        assert (answer.status, answer.body) == (504, b"upstream request timeout")
+        assert mesh.last().flag_text == "UT,URX"
+        assert len(app.seen) == 3
+
+
+async def test_retry_on_5xx_retries_every_5xx_with_the_attempt_count() -> None:
+    app = script(Backend("app"), 500, 503)
+    async with running_mesh(APP + vs("retries: {attempts: 3, retryOn: 5xx}"), {"app": app}) as mesh:
+        answer = await mesh.get("/")
+        assert (answer.status, answer.body) == (200, b"app")
+        assert [s.attempt for s in app.seen] == [1, 2, 3]
+        assert mesh.last().flag_text == "-"
+
+
+async def test_retry_on_gateway_error_retries_502_not_500() -> None:
+    app = script(Backend("app"), 502, 500)
+    async with running_mesh(APP + vs("retries: {attempts: 3, retryOn: gateway-error}"), {"app": app}) as mesh:
+        assert (await mesh.get("/")).status == 500
+        assert [s.attempt for s in app.seen] == [1, 2]
+
+
+async def test_retry_on_retriable_4xx_retries_409_only() -> None:
+    app = script(Backend("app"), 409, 404)
+    async with running_mesh(APP + vs("retries: {attempts: 3, retryOn: retriable-4xx}"), {"app": app}) as mesh:
+        assert (await mesh.get("/")).status == 404
+        assert len(app.seen) == 2
+
+
+async def test_retry_on_bare_status_codes() -> None:
+    app = script(Backend("app"), 418, 418, 503)
+    async with running_mesh(APP + vs('retries: {attempts: 5, retryOn: "418,reset"}'), {"app": app}) as mesh:
+        answer = await mesh.get("/")
+        assert answer.status == 503
+        assert len(app.seen) == 3
+        assert mesh.last().flag_text == "-"
+
+
+async def test_exhausted_retries_return_the_last_answer_with_URX() -> None:
+    app = Backend("app", Reply(status=503, body=b"busy"))
+    async with running_mesh(APP + vs("retries: {attempts: 2, retryOn: 5xx}"), {"app": app}) as mesh:
+        answer = await mesh.get("/")
+        assert (answer.status, answer.body) == (503, b"busy")
+        assert mesh.last().flag_text == "URX"
+        assert len(app.seen) == 3
+
+
+async def test_the_default_policy_retries_503_twice_but_not_500() -> None:
+    app = Backend("app", Reply(status=503))
+    async with running_mesh(APP + vs(""), {"app": app}) as mesh:
+        assert (await mesh.get("/")).status == 503
+        assert [s.attempt for s in app.seen] == [1, 2, 3]
+        assert mesh.last().flag_text == "URX"
+        app.reply = Reply(status=500)
+        assert (await mesh.get("/")).status == 500
+        assert len(app.seen) == 4
+        assert mesh.last().flag_text == "-"
+
+
+async def test_attempts_zero_turns_retries_off() -> None:
+    app = Backend("app", Reply(status=503))
+    async with running_mesh(APP + vs("retries: {attempts: 0}"), {"app": app}) as mesh:
+        assert (await mesh.get("/")).status == 503
+        assert len(app.seen) == 1
+        assert mesh.last().flag_text == "-"
+
+
+async def test_refused_connection_is_503_UF_retried_by_default() -> None:
+    async with running_mesh(APP + vs(""), {}, ports={"app": refused_port(), "app_LABELS": "version: v1"}) as mesh:
+        answer = await mesh.get("/")
+        assert (answer.status, answer.body) == (503, RESET + b"connection failure")
+        assert mesh.last().flag_text == "UF,URX"
+        assert mesh.last().attempts == 3
+
+
+async def test_refused_connection_without_retries_is_plain_UF() -> None:
+    async with running_mesh(
+        APP + vs("retries: {attempts: 0}"), {}, ports={"app": refused_port(), "app_LABELS": "version: v1"}
+    ) as mesh:
+        answer = await mesh.get("/")
+        assert (answer.status, answer.body) == (503, RESET + b"connection failure")
+        assert answer.headers["content-type"] == "text/plain"
+        assert "x-envoy-overloaded" not in answer.headers
+        assert mesh.last().flag_text == "UF"
+
+
+async def test_upstream_closing_before_headers_is_503_UC_not_retried_by_default() -> None:
+    hangup = await Hangup().start()
+    try:
+        async with running_mesh(APP + vs(""), {}, ports={"app": hangup.port, "app_LABELS": "version: v1"}) as mesh:
+            answer = await mesh.get("/")
+            assert (answer.status, answer.body) == (503, RESET + b"connection termination")
+            assert mesh.last().flag_text == "UC"
+            assert hangup.accepted == 1
+    finally:
+        await hangup.close()
+
+
+async def test_reset_and_connect_failure_conditions() -> None:
+    hangup = await Hangup().start()
+    ports = {"app": hangup.port, "app_LABELS": "version: v1"}
+    try:
+        async with running_mesh(APP + vs("retries: {attempts: 2, retryOn: reset}"), {}, ports=ports) as mesh:
+            assert (await mesh.get("/")).status == 503
+            assert mesh.last().flag_text == "UC,URX"
+            assert hangup.accepted == 3
+        async with running_mesh(APP + vs("retries: {attempts: 2, retryOn: connect-failure}"), {}, ports=ports) as mesh:
+            assert (await mesh.get("/")).status == 503
+            assert mesh.last().flag_text == "UC"
+            assert hangup.accepted == 4
+    finally:
+        await hangup.close()
+
+
+async def test_a_retry_goes_to_another_endpoint_when_there_is_one() -> None:
+    yaml = service("web", "bad", "good") + vs('retries: {attempts: 1, retryOn: "connect-failure,5xx"}')
+    bad, good = Backend("bad", Reply(status=500)), Backend("good")
+    async with running_mesh(yaml, {"bad": bad, "good": good}) as mesh:
+        for _ in range(20):
+            answer = await mesh.get("/")
+            assert (answer.status, answer.body) == (200, b"good")
+        assert bad.seen, "some first attempts went to the bad endpoint"
+        assert all(s.attempt == 1 for s in bad.seen)
+        assert len([s for s in good.seen if s.attempt == 2]) == len(bad.seen)
+
+
+async def test_a_refused_endpoint_is_retried_on_another() -> None:
+    yaml = service("web", "dead", "good") + vs("")
+    good = Backend("good")
+    async with running_mesh(yaml, {"good": good}, ports={"dead": refused_port(), "dead_LABELS": "version: v0"}) as mesh:
+        answers = [await mesh.get("/") for _ in range(10)]
+        assert {(a.status, a.body) for a in answers} == {(200, b"good")}
+        assert any(e.attempts == 2 for e in mesh.exchanges)
+
+
+async def test_a_post_body_is_buffered_once_and_replayed_on_retry() -> None:
+    app = script(Backend("app"), 503, 503)
+    body = b"x" * 300_000
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for start in range(0, len(body), 50_000):
+            yield body[start : start + 50_000]
+
+    async with running_mesh(APP + vs("retries: {attempts: 2, retryOn: 5xx}"), {"app": app}) as mesh:
+        answer = await mesh.request("POST", "/upload", data=chunks())
+        assert answer.status == 200
+        assert [s.body for s in app.seen] == [body, body, body]
+        assert {s.headers["content-length"] for s in app.seen} == {"300000"}
+        assert mesh.last().bytes_received == len(body)

@@ -1,0 +1,422 @@
+"""What the proxy tests stand on: small real upstreams on 127.0.0.1, a mesh built from YAML
+text, a real gateway and sidecar listener, and clients (aiohttp, or raw sockets for the wire).
+
+`Backend` answers as its `replies` script says, then as `reply`, recording every request with
+the connection it came on and how many were in flight at once. `running_mesh(yaml, backends)`
+substitutes each backend's port for `$NAME` in the YAML, compiles the snapshot and serves it;
+`Mesh.exchanges` holds what the proxy observed of each request (the access log's view).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import random
+import socket
+import string
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import httptools
+from aiohttp import web
+
+from minimesh.config.load import load_layers
+from minimesh.config.source import parse_text
+from minimesh.dataplane.current import Current
+from minimesh.dataplane.http1 import DEFAULT_LIMITS, ConnectionLimits
+from minimesh.dataplane.listeners import Serving
+from minimesh.dataplane.proxy import Exchange, Listener, Proxy
+from minimesh.dataplane.upstream import Upstreams
+from minimesh.registry.model import Workload
+from minimesh.registry.static import workloads_of
+from minimesh.routing.compile import compile_snapshot
+from minimesh.routing.snapshot import Snapshot
+
+RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
+
+
+# ---------------------------------------------------------------- upstreams
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One answer of a backend: `body` None means the backend's name."""
+
+    status: int = 200
+    body: bytes | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One request a backend received; `connection` is the client port it came from."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes
+    connection: int
+    pairs: tuple[tuple[str, str], ...] = ()
+    """Every header line, in order (repeated names included)."""
+
+    def all(self, name: str) -> list[str]:
+        return [value for key, value in self.pairs if key == name]
+
+    @property
+    def attempt(self) -> int:
+        return int(self.headers.get("x-envoy-attempt-count", "0"))
+
+
+Handler = Callable[[web.BaseRequest, Seen], Awaitable[web.StreamResponse]]
+"""Answers in place of the replies; it gets the request before its body is read (`Seen.body` is empty)."""
+
+
+class Backend:
+    """An HTTP/1.1 upstream on an ephemeral 127.0.0.1 port."""
+
+    def __init__(self, name: str, reply: Reply | None = None, *, labels: Mapping[str, str] | None = None) -> None:
+        self.name = name
+        self.reply = reply or Reply()
+        self.replies: collections.deque[Reply] = collections.deque()
+        self.handler: Handler | None = None
+        self.labels = dict(labels or {"version": name})
+        self.seen: list[Seen] = []
+        self.active = 0
+        self.max_active = 0
+        self.port = 0
+        self._runner: web.ServerRunner | None = None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            body = b"" if self.handler is not None else await request.content.read()
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            pairs = tuple((k.lower(), v) for k, v in request.headers.items())
+            seen = Seen(request.method, request.raw_path, headers, body, int(peer[1]) if peer else 0, pairs)
+            self.seen.append(seen)
+            if self.handler is not None:
+                return await self.handler(request, seen)
+            reply = self.replies.popleft() if self.replies else self.reply
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+            text = self.name.encode() if reply.body is None else reply.body
+            return web.Response(status=reply.status, body=text, headers=dict(reply.headers))
+        finally:
+            self.active -= 1
+
+    async def start(self) -> Backend:
+        self._runner = web.ServerRunner(web.Server(self._handle), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def connections(self) -> set[int]:
+        return {s.connection for s in self.seen}
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.name} :{self.port} seen={len(self.seen)} max_active={self.max_active}>"
+
+
+def refused_port() -> int:
+    """A 127.0.0.1 port nothing listens on (connecting to it is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Hangup:
+    """An upstream that reads a request head and closes without answering (reset before headers)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async def start(self) -> Hangup:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+# ---------------------------------------------------------------- config
+
+
+GATEWAY = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+"""
+
+
+def service(name: str, *members: str, port: int = 9080) -> str:
+    """A Service `name` on `port` selecting `app: name`, and one WorkloadEntry per member
+    (its port `$MEMBER`, its labels `app: name` plus the backend's labels `$MEMBER_LABELS`)."""
+    docs = [
+        f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec: {{selector: {{app: {name}}}, ports: [{{name: http, port: {port}}}]}}
+"""
+    ]
+    docs += [
+        f"""
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: {name}-{member}}}
+spec: {{address: 127.0.0.1, ports: {{http: ${member}}}, labels: {{app: {name}, ${member}_LABELS}}}}
+"""
+        for member in members
+    ]
+    return "---".join(docs)
+
+
+def compile_yaml(text: str, ports: Mapping[str, int | str]) -> Snapshot:
+    """The snapshot of YAML `text` with `$NAME` placeholders filled from `ports`."""
+    filled = string.Template(textwrap.dedent(text)).substitute(ports)
+    documents, problems = parse_text(filled, "mesh.yaml")
+    assert problems == [], problems
+    loaded = load_layers([documents])
+    assert [str(p) for p in loaded.errors] == [], filled
+    return compile_snapshot(loaded.mesh, workloads_of(loaded.mesh), generation=1)
+
+
+def placeholders(backends: Mapping[str, Backend], ports: Mapping[str, int] | None = None) -> dict[str, str]:
+    values = {name: str(b.port) for name, b in backends.items()}
+    values |= {f"{name}_LABELS": ", ".join(f"{k}: {v}" for k, v in b.labels.items()) for name, b in backends.items()}
+    values |= {name: str(port) for name, port in (ports or {}).items()}
+    return values
+
+
+# ---------------------------------------------------------------- the mesh under test
+
+
+class FakeClock:
+    """Time that moves only when a test says so (outlier ejections)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A response as a client saw it; header names lower-case."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class Mesh:
+    """A proxy serving one snapshot through a gateway listener and a sidecar listener."""
+
+    def __init__(self, proxy: Proxy, gateway: Serving, sidecar: Serving, session: aiohttp.ClientSession) -> None:
+        self.proxy = proxy
+        self.gateway = gateway
+        self.sidecar = sidecar
+        self.session = session
+        self.exchanges: list[Exchange] = []
+        self.values: dict[str, str] = {}
+
+    @property
+    def gateway_url(self) -> str:
+        host, port = self.gateway.address
+        return f"http://{host}:{port}"
+
+    @property
+    def sidecar_url(self) -> str:
+        host, port = self.sidecar.address
+        return f"http://{host}:{port}"
+
+    def reload(self, yaml_text: str) -> None:
+        """Swap in the snapshot of new YAML (same backends, `GATEWAY` prepended), as a reload does."""
+        self.proxy.current.swap(compile_yaml(GATEWAY + "---" + yaml_text, self.values))
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Answer:
+        """A request to the gateway (`path` may carry a query), Host `example.com` by default."""
+        headers = {"Host": "example.com", **kwargs.pop("headers", {})}
+        async with self.session.request(method, self.gateway_url + path, headers=headers, **kwargs) as response:
+            body = await response.read()
+            return Answer(response.status, {k.lower(): v for k, v in response.headers.items()}, body)
+
+    async def get(self, path: str, **kwargs: Any) -> Answer:
+        return await self.request("GET", path, **kwargs)
+
+    async def via_sidecar(self, method: str, url: str, **kwargs: Any) -> Answer:
+        """An absolute-form request (`GET http://reviews:9080/x`) to the sidecar, as HTTP_PROXY sends it."""
+        async with self.session.request(method, url, proxy=self.sidecar_url, **kwargs) as response:
+            body = await response.read()
+            return Answer(response.status, {k.lower(): v for k, v in response.headers.items()}, body)
+
+    def last(self) -> Exchange:
+        return self.exchanges[-1]
+
+
+@contextlib.asynccontextmanager
+async def running_mesh(
+    yaml_text: str,
+    backends: Mapping[str, Backend] | None = None,
+    *,
+    ports: Mapping[str, int] | None = None,
+    seed: int = 7,
+    clock: Callable[[], float] | None = None,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
+    source: Workload | None = None,
+    connector: aiohttp.BaseConnector | None = None,
+) -> AsyncIterator[Mesh]:
+    """Start `backends`, compile `yaml_text` (with `GATEWAY` prepended) and serve it."""
+    backends = backends or {}
+    for backend in backends.values():
+        if not backend.port:
+            await backend.start()
+    values = placeholders(backends, ports)
+    snapshot = compile_yaml(GATEWAY + "---" + yaml_text, values)
+    upstreams = Upstreams(clock=clock) if clock is not None else Upstreams()
+    exchanges: list[Exchange] = []
+    proxy = Proxy(Current(snapshot), upstreams, rng=random.Random(seed), observers=(exchanges.append,))
+    gateway = Serving(proxy, Listener("gateway", 8080, gateways=snapshot.ingress_gateways), limits)
+    sidecar = Serving(proxy, Listener("sidecar", 15001, workload=source), limits)
+    await gateway.start("127.0.0.1", 0)
+    await sidecar.start("127.0.0.1", 0)
+    session = aiohttp.ClientSession(
+        connector=connector or aiohttp.TCPConnector(limit=0), auto_decompress=False, timeout=aiohttp.ClientTimeout(20)
+    )
+    mesh = Mesh(proxy, gateway, sidecar, session)
+    mesh.exchanges = exchanges
+    mesh.values = values
+    try:
+        yield mesh
+    finally:
+        await session.close()
+        await gateway.stop()
+        await sidecar.stop()
+        await proxy.close()
+        for backend in backends.values():
+            await backend.close()
+
+
+# ---------------------------------------------------------------- raw HTTP/1.1 on a socket
+
+
+@dataclass(slots=True)
+class RawResponse:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+
+class RawClient:
+    """One client connection with exact bytes out and parsed responses in, for wire tests."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.responses: collections.deque[RawResponse] = collections.deque()
+        self._current: RawResponse | None = None
+        self._head_only = False
+        self._parser = httptools.HttpResponseParser(self)
+        self.informational: list[int] = []
+
+    @classmethod
+    async def connect(cls, address: tuple[str, int]) -> RawClient:
+        reader, writer = await asyncio.open_connection(*address)
+        return cls(reader, writer)
+
+    # llhttp callbacks
+    def on_message_begin(self) -> None:
+        self._current = RawResponse(0, [])
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._current is not None
+        self._current.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        assert self._current is not None
+        self._current.status = self._parser.get_status_code()
+        if self._current.status < 200:
+            self.informational.append(self._current.status)
+            self._current = None
+        elif self._head_only:
+            self.responses.append(self._current)
+            self._current = None
+            self._parser = httptools.HttpResponseParser(self)
+
+    def on_body(self, body: bytes) -> None:
+        assert self._current is not None
+        self._current.body += body
+
+    def on_message_complete(self) -> None:
+        if self._current is not None:
+            self.responses.append(self._current)
+            self._current = None
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def response(self, *, head: bool = False, timeout: float = 5.0) -> RawResponse:
+        """The next whole response (`head`: the answer to a HEAD, which has no body)."""
+        self._head_only = head
+        async with asyncio.timeout(timeout):
+            while not self.responses:
+                data = await self.reader.read(65536)
+                if not data:
+                    raise ConnectionResetError("the proxy closed the connection")
+                self._parser.feed_data(data)
+        return self.responses.popleft()
+
+    async def interim(self, timeout: float = 5.0) -> int:
+        """The next informational (1xx) status, e.g. 100 Continue."""
+        async with asyncio.timeout(timeout):
+            while not self.informational:
+                data = await self.reader.read(65536)
+                if not data:
+                    raise ConnectionResetError("the proxy closed the connection")
+                self._parser.feed_data(data)
+        return self.informational.pop(0)
+
+    async def closed(self, timeout: float = 5.0) -> bytes:
+        """Everything left until the proxy closes the connection."""
+        async with asyncio.timeout(timeout):
+            return await self.reader.read()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
