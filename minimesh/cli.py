@@ -24,7 +24,8 @@ from minimesh.background import detach, down
 from minimesh.config.check import check_mesh
 from minimesh.config.load import Loaded, load_paths
 from minimesh.config.model import Mesh
-from minimesh.daemon import DaemonError, Options, serve
+from minimesh.daemon import Options, serve
+from minimesh.dataplane.capture.netns import netns_unavailable
 from minimesh.errors import MinimeshError, Problem
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
@@ -195,21 +196,19 @@ def _admin_of(args: argparse.Namespace) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    if args.capture == "netns":
-        raise DaemonError(
-            "--capture netns needs Docker discovery, which is not built yet; use --capture explicit "
-            "(sidecars on 127.0.0.1 ports; apps send through HTTP_PROXY)"
-        )
+    if args.capture == "netns" and args.no_docker:
+        raise UsageError("--capture netns captures Docker containers; it cannot go with --no-docker")
     if args.detach:
         up_args = [arg for arg in args.argv if arg != "--detach"]
         up_args.remove("up")
         return detach(up_args, _admin_of(args))
     log = _log_to_stderr()
-    if args.capture == "auto":
-        log.info("minimesh: capture auto: chose explicit (Docker discovery is not built yet): sidecars listen on "
-                 "127.0.0.1, apps send through HTTP_PROXY")  # fmt: skip
-    elif not args.no_docker:
-        log.info("minimesh: Docker discovery is not built yet: serving the WorkloadEntry workloads only")
+    capture = args.capture
+    if capture == "auto":
+        missing = "" if args.no_docker else netns_unavailable()
+        capture = "explicit" if args.no_docker or missing else "netns"
+        why = "--no-docker" if args.no_docker else missing or "root, Docker, iptables and nsenter are all here"
+        log.info("minimesh: capture auto: chose %s (%s)", capture, why)
     options = Options(
         paths=tuple(_files(args)),
         bind=args.bind,
@@ -217,6 +216,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         debug_headers=args.debug_headers,
         seed=args.seed,
+        docker=not args.no_docker,
+        capture=capture,
     )
     _run(serve(options))
     return EXIT_OK

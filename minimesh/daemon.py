@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from watchfiles import Change, awatch
@@ -25,6 +26,7 @@ from minimesh.config.labels import SIDECAR_PORT_ANNOTATION
 from minimesh.config.load import load_paths
 from minimesh.config.source import expand
 from minimesh.dataplane.accesslog import AccessLog
+from minimesh.dataplane.capture.manager import NetnsCapture
 from minimesh.dataplane.current import Current
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Listener, Proxy
@@ -32,6 +34,7 @@ from minimesh.dataplane.upstream import Upstreams
 from minimesh.errors import ConfigError, MinimeshError, Problem
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
+from minimesh.registry.watch import Discovered, DockerUnavailable, DockerWatcher, connect
 from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.snapshot import Snapshot
 
@@ -59,6 +62,9 @@ class Options:
     admin_port: int = 15000
     debug_headers: bool = False
     seed: int | None = None
+    docker: bool = False
+    capture: str = "explicit"
+    """`netns` (transparent, in each container) or `explicit` (HTTP_PROXY sidecars)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +76,9 @@ class Compiled:
     warnings: tuple[Problem, ...]
 
 
-def compile_config(paths: Iterable[str], generation: int) -> Compiled:
-    """Load, check and compile `paths`; ConfigError carrying every error-level problem."""
+def compile_config(paths: Iterable[str], generation: int, discovered: Iterable[Workload] = ()) -> Compiled:
+    """Load, check and compile `paths` with the `discovered` containers; ConfigError carrying
+    every error-level problem."""
     paths = tuple(paths)
     loaded = load_paths(paths)
     problems = list(loaded.problems)
@@ -80,7 +87,7 @@ def compile_config(paths: Iterable[str], generation: int) -> Compiled:
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise ConfigError(errors)
-    snapshot = compile_snapshot(loaded.mesh, workloads_of(loaded.mesh), generation=generation)
+    snapshot = compile_snapshot(loaded.mesh, (*workloads_of(loaded.mesh), *discovered), generation=generation)
     files, _ = expand(paths)
     warnings = tuple(p for p in problems if p.severity == "warning")
     return Compiled(snapshot, tuple(str(f) for f in files), warnings)
@@ -130,7 +137,7 @@ def watch_filter(paths: Iterable[str]) -> tuple[tuple[Path, ...], Callable[[Chan
 class Daemon:
     """The gateway, the sidecars and the admin API over one `Current[Snapshot]`."""
 
-    def __init__(self, options: Options, first: Compiled) -> None:
+    def __init__(self, options: Options, first: Compiled, docker: Any = None) -> None:
         self.options = options
         self.current = Current(first.snapshot)
         self.config = ConfigState(first.sources, time.time())
@@ -146,15 +153,21 @@ class Daemon:
         )
         self.gateway: Serving | None = None
         self.sidecars: dict[int, Serving] = {}
+        self.capture = NetnsCapture(self.proxy) if options.capture == "netns" else None
+        self.docker = docker
+        self.discovered = Discovered()
+        self._compiling = asyncio.Lock()
         self.failed: dict[int, str] = {}
         """Sidecar ports a reload could not listen on, and why (the daemon is then not ready)."""
         self.ready = False
         self._admin: web.AppRunner | None = None
+        self._tasks: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
         self._unwatch = asyncio.Event()
 
     def listeners(self) -> list[Listener]:
-        servings = [self.gateway, *self.sidecars.values()]
+        captured = self.capture.servings() if self.capture else []
+        servings = [self.gateway, *self.sidecars.values(), *captured]
         return [s.listener for s in servings if s is not None]
 
     def stop(self) -> None:
@@ -173,6 +186,12 @@ class Daemon:
             await self._listen()
             async with asyncio.TaskGroup() as tasks:
                 watcher = tasks.create_task(self._watch(), name="watch config files")
+                self._tasks = tasks
+                following: list[asyncio.Task[None]] = []
+                if self.docker is not None:
+                    discovery = DockerWatcher(self.docker, self._discovered)
+                    await self._first_discovery(discovery)
+                    following.append(tasks.create_task(discovery.run(), name="follow Docker events"))
                 await asyncio.sleep(0)  # the watcher registers with the OS before we say ready
                 self.ready = not self.failed
                 log.info("minimesh: ready; watching %s for changes", ", ".join(self.options.paths))
@@ -180,7 +199,8 @@ class Daemon:
                 log.info("minimesh: stopping")
                 self.ready = False
                 self._unwatch.set()
-                watcher.cancel()
+                for task in (watcher, *following):
+                    task.cancel()
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
@@ -230,6 +250,8 @@ class Daemon:
     async def _close(self) -> None:
         servings = [s for s in (self.gateway, *self.sidecars.values()) if s is not None]
         await asyncio.gather(*(serving.stop() for serving in servings))
+        if self.capture is not None:
+            await self.capture.close()
         if self._admin is not None:
             await self._admin.cleanup()
         await self.proxy.close()
@@ -249,9 +271,13 @@ class Daemon:
         """Load, check and compile the files again, off the request path; swap in the result,
         or keep the snapshot in force and remember why the new one was refused."""
         began = time.monotonic()
-        generation = self.current.get().generation + 1
         try:
-            compiled = await asyncio.to_thread(compile_config, self.options.paths, generation)
+            async with self._compiling:
+                generation = self.current.get().generation + 1
+                compiled = await asyncio.to_thread(
+                    compile_config, self.options.paths, generation, self.discovered.workloads
+                )
+                self._swap(compiled)
         except ConfigError as exc:
             lines = tuple(str(p) for p in exc.problems)
             for line in lines:
@@ -262,8 +288,8 @@ class Daemon:
             return
         for warning in compiled.warnings:
             log.warning("%s", warning)
-        self._swap(compiled)
         await self._reconcile_sidecars(compiled.snapshot)
+        await self._reconcile_capture()
         took = (time.monotonic() - began) * 1000
         log.info("minimesh: reloaded: generation %d live in %.0f ms", generation, took)
 
@@ -297,6 +323,40 @@ class Daemon:
                     self.failed[port] = problem
         self.ready = not self.failed and not self._stopping.is_set()
 
+    # ---- Docker discovery
+
+    async def _first_discovery(self, discovery: DockerWatcher) -> None:
+        """List the containers before saying ready, so the first requests find them."""
+        discovery.records = await asyncio.to_thread(discovery.list_containers)
+        self.discovered = discovery.discovered()
+        for skipped in self.discovered.skipped:
+            log.warning("minimesh: %s", skipped)
+        await self._recompile("containers listed")
+
+    def _discovered(self, discovered: Discovered) -> None:
+        """The watcher's callback: the set of containers changed; recompile off this call."""
+        if discovered == self.discovered:
+            return
+        self.discovered = discovered
+        if self._tasks is not None and not self._stopping.is_set():
+            self._tasks.create_task(self._recompile("containers changed"), name="recompile for containers")
+
+    async def _recompile(self, why: str) -> None:
+        """The same config with the current containers, swapped in; then capture follows."""
+        async with self._compiling:
+            snapshot = self.current.get()
+            mesh = snapshot.mesh
+            workloads = (*workloads_of(mesh), *self.discovered.workloads)
+            compiled = await asyncio.to_thread(compile_snapshot, mesh, workloads, generation=snapshot.generation + 1)
+            self._swap(Compiled(compiled, self.config.sources, ()))
+        names = ", ".join(w.name for w in self.discovered.workloads) or "none"
+        log.info("minimesh: %s: generation %d, containers: %s", why, compiled.generation, names)
+        await self._reconcile_capture()
+
+    async def _reconcile_capture(self) -> None:
+        if self.capture is not None:
+            await self.capture.reconcile(self.current.get().workloads)
+
     def _configure_access_log(self, snapshot: Snapshot) -> None:
         config = snapshot.mesh.mesh_config
         self.access_log.configure(config.access_log_file, config.access_log_encoding)
@@ -322,4 +382,12 @@ async def serve(options: Options) -> None:
         log.warning("%s", warning)
     log.info("minimesh: loaded %s: generation 1, %d services, %d workloads", ", ".join(first.sources),
              len(first.snapshot.services), len(first.snapshot.workloads))  # fmt: skip
-    await Daemon(options, first).run()
+    docker = None
+    if options.docker:
+        try:
+            docker = await asyncio.to_thread(connect)
+        except DockerUnavailable as exc:
+            if options.capture == "netns":
+                raise DaemonError(f"--capture netns: {exc}") from exc
+            log.warning("minimesh: %s; serving WorkloadEntry workloads only", exc)
+    await Daemon(options, first, docker).run()

@@ -292,6 +292,10 @@ class Responder:
         host, port = self._conn.peer
         return f"{host}:{port}"
 
+    @property
+    def connection(self) -> Downstream:
+        return self._conn
+
 
 class Downstream(asyncio.Protocol):
     """One client connection: requests are parsed and answered strictly in order."""
@@ -323,6 +327,10 @@ class Downstream(asyncio.Protocol):
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self.extra: dict[str, Any] = {}
+
+    def socket(self) -> Any:
+        """The connection's socket (for socket options such as SO_ORIGINAL_DST)."""
+        return self._transport.get_extra_info("socket") if self._transport is not None else None
 
     # ---- asyncio.Protocol
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from minimesh.dataplane.capture.netns import original_destination
 from minimesh.dataplane.http1 import DEFAULT_LIMITS, ConnectionLimits, Downstream, Request, Responder
 from minimesh.dataplane.proxy import Listener, Proxy
 
@@ -16,12 +17,16 @@ METHOD_NOT_ALLOWED_FOR_CONNECT = b"CONNECT is not supported by the minimesh side
 
 
 class Serving:
-    """One listening socket and the connections it accepted."""
+    """One listening socket and the connections it accepted. A `transparent` one receives
+    connections redirected by capture rules and reads where each was headed."""
 
-    def __init__(self, proxy: Proxy, listener: Listener, limits: ConnectionLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, proxy: Proxy, listener: Listener, limits: ConnectionLimits = DEFAULT_LIMITS, *, transparent: bool = False
+    ) -> None:
         self.proxy = proxy
         self.listener = listener
         self.limits = limits
+        self.transparent = transparent
         self.connections: set[Downstream] = set()
         self.server: asyncio.Server | None = None
 
@@ -34,7 +39,13 @@ class Serving:
         if request.method == b"CONNECT":
             responder.reply(405, METHOD_NOT_ALLOWED_FOR_CONNECT)
             return
-        await self.proxy.handle(request, responder, self.listener, responder.peer)
+        original = None
+        if self.transparent:
+            connection = responder.connection
+            original = connection.extra.get("original")
+            if original is None:
+                original = connection.extra["original"] = original_destination(connection.socket())
+        await self.proxy.handle(request, responder, self.listener, responder.peer, original)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()

@@ -39,6 +39,7 @@ from minimesh.dataplane.upstream import (
     NO_ROUTE,
     UPSTREAM_TIMEOUT,
     ClusterState,
+    Dial,
     LocalReply,
     UpstreamFailure,
     Upstreams,
@@ -91,17 +92,25 @@ AUTHORITY_AT = 4
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """Who is serving: the ingress gateway, or the sidecar of `workload`, on `address:port`."""
+    """Who is serving, on `address:port`: the ingress gateway (`gateway`), the outbound side
+    of `workload`'s sidecar (`sidecar`), or its inbound side (`inbound`), which hands requests
+    to the app through `dial` (a socket made inside the app's network namespace)."""
 
     kind: str
     port: int
     gateways: tuple[str, ...] = ()
     workload: Workload | None = None
     address: str = ""
+    dial: Dial | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
         return self.workload.name if self.workload else "istio-ingressgateway"
+
+
+def inbound_cluster_name(workload: Workload, port: int) -> str:
+    """Envoy's inbound cluster name, with the workload (one daemon serves every sidecar)."""
+    return f"inbound|{port}||{workload.name}.{workload.namespace}"
 
 
 @dataclass(slots=True)
@@ -131,6 +140,7 @@ class Exchange:
     attempts: int = 0
     upstream_time: float | None = None
     duration: float = 0.0
+    original: tuple[str, int] | None = None
 
     @property
     def flag_text(self) -> str:
@@ -212,6 +222,7 @@ class Proxy:
         self.upstreams = upstreams
         self.rng = rng or random.Random()
         self.faults = Faults(self.rng)
+        self._inbound_clusters: dict[tuple[str, int], Cluster] = {}
         self.observers = observers
         self.debug_headers = debug_headers
         self.mirrors: set[asyncio.Task[None]] = set()
@@ -221,7 +232,15 @@ class Proxy:
 
     # ---- the request
 
-    async def handle(self, request: Request, responder: Responder, listener: Listener, peer: str) -> None:
+    async def handle(
+        self,
+        request: Request,
+        responder: Responder,
+        listener: Listener,
+        peer: str,
+        original: tuple[str, int] | None = None,
+    ) -> None:
+        """Serve one request; `original` is where a transparently captured connection was headed."""
         snapshot = self.current.get()
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
         target = request.target.decode("latin-1")
@@ -246,18 +265,24 @@ class Proxy:
             user_agent=headers.get("user-agent", ""),
             forwarded_for=headers.get("x-forwarded-for", ""),
         )
+        exchange.original = original
+        if not authority and original is not None:
+            authority = exchange.authority = f"{original[0]}:{original[1]}"
         view = RequestView(
             method=exchange.method,
             path=target,
             authority=authority,
             headers=headers,
             scheme=scheme,
-            port=listener.port if listener.kind == "gateway" else None,
+            port=listener.port if listener.kind == "gateway" else original[1] if original else None,
             source=listener.workload,
             gateway=(listener.gateways or ("",))[0] if listener.kind == "gateway" else "mesh",
             source_address=peer.rpartition(":")[0],
         )
         try:
+            if listener.kind == "inbound" and original is not None and listener.workload is not None:
+                await self._inbound(listener.workload, listener.dial, original[1], request, responder, exchange, view)
+                return
             outcome = decide(snapshot, view, self.rng)
             exchange.route = getattr(outcome, "route_ref", "")
             await OUTCOMES[type(outcome)](self, outcome, request, responder, exchange, view, snapshot)
@@ -304,12 +329,43 @@ class Proxy:
 
     async def _pass_through(self, outcome: PassThrough, request: Request, responder: Responder,
                             exchange: Exchange, view: RequestView, snapshot: Snapshot) -> None:  # fmt: skip
-        host = outcome.host.strip("[]")
+        host, port = exchange.original or (outcome.host.strip("[]"), outcome.port)
         cluster = Cluster(
-            name=outcome.cluster, host=host, short=host, namespace="", subset=None, port=outcome.port,
-            endpoints=(Endpoint(None, host, outcome.port),),
+            name=outcome.cluster, host=host, short=host, namespace="", subset=None, port=port,
+            endpoints=(Endpoint(None, host, port),),
         )  # fmt: skip
         await self._forward_to(cluster, None, request, responder, exchange, view, NO_RETRY, None, [])
+
+    async def _inbound(
+        self,
+        workload: Workload,
+        dial: Dial | None,
+        port: int,
+        request: Request,
+        responder: Responder,
+        exchange: Exchange,
+        view: RequestView,
+    ) -> None:
+        """The server side of a sidecar: hand the request to the app on 127.0.0.1 in its namespace."""
+        key = (workload.name, port)
+        cluster = self._inbound_clusters.get(key)
+        if cluster is None or cluster.endpoints[0].workload != workload:
+            service = workload.service or workload.name
+            cluster = Cluster(
+                name=inbound_cluster_name(workload, port), host=f"{service}.{workload.namespace}.svc.cluster.local",
+                short=service, namespace=workload.namespace, subset=None, port=port,
+                endpoints=(Endpoint(workload, "127.0.0.1", port, workload.labels),),
+            )  # fmt: skip
+            self._inbound_clusters[key] = cluster
+        self.upstreams.state(cluster, dial)
+        await self._forward_to(cluster, None, request, responder, exchange, view, NO_RETRY, None, [])
+
+    def forget_workload(self, workload: Workload) -> None:
+        """A workload left the mesh: drop its inbound clusters and their connections."""
+        keys = [key for key in self._inbound_clusters if key[0] == workload.name]
+        self.upstreams.forget(inbound_cluster_name(workload, port) for _, port in keys)
+        for key in keys:
+            del self._inbound_clusters[key]
 
     # ---- forwarding
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from minimesh.config import model as m
@@ -121,12 +122,17 @@ class HostState:
 GATEWAY_ERRORS = frozenset({502, 503, 504})
 
 
+Dial = Callable[[str, int], Awaitable[socket.socket]]
+"""Makes a connected socket to an endpoint; the default dials from the daemon's own namespace."""
+
+
 class ClusterState:
     """Run-time state of one cluster: limits are the policy's, counters are live."""
 
-    def __init__(self, name: str, clock: Clock = time.monotonic) -> None:
+    def __init__(self, name: str, clock: Clock = time.monotonic, dial: Dial | None = None) -> None:
         self.name = name
         self.clock = clock
+        self.dial = dial
         self.hosts: dict[tuple[str, int], HostState] = {}
         self.connections = 0
         self.requests = 0
@@ -302,17 +308,25 @@ class ClusterState:
             self.connections += 1
         state.connections += 1
         loop = asyncio.get_running_loop()
-        try:
-            connect = loop.create_connection(
-                lambda: UpstreamConnection(
-                    lambda conn: self._release(state, pool, conn), lambda conn: self._lost(state, conn)
-                ),
-                state.address,
-                state.port,
-                ssl=tls,
-                server_hostname=server_name if tls else None,
+        server_hostname = server_name if tls else None
+
+        def protocol_factory() -> UpstreamConnection:
+            return UpstreamConnection(
+                lambda conn: self._release(state, pool, conn), lambda conn: self._lost(state, conn)
             )
-            _, protocol = await asyncio.wait_for(connect, pool.connect_timeout or CONNECT_TIMEOUT)
+
+        try:
+            async with asyncio.timeout(pool.connect_timeout or CONNECT_TIMEOUT):
+                if self.dial is not None:
+                    sock = await self.dial(state.address, state.port)
+                    connect = loop.create_connection(
+                        protocol_factory, sock=sock, ssl=tls, server_hostname=server_hostname
+                    )
+                else:
+                    connect = loop.create_connection(
+                        protocol_factory, state.address, state.port, ssl=tls, server_hostname=server_hostname
+                    )
+                _, protocol = await connect
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             self._closed(state)
             raise UpstreamFailure(CONNECT_FAILURE) from exc
@@ -378,11 +392,19 @@ class Upstreams:
         self.clusters: dict[str, ClusterState] = {}
         self._tls = tls
 
-    def state(self, cluster: Cluster) -> ClusterState:
+    def state(self, cluster: Cluster, dial: Dial | None = None) -> ClusterState:
+        """The state of `cluster`; `dial` (for a new one) says how its connections are made."""
         state = self.clusters.get(cluster.name)
         if state is None:
-            state = self.clusters[cluster.name] = ClusterState(cluster.name, self.clock)
+            state = self.clusters[cluster.name] = ClusterState(cluster.name, self.clock, dial)
         return state
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop these clusters' states and close their idle connections (a workload that left)."""
+        for name in names:
+            state = self.clusters.pop(name, None)
+            if state is not None:
+                state.close()
 
     async def send(
         self,

@@ -79,7 +79,8 @@ class DockerWatcher:
             raise
         return record
 
-    def _list(self) -> dict[str, Mapping[str, Any]]:
+    def list_containers(self) -> dict[str, Mapping[str, Any]]:
+        """Every container with the service label, inspected (blocking: call from a thread)."""
         found: dict[str, Mapping[str, Any]] = {}
         for summary in self.client.api.containers(filters={"label": SERVICE_LABEL}):
             record = self._inspect(summary["Id"])
@@ -111,7 +112,8 @@ class DockerWatcher:
     async def run(self) -> None:
         """List, publish, then follow events until cancelled."""
         loop = asyncio.get_running_loop()
-        self.records = await asyncio.to_thread(self._list)
+        if not self.records:
+            self.records = await asyncio.to_thread(self.list_containers)
         self._emit()
         changed: asyncio.Queue[str] = asyncio.Queue()
         reader = threading.Thread(target=self._read_events, args=(loop, changed), name="docker events", daemon=True)

@@ -12,6 +12,7 @@ import concurrent.futures
 import ctypes
 import os
 import queue
+import shutil
 import socket
 import struct
 import subprocess
@@ -124,6 +125,16 @@ class Namespace:
     def __repr__(self) -> str:
         state = "alive" if self._thread.is_alive() else "stopped"
         return f"<Namespace {self.path} {state}>"
+
+
+def netns_unavailable() -> str:
+    """Why netns capture cannot work here ("" when it can): it needs root, nsenter and iptables."""
+    if os.geteuid() != 0:
+        return "not root: netns capture needs root (sudo minimesh up)"
+    for tool in ("nsenter", "iptables", "iptables-restore"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    return ""
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:

@@ -1,0 +1,174 @@
+"""Docker end-to-end fixtures: the real engine, the images `make images` builds, bookinfo
+under compose, and `minimesh up` with netns capture, each torn down after its tests.
+
+Without an engine these tests skip with the reason; under CI they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import BOOKINFO, ROOT
+
+COMPOSE_FILE = BOOKINFO / "docker-compose.yml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _engine_problem() -> str | None:
+    if shutil.which("docker") is None:
+        return "the docker command is not installed"
+    if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
+        return "no Docker Engine answers (docker info failed)"
+    if os.geteuid() != 0:
+        return "netns capture needs root"
+    return None
+
+
+@pytest.fixture(scope="session")
+def engine() -> None:
+    problem = _engine_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"Docker tests never skip under CI, but {problem}")
+    pytest.skip(problem)
+
+
+def compose_command() -> list[str]:
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"]
+
+
+@pytest.fixture(scope="session")
+def images(engine: None) -> None:
+    result = subprocess.run(["bash", "compose/images.sh"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+@dataclass
+class Compose:
+    project: str
+    files: tuple[Path, ...] = (COMPOSE_FILE,)
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        command = [*compose_command(), "-p", self.project]
+        for file in self.files:
+            command += ["-f", str(file)]
+        result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, check=False)
+        if check:
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return result
+
+    def container(self, service: str, index: int = 1) -> str:
+        ids = self.run("ps", "-q", service).stdout.split()
+        assert ids, f"no container for {service}"
+        name = subprocess.run(
+            ["docker", "inspect", "-f", "{{.Name}}", ids[index - 1]], capture_output=True, text=True, check=True
+        )
+        return name.stdout.strip().lstrip("/")
+
+
+@pytest.fixture(scope="module")
+def bookinfo(images: None) -> Iterator[Compose]:
+    compose = Compose(f"mmtest{os.getpid()}")
+    compose.run("up", "-d")
+    try:
+        yield compose
+    finally:
+        compose.run("down", "-v", "--remove-orphans", check=False)
+
+
+def merge_variant(base: Path, variant: Path | None) -> str:
+    """mesh.yaml with the variant's documents replacing the same kind and name: an edit a user makes."""
+    documents = [d for d in yaml.safe_load_all(base.read_text()) if d]
+    if variant is not None:
+        replacing = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(variant.read_text()) if d}
+        documents = [replacing.pop((d["kind"], d["metadata"]["name"]), d) for d in documents] + list(replacing.values())
+    return yaml.safe_dump_all(documents, sort_keys=False)
+
+
+@dataclass
+class Mesh:
+    process: subprocess.Popen[str]
+    config: Path
+    gateway: int
+    admin: int
+    log: Path
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.gateway}{path}"
+
+    def admin_json(self, path: str) -> object:
+        import json
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}{path}", timeout=5) as response:
+            return json.loads(response.read())
+
+    def generation(self) -> int:
+        dump = self.admin_json("/config_dump")
+        assert isinstance(dump, dict)
+        return int(dump["generation"])
+
+    def apply(self, variant: Path | None) -> None:
+        """Edit mesh.yaml to the variant and wait until the daemon serves it."""
+        before = self.generation()
+        self.config.write_text(merge_variant(BOOKINFO / "mesh.yaml", variant))
+        deadline = time.monotonic() + 10
+        while self.generation() == before:
+            assert time.monotonic() < deadline, "the edited mesh.yaml was not applied within 10 s"
+            time.sleep(0.05)
+
+
+def wait_ready(admin: int, process: subprocess.Popen[str], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"minimesh up exited: {log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"minimesh up was not ready within {timeout} s: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def mesh(bookinfo: Compose, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    folder = tmp_path_factory.mktemp("mesh")
+    config = folder / "mesh.yaml"
+    config.write_text(merge_variant(BOOKINFO / "mesh.yaml", None))
+    gateway, admin = free_port(), free_port()
+    log = folder / "minimesh.log"
+    command = [sys.executable, "-m", "minimesh", "up", "--capture", "netns", "-f", str(config),
+               "--gateway-port", str(gateway), "--admin-port", str(admin)]  # fmt: skip
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=folder)
+    try:
+        wait_ready(admin, process, log)
+        yield Mesh(process, config, gateway, admin, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
