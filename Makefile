@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: venv
+	@bash compose/engine.sh || echo "==> the Docker tests will say why they cannot run"
 	@$(BIN)/pytest -q
 
 test-unit: venv
@@ -33,9 +34,14 @@ binary: venv
 		--specpath build --workpath build/pyinstaller --distpath dist minimesh/__main__.py
 	@dist/minimesh version
 
-demo images demo-down:
-	@echo "make $@: not available yet: the data plane and the Docker demo are still being built (see README.md, 'What works today')" >&2
-	@exit 1
+images: venv
+	@bash compose/images.sh
+
+demo: venv images
+	@bash compose/demo.sh up
+
+demo-down:
+	@bash compose/demo.sh down
 
 # Gateway throughput and latency against nginx and the bare upstream, reload latency and a
 # py-spy profile (DESIGN.md §5); prints a table, writes bench/results.json, ~2 minutes.

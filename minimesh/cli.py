@@ -16,14 +16,15 @@ import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from minimesh import __version__
-from minimesh.admin.client import DEFAULT_ADMIN, NoDaemon, get_json, status_lines, wait_ready
+from minimesh.admin.client import DEFAULT_ADMIN, NoDaemon, get, get_json, status_lines, wait_ready
 from minimesh.background import detach, down
 from minimesh.config.check import check_mesh
 from minimesh.config.load import Loaded, load_paths
 from minimesh.config.model import Mesh
+from minimesh.config.source import expand
 from minimesh.daemon import Options, serve
 from minimesh.dataplane.capture.netns import netns_unavailable
 from minimesh.errors import MinimeshError, Problem
@@ -244,6 +245,38 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return EXIT_FAIL
 
 
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Send files to a running daemon's applied layer (or drop it with --reset)."""
+    admin = args.admin.rstrip("/")
+    requests: list[tuple[str, str, bytes | None, str]]
+    if args.reset:
+        if args.files:
+            raise UsageError("apply takes -f FILE or --reset, not both")
+        requests = [("DELETE", "/apply", None, "")]
+    else:
+        if not args.files:
+            raise UsageError("apply needs -f FILE (or --reset)")
+        files, problems = expand(args.files)
+        if problems:
+            raise UsageError(str(problems[0]))
+        requests = [("POST", f"/apply?source={quote(str(f))}", f.read_bytes(), str(f)) for f in files]
+    for method, path, body, name in requests:
+        try:
+            status, answer = get(admin + path, timeout=30, method=method, body=body)
+        except NoDaemon as exc:
+            print(f"minimesh: error: no daemon answers at {args.admin} ({exc}); start one with minimesh up",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_FAIL
+        if status != 200:
+            sys.stdout.write(answer.decode())
+            print(f"minimesh: {name or 'apply'} was not applied; the daemon keeps its config", file=sys.stderr)
+            return EXIT_FAIL
+        result = json.loads(answer)
+        what = f"applied {name}" if name else "dropped the applied documents"
+        print(f"minimesh: {what}: generation {result['generation']} is live")
+    return EXIT_OK
+
+
 def cmd_down(_: argparse.Namespace) -> int:
     return down()
 
@@ -298,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--seed", type=int, metavar="N", help="seed splits and faults (deterministic tests)")
     up.add_argument("--detach", action="store_true", help="run in the background; stop it with minimesh down")
     up.set_defaults(run=cmd_up)
+
+    apply = commands.add_parser("apply", help="add or replace documents in a running daemon, like kubectl apply")
+    _add_files(apply)
+    apply.add_argument("--reset", action="store_true", help="drop every document applied so far")
+    apply.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL")
+    apply.set_defaults(run=cmd_apply)
 
     status = commands.add_parser("status", help="what a running daemon serves; exit 1 if none answers")
     status.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL", help="the daemon's admin API")

@@ -23,15 +23,16 @@ from minimesh.admin.app import ConfigState, build_app
 from minimesh.admin.metrics import Metrics
 from minimesh.config.check import check_mesh
 from minimesh.config.labels import SIDECAR_PORT_ANNOTATION
-from minimesh.config.load import load_paths
-from minimesh.config.source import expand
+from minimesh.config.load import Layer, load_paths
+from minimesh.config.source import Document, expand, parse_text
 from minimesh.dataplane.accesslog import AccessLog
 from minimesh.dataplane.capture.manager import NetnsCapture
 from minimesh.dataplane.current import Current
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Listener, Proxy
 from minimesh.dataplane.upstream import Upstreams
-from minimesh.errors import ConfigError, MinimeshError, Problem
+from minimesh.errors import ConfigError, Location, MinimeshError, Problem
+from minimesh.overlays import Layers, Overlay
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
 from minimesh.registry.watch import Discovered, DockerUnavailable, DockerWatcher, connect
@@ -76,11 +77,13 @@ class Compiled:
     warnings: tuple[Problem, ...]
 
 
-def compile_config(paths: Iterable[str], generation: int, discovered: Iterable[Workload] = ()) -> Compiled:
-    """Load, check and compile `paths` with the `discovered` containers; ConfigError carrying
-    every error-level problem."""
+def compile_config(
+    paths: Iterable[str], generation: int, discovered: Iterable[Workload] = (), layers: Iterable[Layer] = ()
+) -> Compiled:
+    """Load, check and compile `paths` (with `layers` on top) and the `discovered` containers;
+    ConfigError carrying every error-level problem."""
     paths = tuple(paths)
-    loaded = load_paths(paths)
+    loaded = load_paths(paths, layers)
     problems = list(loaded.problems)
     if not loaded.errors:
         problems += check_mesh(loaded.mesh, loaded.documents)
@@ -156,7 +159,11 @@ class Daemon:
         self.capture = NetnsCapture(self.proxy) if options.capture == "netns" else None
         self.docker = docker
         self.discovered = Discovered()
+        self.layers = Layers()
+        self.scoped: dict[str, Snapshot] = {}
+        """Snapshots for scoped overlays: requests with `x-minimesh-test: SCOPE` use them."""
         self._compiling = asyncio.Lock()
+        self._layers_changed = asyncio.Event()
         self.failed: dict[int, str] = {}
         """Sidecar ports a reload could not listen on, and why (the daemon is then not ready)."""
         self.ready = False
@@ -192,6 +199,7 @@ class Daemon:
                     discovery = DockerWatcher(self.docker, self._discovered)
                     await self._first_discovery(discovery)
                     following.append(tasks.create_task(discovery.run(), name="follow Docker events"))
+                following.append(tasks.create_task(self._expire_overlays(), name="expire overlays"))
                 await asyncio.sleep(0)  # the watcher registers with the OS before we say ready
                 self.ready = not self.failed
                 log.info("minimesh: ready; watching %s for changes", ", ".join(self.options.paths))
@@ -275,9 +283,10 @@ class Daemon:
             async with self._compiling:
                 generation = self.current.get().generation + 1
                 compiled = await asyncio.to_thread(
-                    compile_config, self.options.paths, generation, self.discovered.workloads
+                    compile_config, self.options.paths, generation, self.discovered.workloads, self.layers.layers()
                 )
                 self._swap(compiled)
+                self.scoped = await self._scoped(generation)
         except ConfigError as exc:
             lines = tuple(str(p) for p in exc.problems)
             for line in lines:
@@ -323,6 +332,98 @@ class Daemon:
                     self.failed[port] = problem
         self.ready = not self.failed and not self._stopping.is_set()
 
+    # ---- applied documents and overlays
+
+    async def _scoped(self, generation: int) -> dict[str, Snapshot]:
+        """A snapshot per overlay scope: the files, the unscoped layers, then the scope's own."""
+        scoped = {}
+        for scope in sorted(self.layers.scopes()):
+            layers = self.layers.layers(scope)
+            found = await asyncio.to_thread(
+                compile_config, self.options.paths, generation, self.discovered.workloads, layers
+            )
+            scoped[scope] = found.snapshot
+        return scoped
+
+    async def _relayer(self, applied: dict[tuple[str, str, str], Document] | None = None,
+                       overlay: Overlay | None = None, removed: str | None = None) -> int:  # fmt: skip
+        """Compile with a change of layers and swap it in; ConfigError leaves everything as it was."""
+        async with self._compiling:
+            generation = self.current.get().generation + 1
+            trial = Layers(dict(self.layers.applied if applied is None else applied), dict(self.layers.overlays))
+            if overlay is not None:
+                trial.overlays[overlay.id] = overlay
+            if removed is not None:
+                trial.overlays.pop(removed, None)
+            compiled = await asyncio.to_thread(
+                compile_config, self.options.paths, generation, self.discovered.workloads, trial.layers()
+            )
+            previous, self.layers = self.layers, replace(self.layers, applied=trial.applied, overlays=trial.overlays)
+            try:
+                scoped = await self._scoped(generation)
+            except ConfigError:
+                self.layers = previous
+                raise
+            self._swap(compiled)
+            self.scoped = scoped
+        self._layers_changed.set()
+        await self._reconcile_sidecars(compiled.snapshot)
+        await self._reconcile_capture()
+        return generation
+
+    def _parse(self, text: str, source: str) -> list[Document]:
+        documents, problems = parse_text(text, source)
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            raise ConfigError(errors)
+        if not documents:
+            raise ConfigError([Problem(Location(source, 1, 1), "error", "no documents to apply")])
+        return documents
+
+    async def apply(self, text: str, source: str) -> int:
+        """`minimesh apply`: these documents replace or join the applied layer; the new generation."""
+        documents = self._parse(text, source)
+        generation = await self._relayer(applied=self.layers.with_applied(documents))
+        log.info("minimesh: applied %s: generation %d", ", ".join(d.ref for d in documents), generation)
+        return generation
+
+    async def reset_applied(self) -> int:
+        generation = await self._relayer(applied={})
+        log.info("minimesh: applied documents dropped: generation %d", generation)
+        return generation
+
+    async def add_overlay(self, text: str, ttl: float | None, scope: str | None) -> tuple[str, int]:
+        """A test overlay over the files; its id and the generation it is live in."""
+        documents = self._parse(text, "overlay")
+        expires = time.monotonic() + ttl if ttl else None
+        overlay = Overlay(self.layers.next_id(), tuple(documents), expires, scope or None)
+        generation = await self._relayer(overlay=overlay)
+        log.info("minimesh: overlay %s (%s) live in generation %d", overlay.id, scope or "every request", generation)
+        return overlay.id, generation
+
+    async def remove_overlay(self, overlay_id: str) -> bool:
+        if overlay_id not in self.layers.overlays:
+            return False
+        await self._relayer(removed=overlay_id)
+        return True
+
+    async def _expire_overlays(self) -> None:
+        while True:
+            expiry = self.layers.next_expiry()
+            wait = None if expiry is None else max(0.0, expiry - time.monotonic())
+            self._layers_changed.clear()
+            try:
+                await asyncio.wait_for(self._layers_changed.wait(), wait)
+                continue
+            except TimeoutError:
+                pass
+            for overlay_id in self.layers.expired(time.monotonic()):
+                log.info("minimesh: overlay %s expired", overlay_id)
+                try:
+                    await self.remove_overlay(overlay_id)
+                except ConfigError as exc:
+                    log.error("minimesh: removing overlay %s: %s", overlay_id, exc)
+
     # ---- Docker discovery
 
     async def _first_discovery(self, discovery: DockerWatcher) -> None:
@@ -349,6 +450,13 @@ class Daemon:
             workloads = (*workloads_of(mesh), *self.discovered.workloads)
             compiled = await asyncio.to_thread(compile_snapshot, mesh, workloads, generation=snapshot.generation + 1)
             self._swap(Compiled(compiled, self.config.sources, ()))
+            if self.scoped:
+                self.scoped = {
+                    scope: await asyncio.to_thread(
+                        compile_snapshot, found.mesh, workloads, generation=compiled.generation
+                    )
+                    for scope, found in self.scoped.items()
+                }
         names = ", ".join(w.name for w in self.discovered.workloads) or "none"
         log.info("minimesh: %s: generation %d, containers: %s", why, compiled.generation, names)
         await self._reconcile_capture()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -13,9 +14,12 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from minimesh.admin.metrics import Metrics
+from minimesh.config.durations import parse_duration
 from minimesh.dataplane.current import Current
 from minimesh.dataplane.proxy import Listener
 from minimesh.dataplane.upstream import ClusterState, Upstreams
+from minimesh.errors import ConfigError
+from minimesh.overlays import Layers
 from minimesh.routing.snapshot import Cluster, Snapshot
 
 log = logging.getLogger("minimesh")
@@ -51,6 +55,17 @@ class Runtime(Protocol):
     def ready(self) -> bool: ...
 
     def listeners(self) -> list[Listener]: ...
+
+    @property
+    def layers(self) -> Layers: ...
+
+    async def apply(self, text: str, source: str) -> int: ...
+
+    async def reset_applied(self) -> int: ...
+
+    async def add_overlay(self, text: str, ttl: float | None, scope: str | None) -> tuple[str, int]: ...
+
+    async def remove_overlay(self, overlay_id: str) -> bool: ...
 
 
 def iso_time(moment: float) -> str:
@@ -186,6 +201,54 @@ class AdminApi:
         log.info("minimesh: log level is now %s", wanted)
         return web.json_response({"level": wanted})
 
+    async def apply(self, request: web.Request) -> web.Response:
+        source = request.query.get("source", "applied")
+        try:
+            generation = await self.runtime.apply(await request.text(), source)
+        except ConfigError as exc:
+            return _problems(exc, with_file=True)
+        applied = [d.ref for d in self.runtime.layers.applied.values()]
+        return web.json_response({"generation": generation, "applied": applied})
+
+    async def reset_applied(self, request: web.Request) -> web.Response:
+        return web.json_response({"generation": await self.runtime.reset_applied(), "applied": []})
+
+    async def overlays_get(self, request: web.Request) -> web.Response:
+        now = time.monotonic()
+        found = [o.as_json(now) for o in self.runtime.layers.overlays.values()]
+        return web.json_response({"overlays": found}, dumps=_dumps)
+
+    async def overlays_post(self, request: web.Request) -> web.Response:
+        ttl = None
+        if "ttl" in request.query:
+            try:
+                ttl = parse_duration(request.query["ttl"])
+            except ValueError as exc:
+                return web.Response(status=400, text=f"1:1: error: ttl: {exc}\n")
+        try:
+            overlay_id, generation = await self.runtime.add_overlay(
+                await request.text(), ttl, request.query.get("scope")
+            )
+        except ConfigError as exc:
+            return _problems(exc, with_file=False)
+        return web.json_response({"id": overlay_id, "generation": generation}, status=201)
+
+    async def overlays_delete(self, request: web.Request) -> web.Response:
+        if await self.runtime.remove_overlay(request.match_info["id"]):
+            return web.Response(status=204)
+        return web.Response(status=404, text=f"no overlay {request.match_info['id']}\n")
+
+
+def _problems(exc: ConfigError, *, with_file: bool) -> web.Response:
+    """400 with one `LINE:COL: error: MESSAGE` line per problem (the file too when it is not the body)."""
+    lines = []
+    for problem in exc.problems:
+        text = str(problem)
+        if not with_file and problem.location.file == "overlay":
+            text = text.removeprefix("overlay:")
+        lines.append(text)
+    return web.Response(status=400, text="\n".join(lines) + "\n")
+
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, indent=2)
@@ -203,4 +266,9 @@ def build_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/logging", api.logging_get)
     app.router.add_post("/logging", api.logging_post)
+    app.router.add_post("/apply", api.apply)
+    app.router.add_delete("/apply", api.reset_applied)
+    app.router.add_get("/overlays", api.overlays_get)
+    app.router.add_post("/overlays", api.overlays_post)
+    app.router.add_delete("/overlays/{id}", api.overlays_delete)
     return app

@@ -19,10 +19,13 @@ class NoDaemon(Exception):
     """Nothing answers at the admin URL."""
 
 
-def get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """Status and body of GET `url`; NoDaemon when nothing answers."""
+def get(url: str, timeout: float = 2.0, *, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
+    """Status and body of a request to `url` (GET unless `method`); NoDaemon when nothing answers."""
+    request = urllib.request.Request(url, data=body, method=method)
+    if body is not None:
+        request.add_header("content-type", "application/yaml")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()

@@ -841,12 +841,13 @@ def load_layers(layers: list[Layer], problems: list[Problem] | None = None) -> L
     return Loaded(mesh, tuple(found), tuple(d for layer in layers for d in layer))
 
 
-def load_paths(paths: Iterable[str]) -> Loaded:
-    """Read, check and type every document under `paths`: each path (file or folder) is a layer."""
+def load_paths(paths: Iterable[str], extra: Iterable[Layer] = ()) -> Loaded:
+    """Read, check and type every document under `paths`: each path (file or folder) is a layer;
+    `extra` layers (applied documents, overlays) go on top."""
     layers: list[Layer] = []
     problems: list[Problem] = []
     for path in paths:
         documents, found = read_paths([path])
         layers.append(documents)
         problems.extend(found)
-    return load_layers(layers, problems)
+    return load_layers([*layers, *extra], problems)

@@ -4,6 +4,7 @@ run as a user runs it (a subprocess), stopped at the end of each test."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from string import Template
 
 import aiohttp
 import pytest
@@ -161,3 +163,114 @@ async def upstreams() -> AsyncIterator[StartUpstream]:
     yield start
     for upstream in started:
         await upstream.close()
+
+
+MESH = Template("""\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: $gateway}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews}
+spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: productpage}
+spec: {selector: {app: productpage}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: reviews-v1
+  annotations: {$reviews_annotations}
+spec: {address: 127.0.0.1, ports: {http: $reviews_v1}, labels: {app: reviews, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v2}
+spec: {address: 127.0.0.1, ports: {http: $reviews_v2}, labels: {app: reviews, version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: productpage-v1
+  annotations: {$productpage_annotations}
+spec: {address: 127.0.0.1, ports: {http: $productpage}, labels: {app: productpage, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: entry}
+spec:
+  hosts: ["*"]
+  gateways: [$gateway]
+  http:
+  - name: reviews-entry
+    match: [{uri: {prefix: /reviews}}]
+    route: [{destination: {host: reviews, subset: $entry_subset, port: {number: 9080}}}]
+  - match: [{uri: {prefix: /productpage}}]
+    route: [{destination: {host: productpage, port: {number: 9080}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{sourceLabels: {app: productpage}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route: [{destination: {host: reviews, subset: v1}}]
+$extra""")
+
+
+class Shop:
+    """Three upstreams (reviews v1 and v2, productpage v1) and the mesh.yaml that names them."""
+
+    def __init__(self, folder: Path, reviews_v1: int, reviews_v2: int, productpage: int, sidecar: int) -> None:
+        self.folder = folder
+        self.path = folder / "mesh.yaml"
+        self.ports = {"reviews_v1": reviews_v1, "reviews_v2": reviews_v2, "productpage": productpage}
+        self.sidecar = sidecar
+
+    def text(self, *, gateway: str = "web", entry_subset: str = "v1", reviews_sidecar: int | None = None,
+             productpage_sidecar: bool = True, extra: str = "") -> str:  # fmt: skip
+        def annotations(port: int | None) -> str:
+            return f'minimesh.sidecar-port: "{port}"' if port else ""
+
+        return MESH.substitute(
+            **self.ports,
+            gateway=gateway,
+            entry_subset=entry_subset,
+            reviews_annotations=annotations(reviews_sidecar),
+            productpage_annotations=annotations(self.sidecar if productpage_sidecar else None),
+            extra=extra,
+        )
+
+    def write(self, text: str) -> None:
+        """Replace the file whole (write aside, then rename), as most editors save."""
+        aside = self.path.with_suffix(".tmp")
+        aside.write_text(text)
+        os.replace(aside, self.path)
+
+
+@pytest.fixture
+async def shop(tmp_path: Path, upstreams: StartUpstream) -> Shop:
+    folder = tmp_path / "config"
+    folder.mkdir()
+    v1, v2, page = [await upstreams(name) for name in ("reviews-v1", "reviews-v2", "productpage-v1")]
+    shop = Shop(folder, v1.port, v2.port, page.port, free_ports(1)[0])
+    shop.write(shop.text())
+    return shop

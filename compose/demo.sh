@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# make demo / make demo-down: bookinfo behind minimesh, and everything it started removed.
+# As root on Linux the daemon runs on the host (`minimesh up --detach`); otherwise it runs as
+# a compose service from compose/minimesh.yml (the Docker Desktop way).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROJECT=${MINIMESH_DEMO_PROJECT:-minimesh-demo}
+BOOKINFO=examples/bookinfo
+MINIMESH=.venv/bin/minimesh
+URL=http://127.0.0.1:8080/productpage
+step() { printf '==> %s\n' "$*"; }
+
+compose() {
+    local files=(-f "$BOOKINFO/docker-compose.yml")
+    [ "$(id -u)" = 0 ] || files+=(-f compose/minimesh.yml)
+    if docker compose version >/dev/null 2>&1; then
+        docker compose -p "$PROJECT" "${files[@]}" "$@"
+    else
+        docker-compose -p "$PROJECT" "${files[@]}" "$@"
+    fi
+}
+
+up() {
+    bash compose/engine.sh
+    step "starting bookinfo (compose project $PROJECT)"
+    compose up -d --remove-orphans
+    if [ "$(id -u)" = 0 ]; then
+        step "starting minimesh on this host (netns capture), watching $BOOKINFO/mesh.yaml"
+        "$MINIMESH" up --detach -f "$BOOKINFO/mesh.yaml"
+    else
+        step "not root: minimesh runs as the compose service 'minimesh' (compose/minimesh.yml)"
+    fi
+    step "waiting for $URL"
+    for _ in $(seq 1 90); do
+        if curl -fsS -o /dev/null "$URL" 2>/dev/null; then
+            cat <<MSG
+
+bookinfo is up behind minimesh:  $URL
+
+Try next:
+  curl -s $URL | grep -o 'Reviews served by:.*</u>'
+  $MINIMESH status                          # services, endpoints, capture, config generation
+  $MINIMESH apply -f $BOOKINFO/variants/virtual-service-reviews-jason-v2.yaml   # jason gets reviews v2
+  curl -s -b user=jason $URL | grep -o 'color="[a-z]*"' | head -1               # black stars
+  $MINIMESH apply --reset                   # back to $BOOKINFO/mesh.yaml (edit it: changes are live)
+  make demo-down                            # removes everything this started
+MSG
+            exit 0
+        fi
+        sleep 1
+    done
+    echo "make demo: $URL did not answer within 90 s; see .minimesh/minimesh.log and 'docker ps'" >&2
+    exit 1
+}
+
+down() {
+    if [ -x "$MINIMESH" ]; then
+        step "stopping minimesh and removing its capture rules"
+        "$MINIMESH" down || true
+    fi
+    if docker info >/dev/null 2>&1; then
+        step "removing the bookinfo containers and network (compose project $PROJECT)"
+        compose down -v --remove-orphans
+    fi
+}
+
+case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    *) echo "usage: compose/demo.sh up|down" >&2; exit 2 ;;
+esac
