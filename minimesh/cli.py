@@ -26,6 +26,7 @@ from minimesh.config.load import Loaded, load_paths
 from minimesh.config.model import Mesh
 from minimesh.config.source import expand
 from minimesh.daemon import Options, serve
+from minimesh.dataplane.capture.manager import scrub_left_rules
 from minimesh.dataplane.capture.netns import netns_unavailable
 from minimesh.errors import MinimeshError, Problem
 from minimesh.registry.model import Workload
@@ -278,7 +279,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_down(_: argparse.Namespace) -> int:
-    return down()
+    """Stop the detached daemon, then remove any capture rules a killed one left behind."""
+    code = down()
+    cleaned = scrub_left_rules()
+    if cleaned:
+        print(f"minimesh: removed capture rules left in {len(cleaned)} containers: {', '.join(sorted(cleaned))}")
+    return code
 
 
 def cmd_version(_: argparse.Namespace) -> int:

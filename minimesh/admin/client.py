@@ -78,14 +78,19 @@ def status_lines(admin: str, dump: dict[str, Any], clusters: list[dict[str, Any]
         lines.append("last reload error: none")
     lines.append("listeners:")
     by_workload: dict[str, str] = {}
+    captured: set[str] = set()
     for listener in dump.get("listeners", []):
         where = f"{listener['address']}:{listener['port']}"
         if listener["kind"] == "gateway":
             bound = ", ".join(listener["gateways"]) or "no Gateway"
             lines.append(f"  gateway  http://{where}  ({bound})")
-        else:
+        elif listener["address"]:
             by_workload[listener["workload"]] = where
-            lines.append(f"  sidecar  {where}  of {listener['workload']}")
+            lines.append(f"  sidecar  {where}  of {listener['workload']} (explicit)")
+        elif listener["kind"] == "sidecar":
+            captured.add(listener["workload"])
+    if captured:
+        lines.append(f"  netns capture in {len(captured)} containers: outbound :15001, inbound :15006 in each")
     lines.append("services:")
     for cluster in clusters:
         if cluster.get("subset") is None:
@@ -95,5 +100,7 @@ def status_lines(admin: str, dump: dict[str, Any], clusters: list[dict[str, Any]
     for workload in dump.get("workloads", []):
         sidecar = by_workload.get(workload["name"])
         capture = f"explicit sidecar (HTTP_PROXY=http://{sidecar})" if sidecar else "none"
+        if workload["name"] in captured:
+            capture = "netns (transparent)"
         lines.append(f"  {workload['name']}.{workload['namespace']}  {workload['address']}  capture {capture}")
     return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,8 @@ class DockerWatcher:
         self._stream: Any = None
         self._stopped = threading.Event()
         self._last: Discovered | None = None
+        self.listed_at = 0.0
+        """When the containers were first listed (wall clock): events are read from then on."""
 
     def _inspect(self, container_id: str) -> Mapping[str, Any] | None:
         try:
@@ -81,6 +84,7 @@ class DockerWatcher:
 
     def list_containers(self) -> dict[str, Mapping[str, Any]]:
         """Every container with the service label, inspected (blocking: call from a thread)."""
+        self.listed_at = min(self.listed_at, time.time()) if self.listed_at else time.time()
         found: dict[str, Mapping[str, Any]] = {}
         for summary in self.client.api.containers(filters={"label": SERVICE_LABEL}):
             record = self._inspect(summary["Id"])
@@ -106,7 +110,10 @@ class DockerWatcher:
         return Discovered(tuple(sorted(workloads, key=lambda w: w.name)), tuple(skipped), tuple(sorted(starting)))
 
     def _events(self) -> Iterator[Mapping[str, Any]]:
-        self._stream = self.client.events(decode=True, filters={"type": ["container", "network"]})
+        """Events from just before the containers were listed on: a container that started
+        between the listing and the subscription is seen too (a repeat is harmless)."""
+        since = int(self.listed_at) - 1 if self.listed_at else None
+        self._stream = self.client.events(decode=True, since=since, filters={"type": ["container", "network"]})
         yield from self._stream
 
     async def run(self) -> None:

@@ -18,11 +18,13 @@ from minimesh.dataplane.capture.netns import (
     CaptureError,
     Namespace,
     install_rules,
+    netns_unavailable,
     remove_rules,
 )
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Listener, Proxy
 from minimesh.registry.model import Workload
+from minimesh.registry.watch import DockerUnavailable, DockerWatcher, connect
 
 log = logging.getLogger("minimesh.capture")
 
@@ -44,6 +46,24 @@ class Captured:
     def __repr__(self) -> str:
         ports = ",".join(map(str, self.ports))
         return f"<Captured {self.workload.name} netns={self.namespace.path} inbound ports {ports}>"
+
+
+def scrub_left_rules() -> list[str]:
+    """Remove the capture rules a killed daemon left in running containers; the containers cleaned.
+
+    Needs root and a Docker Engine; without them there is nothing minimesh could have installed."""
+    if netns_unavailable():
+        return []
+    try:
+        client = connect()
+    except DockerUnavailable:
+        return []
+    cleaned = []
+    for container_id, record in DockerWatcher(client, lambda _: None).list_containers().items():
+        pid = (record.get("State") or {}).get("Pid") or 0
+        if pid and remove_rules(f"/proc/{pid}/ns/net"):
+            cleaned.append(str(record.get("Name") or container_id).lstrip("/"))
+    return cleaned
 
 
 class NetnsCapture:

@@ -1,0 +1,99 @@
+"""The two ways to run the daemon against Docker, and what `make demo-down` leaves: nothing.
+
+As a compose service (compose/minimesh.yml: privileged, host pid and network, the Docker
+socket), the way on Docker Desktop; and `make demo`'s host daemon, killed without a chance
+to clean up, whose rules `minimesh down` still removes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import BOOKINFO, ROOT
+from tests.docker.conftest import Compose, free_port
+
+DAEMON_FRAGMENT = ROOT / "compose" / "minimesh.yml"
+
+
+def get(url: str, timeout: float = 10) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+def wait_for(url: str, seconds: float) -> str:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return get(url)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def capture_rules_left() -> list[str]:
+    """Containers that still carry minimesh's chains."""
+    found = []
+    for container in subprocess.run(["docker", "ps", "-q"], capture_output=True, text=True, check=True).stdout.split():
+        pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", container], capture_output=True,
+                             text=True, check=True).stdout.strip()  # fmt: skip
+        rules = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "iptables-save", "-t", "nat"],
+                               capture_output=True, text=True, check=False).stdout  # fmt: skip
+        if "MINIMESH" in rules:
+            found.append(container)
+    return found
+
+
+def test_the_daemon_as_a_compose_service(images: None, tmp_path: Path) -> None:
+    (tmp_path / "mesh.yaml").write_text((BOOKINFO / "mesh.yaml").read_text())
+    gateway, admin = free_port(), free_port()
+    env = {"MINIMESH_CONFIG_DIR": str(tmp_path), "MINIMESH_CERTS_DIR": str(tmp_path / "certs"),
+           "MINIMESH_GATEWAY_PORT": str(gateway), "MINIMESH_ADMIN_PORT": str(admin)}  # fmt: skip
+    os.environ.update(env)
+    compose = Compose(f"mmsvc{os.getpid()}", files=(BOOKINFO / "docker-compose.yml", DAEMON_FRAGMENT))
+    try:
+        compose.run("up", "-d")
+        page = wait_for(f"http://127.0.0.1:{gateway}/productpage", 90)
+        assert "Reviews served by:" in page
+        assert "Sorry" not in page
+        dump = get(f"http://127.0.0.1:{admin}/config_dump")
+        assert "minimesh" in dump and '"generation"' in dump
+        assert capture_rules_left(), "the daemon in its container captures the bookinfo containers"
+        compose.run("stop", "-t", "10", "minimesh")
+        assert capture_rules_left() == [], "stopping the daemon's container removes every rule"
+    finally:
+        compose.run("down", "-v", "--remove-orphans", check=False)
+        for name in env:
+            os.environ.pop(name, None)
+
+
+def test_demo_down_leaves_nothing_even_after_a_killed_daemon(images: None) -> None:
+    project = f"mmdemo{os.getpid()}"
+    env = {**os.environ, "MINIMESH_DEMO_PROJECT": project}
+    up = subprocess.run(["bash", "compose/demo.sh", "up"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600, check=False)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert "bookinfo is up behind minimesh:  http://127.0.0.1:8080/productpage" in up.stdout
+        assert "Reviews served by:" in get("http://127.0.0.1:8080/productpage")
+        pid = int((ROOT / ".minimesh" / "minimesh.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        assert capture_rules_left(), "a killed daemon leaves its rules behind"
+    finally:
+        down = subprocess.run(["bash", "compose/demo.sh", "down"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300, check=False)  # fmt: skip
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "removed capture rules left in 6 containers" in down.stdout
+    containers = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
+                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+    networks = subprocess.run(["docker", "network", "ls", "-q", "--filter", f"name={project}"],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert containers == "" and networks == ""
+    assert not (ROOT / ".minimesh" / "minimesh.pid").exists()
+    assert capture_rules_left() == []
