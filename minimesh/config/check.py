@@ -238,6 +238,31 @@ def check_fault_first(mesh: m.Mesh, findings: _Findings) -> None:
             )
 
 
+NOT_ENFORCED = "is validated but not enforced by minimesh yet: production enforces it, this local mesh does not"
+
+
+def check_not_enforced(mesh: m.Mesh, findings: _Findings) -> None:
+    """What minimesh accepts as Istio does but does not act on yet, said once per resource."""
+    for authorization in mesh.authorization_policies:
+        findings.warn(authorization.meta, (), f"AuthorizationPolicy {NOT_ENFORCED}")
+    for peer in mesh.peer_authentications:
+        findings.warn(peer.meta, ("mtls",), f"PeerAuthentication {NOT_ENFORCED} (sidecars talk plaintext)")
+    for sidecar in mesh.sidecars:
+        findings.warn(sidecar.meta, (), f"Sidecar {NOT_ENFORCED}")
+    for gateway in mesh.gateways:
+        for i, server in enumerate(gateway.servers):
+            if server.tls is not None and not server.tls.https_redirect:
+                findings.warn(gateway.meta, ("servers", i, "tls"), f"an HTTPS/TLS Gateway server {NOT_ENFORCED}")
+    for vs in mesh.virtual_services:
+        if vs.tcp:
+            findings.warn(vs.meta, ("tcp",), f"tcp routing {NOT_ENFORCED}")
+    for rule in mesh.destination_rules:
+        levels = [((), rule.traffic_policy)] + [(("subsets", i), s.traffic_policy) for i, s in enumerate(rule.subsets)]
+        for path, traffic in levels:
+            if traffic is not None and traffic.tls is not None and traffic.tls.mode != "DISABLE":
+                findings.warn(rule.meta, (*path, "trafficPolicy", "tls"), f"tls mode {traffic.tls.mode} {NOT_ENFORCED}")
+
+
 CHECKS: tuple[Callable[[m.Mesh, _Findings], None], ...] = (
     check_references,
     check_workload_entries,
@@ -245,6 +270,7 @@ CHECKS: tuple[Callable[[m.Mesh, _Findings], None], ...] = (
     lint_gateway_hosts,
     lint_virtual_services,
     lint_authorization,
+    check_not_enforced,
 )
 
 

@@ -97,7 +97,18 @@ CASES = [
         "spec: {selector: {matchLabels: {app: reviews}}}\n",
         [
             "mesh.yaml:4:7: warning: an ALLOW policy with no rules matches nothing, so it denies every request "
-            "to its workloads (AuthorizationPolicy/lock rules)"
+            "to its workloads (AuthorizationPolicy/lock rules)",
+            "mesh.yaml:4:7: warning: AuthorizationPolicy is validated but not enforced by minimesh yet: production "
+            "enforces it, this local mesh does not (AuthorizationPolicy/lock)",
+        ],
+    ),
+    (
+        "PeerAuthentication is not enforced yet, and says so",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict}\n"
+        "spec: {mtls: {mode: STRICT}}\n",
+        [
+            "mesh.yaml:4:14: warning: PeerAuthentication is validated but not enforced by minimesh yet: production "
+            "enforces it, this local mesh does not (sidecars talk plaintext) (PeerAuthentication/strict mtls)"
         ],
     ),
     (
