@@ -15,6 +15,7 @@ import random
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -22,6 +23,7 @@ from minimesh import __version__
 from minimesh.admin.client import DEFAULT_ADMIN, NoDaemon, get, get_json, status_lines, wait_ready
 from minimesh.background import detach, down
 from minimesh.config.check import check_mesh
+from minimesh.config.compose import check_compose
 from minimesh.config.load import Loaded, load_paths
 from minimesh.config.model import Mesh
 from minimesh.config.source import expand
@@ -76,6 +78,12 @@ def _problems(loaded: Loaded, *, strict: bool) -> list[Problem]:
 def cmd_validate(args: argparse.Namespace) -> int:
     loaded = load_paths(_files(args))
     problems = _problems(loaded, strict=args.strict)
+    if args.compose:
+        try:
+            text = Path(args.compose).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read --compose {args.compose}: {exc.strerror}") from exc
+        problems += check_compose(args.compose, text, loaded.mesh)
     errors = sum(p.severity == "error" for p in problems)
     warnings = sum(p.severity == "warning" for p in problems)
     if args.format == "json":
@@ -305,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_files(validate)
     validate.add_argument("--format", choices=("text", "json"), default="text")
     validate.add_argument("--strict", action="store_true", help="treat every warning as an error")
+    validate.add_argument("--compose", metavar="FILE", help="also check a compose file's labels, ports and aliases")
     validate.set_defaults(run=cmd_validate)
 
     explain = commands.add_parser("explain", help="trace one request through the routing rules, offline")

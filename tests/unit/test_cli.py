@@ -167,3 +167,13 @@ def test_version() -> None:
     result = minimesh("version")
     assert result.returncode == 0
     assert result.stdout.startswith("minimesh ")
+
+
+def test_validate_compose_checks_the_compose_file(tmp_path: Path) -> None:
+    ok = minimesh("validate", "-f", str(BOOKINFO), "--compose", str(BOOKINFO / "docker-compose.yml"))
+    assert ok.returncode == 0, ok.stdout
+    broken = tmp_path / "compose.yml"
+    broken.write_text((BOOKINFO / "docker-compose.yml").read_text().replace("aliases: [reviews]", "aliases: [review]"))
+    bad = minimesh("validate", "-f", str(BOOKINFO), "--compose", str(broken))
+    assert bad.returncode == 1
+    assert bad.stdout.count("error: instances of service 'reviews' must answer to it") == 3
