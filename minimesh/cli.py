@@ -227,6 +227,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         debug_headers=args.debug_headers,
         seed=args.seed,
         docker=not args.no_docker,
+        docker_labels=tuple(args.docker_label or ()),
         capture=capture,
     )
     _run(serve(options))
@@ -342,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--capture", choices=("auto", "netns", "explicit"), default="auto",
                     help="how workloads' traffic reaches their sidecars")  # fmt: skip
     up.add_argument("--no-docker", action="store_true", help="no Docker discovery: WorkloadEntry workloads only")
+    up.add_argument(
+        "--docker-label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only containers that also carry this label (e.g. com.docker.compose.project=shop)",
+    )
     up.add_argument("--debug-headers", action="store_true", help="add x-minimesh-route to responses")
     up.add_argument("--seed", type=int, metavar="N", help="seed splits and faults (deterministic tests)")
     up.add_argument("--detach", action="store_true", help="run in the background; stop it with minimesh down")

@@ -64,6 +64,7 @@ class Options:
     debug_headers: bool = False
     seed: int | None = None
     docker: bool = False
+    docker_labels: tuple[str, ...] = ()
     capture: str = "explicit"
     """`netns` (transparent, in each container) or `explicit` (HTTP_PROXY sidecars)."""
 
@@ -196,7 +197,7 @@ class Daemon:
                 self._tasks = tasks
                 following: list[asyncio.Task[None]] = []
                 if self.docker is not None:
-                    discovery = DockerWatcher(self.docker, self._discovered)
+                    discovery = DockerWatcher(self.docker, self._discovered, labels=self.options.docker_labels)
                     await self._first_discovery(discovery)
                     following.append(tasks.create_task(discovery.run(), name="follow Docker events"))
                 following.append(tasks.create_task(self._expire_overlays(), name="expire overlays"))

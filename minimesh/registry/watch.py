@@ -62,10 +62,12 @@ def connect(client_factory: Callable[[], Any] | None = None) -> Any:
 class DockerWatcher:
     """Keeps `records` (container id → inspect record) in step with the engine and publishes."""
 
-    def __init__(self, client: Any, publish: Publish, network: str | None = None) -> None:
+    def __init__(self, client: Any, publish: Publish, network: str | None = None, labels: tuple[str, ...] = ()) -> None:
         self.client = client
         self.publish = publish
         self.network = network
+        self.labels = labels
+        """Extra `KEY=VALUE` labels a container must carry to be seen (one compose project, say)."""
         self.records: dict[str, Mapping[str, Any]] = {}
         self._stream: Any = None
         self._stopped = threading.Event()
@@ -86,11 +88,16 @@ class DockerWatcher:
         """Every container with the service label, inspected (blocking: call from a thread)."""
         self.listed_at = min(self.listed_at, time.time()) if self.listed_at else time.time()
         found: dict[str, Mapping[str, Any]] = {}
-        for summary in self.client.api.containers(filters={"label": SERVICE_LABEL}):
+        for summary in self.client.api.containers(filters={"label": [SERVICE_LABEL, *self.labels]}):
             record = self._inspect(summary["Id"])
             if record is not None:
                 found[summary["Id"]] = record
         return found
+
+    def _wanted(self, labels: Mapping[str, str]) -> bool:
+        if SERVICE_LABEL not in labels:
+            return False
+        return all(labels.get(key) == value for key, _, value in (item.partition("=") for item in self.labels))
 
     def discovered(self) -> Discovered:
         """The workloads of the ready containers; starting ones and bad labels are kept aside."""
@@ -134,7 +141,7 @@ class DockerWatcher:
                 for container_id in ids:
                     record = await asyncio.to_thread(self._inspect, container_id)
                     labels = ((record or {}).get("Config") or {}).get("Labels") or {}
-                    if record is None or SERVICE_LABEL not in labels:
+                    if record is None or not self._wanted(labels):
                         self.records.pop(container_id, None)
                     else:
                         self.records[container_id] = record

@@ -160,7 +160,8 @@ def mesh(bookinfo: Compose, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     gateway, admin = free_port(), free_port()
     log = folder / "minimesh.log"
     command = [sys.executable, "-m", "minimesh", "up", "--capture", "netns", "-f", str(config),
-               "--gateway-port", str(gateway), "--admin-port", str(admin)]  # fmt: skip
+               "--gateway-port", str(gateway), "--admin-port", str(admin),
+               "--docker-label", f"com.docker.compose.project={bookinfo.project}"]  # fmt: skip
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=folder)
     try:
