@@ -49,6 +49,7 @@ bench: venv
 	@test -x $(BIN)/py-spy || { echo "==> installing py-spy into $(VENV) for the profile"; \
 		$(BIN)/pip install --quiet py-spy || echo "==> py-spy could not be installed: no profile this time" >&2; }
 	@$(BIN)/python bench/run.py
+	@$(BIN)/python bench/docker.py
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache

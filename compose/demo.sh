@@ -26,7 +26,7 @@ up() {
     compose up -d --remove-orphans
     if [ "$(id -u)" = 0 ]; then
         step "starting minimesh on this host (netns capture), watching $BOOKINFO/mesh.yaml"
-        "$MINIMESH" up --detach -f "$BOOKINFO/mesh.yaml"
+        "$MINIMESH" up --detach -f "$BOOKINFO/mesh.yaml" --docker-label "com.docker.compose.project=$PROJECT"
     else
         step "not root: minimesh runs as the compose service 'minimesh' (compose/minimesh.yml)"
     fi
