@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit
 
 from minimesh import __version__
 from minimesh.admin.client import DEFAULT_ADMIN, NoDaemon, get, get_json, status_lines, wait_ready
-from minimesh.background import detach, down
+from minimesh.background import alive, detach, down
 from minimesh.config.check import check_mesh
 from minimesh.config.compose import check_compose
 from minimesh.config.load import Loaded, load_paths
@@ -290,7 +290,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_down(_: argparse.Namespace) -> int:
     """Stop the detached daemon, then remove any capture rules a killed one left behind."""
     code = down()
-    cleaned = scrub_left_rules()
+    cleaned = scrub_left_rules(alive)
     if cleaned:
         print(f"minimesh: removed capture rules left in {len(cleaned)} containers: {', '.join(sorted(cleaned))}")
     return code

@@ -102,15 +102,15 @@ def test_aliases() -> None:
 
 
 def test_capture_rules_are_istio_inits() -> None:
-    assert capture_rules([9080]).splitlines() == [
+    assert capture_rules([9080], owner=4242).splitlines() == [
         "*nat",
         ":MINIMESH_OUTPUT - [0:0]",
         ":MINIMESH_INBOUND - [0:0]",
-        "-A OUTPUT -p tcp -j MINIMESH_OUTPUT",
+        '-A OUTPUT -p tcp -m comment --comment "minimesh:4242" -j MINIMESH_OUTPUT',
         "-A MINIMESH_OUTPUT -m mark --mark 0x539 -j RETURN",
         "-A MINIMESH_OUTPUT -d 127.0.0.0/8 -j RETURN",
         "-A MINIMESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
-        "-A PREROUTING -p tcp -j MINIMESH_INBOUND",
+        '-A PREROUTING -p tcp -m comment --comment "minimesh:4242" -j MINIMESH_INBOUND',
         "-A MINIMESH_INBOUND -p tcp --dport 9080 -j REDIRECT --to-ports 15006",
         "COMMIT",
     ]

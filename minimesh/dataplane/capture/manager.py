@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from minimesh.dataplane.capture.netns import (
@@ -19,6 +20,7 @@ from minimesh.dataplane.capture.netns import (
     Namespace,
     install_rules,
     netns_unavailable,
+    owners,
     remove_rules,
 )
 from minimesh.dataplane.listeners import Serving
@@ -48,8 +50,9 @@ class Captured:
         return f"<Captured {self.workload.name} netns={self.namespace.path} inbound ports {ports}>"
 
 
-def scrub_left_rules() -> list[str]:
+def scrub_left_rules(alive: Callable[[int], bool]) -> list[str]:
     """Remove the capture rules a killed daemon left in running containers; the containers cleaned.
+    Rules of a daemon that is still `alive` (by the pid in their comment) are its own to remove.
 
     Needs root and a Docker Engine; without them there is nothing minimesh could have installed."""
     if netns_unavailable():
@@ -61,7 +64,10 @@ def scrub_left_rules() -> list[str]:
     cleaned = []
     for container_id, record in DockerWatcher(client, lambda _: None).list_containers().items():
         pid = (record.get("State") or {}).get("Pid") or 0
-        if pid and remove_rules(f"/proc/{pid}/ns/net"):
+        path = f"/proc/{pid}/ns/net"
+        if not pid or any(alive(owner) for owner in owners(path) if owner != os.getpid()):
+            continue
+        if remove_rules(path):
             cleaned.append(str(record.get("Name") or container_id).lstrip("/"))
     return cleaned
 

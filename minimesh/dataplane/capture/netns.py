@@ -12,6 +12,7 @@ import concurrent.futures
 import ctypes
 import os
 import queue
+import shlex
 import shutil
 import socket
 import struct
@@ -29,6 +30,7 @@ MESH_MARK = 0x539
 OUTPUT_CHAIN = "MINIMESH_OUTPUT"
 INBOUND_CHAIN = "MINIMESH_INBOUND"
 SO_ORIGINAL_DST = 80
+OWNER_PREFIX = "minimesh:"
 CLONE_NEWNET = 0x40000000
 
 T = TypeVar("T")
@@ -144,18 +146,20 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(address), port
 
 
-def capture_rules(inbound_ports: Iterable[int]) -> str:
+def capture_rules(inbound_ports: Iterable[int], owner: int | None = None) -> str:
     """istio-init's rules as an iptables-restore script: outbound TCP → 15001 except loopback
-    and the mesh's marked sockets; inbound service ports → 15006."""
+    and the mesh's marked sockets; inbound service ports → 15006. The jumps name the daemon
+    (`owner`, its pid) so a later `minimesh down` can tell a dead daemon's rules."""
+    tag = f' -m comment --comment "{OWNER_PREFIX}{owner if owner is not None else os.getpid()}"'
     lines = [
         "*nat",
         f":{OUTPUT_CHAIN} - [0:0]",
         f":{INBOUND_CHAIN} - [0:0]",
-        f"-A OUTPUT -p tcp -j {OUTPUT_CHAIN}",
+        f"-A OUTPUT -p tcp{tag} -j {OUTPUT_CHAIN}",
         f"-A {OUTPUT_CHAIN} -m mark --mark {MESH_MARK:#x} -j RETURN",
         f"-A {OUTPUT_CHAIN} -d 127.0.0.0/8 -j RETURN",
         f"-A {OUTPUT_CHAIN} -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}",
-        f"-A PREROUTING -p tcp -j {INBOUND_CHAIN}",
+        f"-A PREROUTING -p tcp{tag} -j {INBOUND_CHAIN}",
     ]
     lines += [
         f"-A {INBOUND_CHAIN} -p tcp --dport {port} -j REDIRECT --to-ports {INBOUND_PORT}" for port in inbound_ports
@@ -181,12 +185,21 @@ def install_rules(path: str, inbound_ports: Iterable[int]) -> None:
         raise CaptureError(f"iptables-restore failed in {path}: {result.stderr.strip()}; run minimesh as root")
 
 
+def _jumps(path: str) -> list[str]:
+    """Our jump rules in the namespace, as iptables-save prints them (`-A OUTPUT ... -j MINIMESH_…`)."""
+    saved = _iptables(path, ["iptables-save", "-t", "nat"]).stdout
+    hooks = ("-A OUTPUT ", "-A PREROUTING ")
+    return [line for line in saved.splitlines() if (line.startswith(hooks) and f"-j {OUTPUT_CHAIN}" in line)
+            or (line.startswith(hooks) and f"-j {INBOUND_CHAIN}" in line)]  # fmt: skip
+
+
 def remove_rules(path: str) -> bool:
     """Remove every rule and chain of ours from the namespace; True when there were some."""
     found = False
-    for chain, hook in ((OUTPUT_CHAIN, "OUTPUT"), (INBOUND_CHAIN, "PREROUTING")):
-        while _iptables(path, ["iptables", "-t", "nat", "-D", hook, "-p", "tcp", "-j", chain]).returncode == 0:
-            found = True
+    for jump in _jumps(path):
+        found = True
+        _iptables(path, ["iptables", "-t", "nat", "-D", *shlex.split(jump)[1:]])
+    for chain in (OUTPUT_CHAIN, INBOUND_CHAIN):
         if _iptables(path, ["iptables", "-t", "nat", "-F", chain]).returncode == 0:
             found = True
             _iptables(path, ["iptables", "-t", "nat", "-X", chain])
@@ -196,3 +209,13 @@ def remove_rules(path: str) -> bool:
 def has_rules(path: str) -> bool:
     result = _iptables(path, ["iptables-save", "-t", "nat"])
     return OUTPUT_CHAIN in result.stdout or INBOUND_CHAIN in result.stdout
+
+
+def owners(path: str) -> set[int]:
+    """The pids of the daemons whose rules are in the namespace (from the rules' comments)."""
+    found = set()
+    for jump in _jumps(path):
+        for word in shlex.split(jump):
+            if word.startswith(OWNER_PREFIX) and word[len(OWNER_PREFIX) :].isdigit():
+                found.add(int(word[len(OWNER_PREFIX) :]))
+    return found
