@@ -41,6 +41,9 @@ class Upstream:
         self.name = name
         self.behaviour = behaviour
         self.requests: list[Recorded] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        """The most requests this upstream was serving at once (circuit-breaking tests read it)."""
         self.port = 0
         self._runner: web.ServerRunner | None = None
 
@@ -49,8 +52,13 @@ class Upstream:
         path = request.raw_path
         self.requests.append(Recorded(request.method, path, {k.lower(): v for k, v in request.headers.items()}, body))
         behaviour = self.behaviour
-        if behaviour.delay:
-            await asyncio.sleep(behaviour.delay)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if behaviour.delay:
+                await asyncio.sleep(behaviour.delay)
+        finally:
+            self.in_flight -= 1
         text = self.name.encode() if behaviour.body is None else behaviour.body
         return web.Response(status=behaviour.status, body=text, headers=dict(behaviour.headers))
 
