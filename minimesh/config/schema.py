@@ -26,6 +26,7 @@ from celpy import celtypes
 from celpy.celparser import CELParseError
 
 from minimesh.config import own_schemas
+from minimesh.config.durations import duration_nanos
 from minimesh.config.own_schemas import Schema
 from minimesh.config.source import FieldPath
 
@@ -58,8 +59,6 @@ _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _DATE_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
-_DIGITS = re.compile(r"[0-9]*")
-_NOT_DIGITS = re.compile(r"[^.0-9]*")
 _GO_INT = re.compile(r"[+-]?[0-9]+")
 _NUMERIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 _FIELD_PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\['((?:[^'\\]|\\.)*)'\]")
@@ -780,16 +779,6 @@ def _to_cel(value: Any, schema: Schema) -> Any:
 
 # --- the Kubernetes CEL library functions the rules call ------------------------------------------
 
-_GO_DURATION_UNITS = {
-    "ns": 1,
-    "us": 1_000,
-    "\u00b5s": 1_000,
-    "\u03bcs": 1_000,
-    "ms": 1_000_000,
-    "s": 1_000_000_000,
-    "m": 60_000_000_000,
-    "h": 3_600_000_000_000,
-}
 _MACROS = frozenset({"has", "all", "exists", "exists_one", "map", "filter"})
 
 
@@ -799,65 +788,12 @@ def _cel_duration(value: Any) -> Any:
         return value
     if not isinstance(value, str):
         raise TypeError(f"duration() takes a string, got {type(value).__name__}")
-    seconds, nanos = divmod(_go_duration_nanos(value), 1_000_000_000)
+    try:
+        total = duration_nanos(value)
+    except ValueError as exc:
+        _fail(str(exc), whole=True)
+    seconds, nanos = divmod(total, 1_000_000_000)
     return celtypes.DurationType(seconds, nanos)
-
-
-def _go_duration_nanos(text: str) -> int:
-    """Nanoseconds in `text`, exactly as Go's time.ParseDuration computes them."""
-
-    def invalid() -> NoReturn:
-        _fail(f"invalid duration {_show(text)}; use a number with a unit: 100ms, 1.5s, 1m, 1h", whole=True)
-
-    rest, negative = text, text[:1] == "-"
-    if text[:1] in ("-", "+"):
-        rest = text[1:]
-    if rest == "0":
-        return 0
-    if not rest:
-        invalid()
-    total = 0
-    while rest:
-        if not (rest[0] == "." or "0" <= rest[0] <= "9"):
-            invalid()
-        whole_digits = _take(_DIGITS, rest)
-        rest = rest[len(whole_digits) :]
-        fraction, scale, fraction_digits = 0, 1.0, ""
-        if rest.startswith("."):
-            fraction_digits = _take(_DIGITS, rest, 1)
-            rest = rest[1 + len(fraction_digits) :]
-            fraction, scale = _go_leading_fraction(fraction_digits)
-        if not whole_digits and not fraction_digits:
-            invalid()
-        unit = _take(_NOT_DIGITS, rest)
-        rest = rest[len(unit) :]
-        factor = _GO_DURATION_UNITS.get(unit)
-        whole = int(whole_digits or "0")
-        if factor is None or whole > (1 << 63) // factor:
-            invalid()
-        nanos = whole * factor
-        if fraction:
-            nanos += int(float(fraction) * (float(factor) / scale))
-        total += nanos
-        if nanos > 1 << 63 or total > 1 << 63:
-            invalid()
-    if not negative and total > (1 << 63) - 1:
-        invalid()
-    return -total if negative else total
-
-
-def _take(pattern: re.Pattern[str], text: str, start: int = 0) -> str:
-    match = pattern.match(text, start)
-    return match.group() if match else ""
-
-
-def _go_leading_fraction(digits: str) -> tuple[int, float]:
-    value, scale = 0, 1.0
-    for digit in digits:
-        if value > ((1 << 63) - 1) // 10 or value * 10 + int(digit) > 1 << 63:
-            break
-        value, scale = value * 10 + int(digit), scale * 10
-    return value, scale
 
 
 def _cel_int(value: Any) -> Any:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
 FORWARDED = (
@@ -39,6 +41,13 @@ def hostname() -> str:
 
 async def health(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def client_session(app: web.Application) -> AsyncIterator[None]:
+    """One HTTP client per service; `trust_env` so HTTP_PROXY (an explicit sidecar) is honoured."""
+    app["client"] = aiohttp.ClientSession(trust_env=True)
+    yield
+    await app["client"].close()
 
 
 def serve(app: web.Application) -> None:

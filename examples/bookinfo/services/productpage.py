@@ -13,7 +13,7 @@ import os
 
 import aiohttp
 from aiohttp import web
-from common import forwarded, serve
+from common import client_session, forwarded, serve
 
 DETAILS_URL = os.environ.get("DETAILS_URL", "http://details:9080")
 REVIEWS_URL = os.environ.get("REVIEWS_URL", "http://reviews:9080")
@@ -132,15 +132,9 @@ async def product_reviews(request: web.Request) -> web.Response:
     return web.json_response(body or {"error": REVIEWS_UNAVAILABLE}, status=200 if body else status)
 
 
-async def client(app: web.Application):  # type: ignore[no-untyped-def]
-    app["client"] = aiohttp.ClientSession(trust_env=True)
-    yield
-    await app["client"].close()
-
-
 if __name__ == "__main__":
     app = web.Application()
-    app.cleanup_ctx.append(client)
+    app.cleanup_ctx.append(client_session)
     app.router.add_get("/", index)
     app.router.add_get("/productpage", product_page)
     app.router.add_route("*", "/login", login)

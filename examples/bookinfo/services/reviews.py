@@ -10,7 +10,7 @@ import os
 
 import aiohttp
 from aiohttp import web
-from common import forwarded, hostname, serve
+from common import client_session, forwarded, hostname, serve
 
 VERSION = os.environ.get("REVIEWS_VERSION", "v1")
 STAR_COLOR = {"v2": "black", "v3": "red"}.get(VERSION)
@@ -60,14 +60,8 @@ async def reviews(request: web.Request) -> web.Response:
     return web.json_response({"id": str(book_id), "podname": hostname(), "clustername": "null", "reviews": entries})
 
 
-async def client(app: web.Application):  # type: ignore[no-untyped-def]
-    app["client"] = aiohttp.ClientSession(trust_env=True)
-    yield
-    await app["client"].close()
-
-
 if __name__ == "__main__":
     app = web.Application()
-    app.cleanup_ctx.append(client)
+    app.cleanup_ctx.append(client_session)
     app.router.add_get("/reviews/{id}", reviews)
     serve(app)
