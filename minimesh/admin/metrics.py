@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 from minimesh.dataplane.proxy import Exchange, Listener
 from minimesh.registry.model import Workload
@@ -153,14 +152,19 @@ HISTOGRAMS = (
     ("istio_response_bytes", "response_bytes", "Sizes of response bodies, in bytes."),
 )
 
-Key = tuple[Any, ...]
+Key = tuple[int, int, str, int, str]
+"""A label set's lookup key: the listener and destination workload by identity (hashing them
+by value costs more than the rest of the bookkeeping), service, status and flags."""
+KEYS_KEPT = 4096
+"""Keys remembered before the lookup table starts over (reloads make new listeners and workloads)."""
 
 
 class Metrics:
     """Istio's request metrics and per-cluster upstream counters, aggregated as requests end."""
 
     def __init__(self) -> None:
-        self._by_key: dict[Key, Series] = {}
+        self._by_key: dict[Key, tuple[Listener, Workload | None, Series]] = {}
+        """Each entry keeps its listener and workload alive, so their ids are not reused meanwhile."""
         self._by_labels: dict[str, Series] = {}
         self.upstream: dict[str, dict[str, int]] = {}
         """Per cluster: `upstream_rq_total` and `upstream_rq_2xx`... of the responses upstreams gave."""
@@ -168,12 +172,18 @@ class Metrics:
     def __call__(self, exchange: Exchange) -> None:
         destination = exchange.destination
         workload = destination.workload if destination is not None else None
+        listener = exchange.listener
         service = exchange.destination_service or exchange.authority
-        key = (exchange.listener, workload, service, exchange.status, exchange.flag_text)
-        series = self._by_key.get(key)
-        if series is None:
-            series = self._series(exchange.listener, workload, service, exchange.status, exchange.flag_text)
-            self._by_key[key] = series
+        flags = exchange.flag_text
+        key = (id(listener), id(workload), service, exchange.status, flags)
+        entry = self._by_key.get(key)
+        if entry is None:
+            if len(self._by_key) >= KEYS_KEPT:
+                self._by_key.clear()
+            series = self._series(listener, workload, service, exchange.status, flags)
+            self._by_key[key] = (listener, workload, series)
+        else:
+            series = entry[2]
         series.requests += 1
         series.duration.observe(exchange.duration * 1000.0)
         series.request_bytes.observe(exchange.bytes_received)

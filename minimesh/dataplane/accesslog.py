@@ -31,10 +31,30 @@ DETAILS = {
 """Envoy's %RESPONSE_CODE_DETAILS% for the proxy's own answers, by access-log flag."""
 
 
-def start_time(started: float) -> str:
-    """Envoy's %START_TIME%: `2026-11-23T00:00:00.000Z`."""
-    moment = datetime.fromtimestamp(started, UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+class _StartTimes:
+    """Envoy's %START_TIME% (`2026-11-23T00:00:00.000Z`), its date and time of day formatted once
+    a second; the milliseconds are those of `datetime.fromtimestamp` (microseconds rounded half to
+    even, then cut)."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, started: float) -> str:
+        second = int(started)
+        micros = round((started - second) * 1e6)
+        if micros >= 1_000_000:
+            second += 1
+            micros -= 1_000_000
+        if second != self._second:
+            self._prefix = f"{datetime.fromtimestamp(second, UTC):%Y-%m-%dT%H:%M:%S}"
+            self._second = second
+        return f"{self._prefix}.{micros // 1000:03d}Z"
+
+
+start_time = _StartTimes()
 
 
 def response_code_details(exchange: Exchange) -> str:
@@ -88,21 +108,23 @@ def fields(exchange: Exchange) -> dict[str, Any]:
     }
 
 
-QUOTED = frozenset(
-    {"upstream_transport_failure_reason", "x_forwarded_for", "user_agent", "request_id", "authority", "upstream_host"}
-)
-"""Fields Istio's text format writes in double quotes."""
-
-
 def text_line(exchange: Exchange) -> str:
-    """`[START_TIME] "METHOD PATH PROTOCOL" CODE FLAGS DETAILS ...`, `-` for what is unknown."""
-    values = fields(exchange)
-    out = []
-    for name, value in values.items():
-        shown = "-" if value is None else str(value)
-        out.append(f'"{shown}"' if name in QUOTED else shown)
-    start, method, path, protocol, *rest = out
-    return f'[{start}] "{method} {path} {protocol}" ' + " ".join(rest)
+    """`[START_TIME] "METHOD PATH PROTOCOL" CODE FLAGS DETAILS ...`, `-` for what is unknown: the
+    fields of `fields`, in its order, formatted straight from the exchange."""
+    listener = exchange.listener
+    destination = exchange.destination
+    upstream_time = exchange.upstream_time
+    return (
+        f'[{start_time(exchange.started)}] "{exchange.method} {exchange.path} {exchange.protocol}" '
+        f"{exchange.status} {exchange.flag_text} {response_code_details(exchange)} - "
+        f'"-" {exchange.bytes_received} {exchange.bytes_sent} {int(exchange.duration * 1000)} '
+        f"{'-' if upstream_time is None else int(upstream_time * 1000)} "
+        f'"{exchange.forwarded_for or "-"}" "{exchange.user_agent or "-"}" "{exchange.request_id}" '
+        f'"{exchange.authority or "-"}" "{exchange.upstream_host or "-"}" {exchange.cluster or "-"} - '
+        f"{f'{listener.address}:{listener.port}' if listener.address else '-'} {exchange.downstream or '-'} - "
+        f"{exchange.route or '-'} {listener.name} "
+        + (destination.workload.name if destination and destination.workload else "-")
+    )
 
 
 def json_line(exchange: Exchange) -> str:
@@ -121,6 +143,8 @@ class AccessLog:
         self._file: IO[str] | None = None
         self._pending: list[str] = []
         self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The daemon's loop, kept: asking for the running loop costs a `getpid()` on Python 3.11."""
 
     def configure(self, path: str, encoding: str) -> None:
         """Switch to `path` ("" turns the log off) and `encoding` (TEXT or JSON)."""
@@ -147,7 +171,9 @@ class AccessLog:
         self._pending.append(self.encode(exchange))
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -51,6 +52,8 @@ REASONS = {
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"upgrade", b"trailer"}
 )
+FRAMING_HEADERS = HOP_BY_HOP | {b"content-length"}
+"""Headers a response head never passes on: the proxy frames each message itself."""
 
 
 def reason(status: int) -> bytes:
@@ -87,6 +90,60 @@ def local_reply_bytes(status: int, body: bytes, *, close: bool) -> bytes:
     return head + b"\r\n" + body
 
 
+class Sender(Protocol):
+    """A connection with a write held back by the outbox."""
+
+    def send_held(self) -> None: ...
+
+
+class Outbox:
+    """Writes held back until every callback ready in this pass of the loop has run, then made
+    back to back: requests to upstreams and whole responses. Under load a peer is then woken
+    once per burst and answers the burst at once: an upstream on the proxy's own core no
+    longer preempts it at every request, nor does a client on another core need waking at
+    every answer. While passes carry one write each (light load), writes go at once."""
+
+    __slots__ = ("_busy", "_held", "_loop", "_open", "_writes")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._held: list[Sender] = []
+        self._open = False
+        self._writes = 0
+        self._busy = False
+
+    def defer(self, sender: Sender) -> bool:
+        """Should `sender` hold its write back (the outbox then calls its `send_held`), or write
+        at once? At once when it is the first of its pass and the last pass wrote only once."""
+        self._writes += 1
+        if not self._open:
+            self._open = True
+            self._loop.call_soon(self._flush)
+            if not self._busy:
+                return False
+        self._held.append(sender)
+        return True
+
+    def _flush(self) -> None:
+        self._busy = self._writes > 1
+        self._open = False
+        self._writes = 0
+        held, self._held = self._held, []
+        for sender in held:
+            sender.send_held()
+
+
+_OUTBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()
+
+
+def outbox(loop: asyncio.AbstractEventLoop) -> Outbox:
+    """The loop's outbox."""
+    box = _OUTBOXES.get(loop)
+    if box is None:
+        box = _OUTBOXES[loop] = Outbox(loop)
+    return box
+
+
 class BodyTooLarge(Exception):
     """A body that had to be buffered (for a retry or a mirror) outgrew its bound."""
 
@@ -94,9 +151,12 @@ class BodyTooLarge(Exception):
 class Body:
     """A message body arriving in chunks; read it whole (bounded) or stream it."""
 
-    __slots__ = ("_chunks", "_complete", "_on_drain", "_size", "_waiter", "error", "received")
+    __slots__ = ("_chunks", "_complete", "_loop", "_on_drain", "_size", "_waiter", "error", "received")
 
-    def __init__(self, on_drain: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, on_drain: Callable[[], None] | None = None, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        self._loop = loop
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
         self._complete = False
@@ -142,7 +202,7 @@ class Body:
             waiter.set_result(None)
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = (self._loop or asyncio.get_running_loop()).create_future()
         try:
             await self._waiter
         finally:
@@ -161,6 +221,15 @@ class Body:
         if self._on_drain is not None and self._size < READ_HIGH_WATER:
             self._on_drain()
         return chunk
+
+    def take(self) -> bytes:
+        """Everything buffered, at once (for a body already complete)."""
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        if self._on_drain is not None:
+            self._on_drain()
+        return data
 
     async def read_all(self, limit: int) -> bytes:
         """The whole body; BodyTooLarge once it passes `limit` bytes."""
@@ -223,17 +292,33 @@ class Responder:
 
     def send_head(self, status: int, headers: HeaderList, length: int | None, *, reason_phrase: bytes = b"") -> None:
         """Status line and headers; `length` None means chunked (or close-delimited for HTTP/1.0)."""
+        self._conn.write(self._head(status, headers, length, reason_phrase))
+
+    def send_whole(
+        self, status: int, headers: HeaderList, length: int | None, body: bytes, *, reason_phrase: bytes = b""
+    ) -> None:
+        """A response whose whole body is at hand, framed as `send_head`, `send` and `end` would
+        frame it, in one write (one syscall, one segment on the wire)."""
+        data = self._head(status, headers, length, reason_phrase)
+        if body and self._request.method != b"HEAD":
+            self.bytes_sent += len(body)
+            data += b"%x\r\n%b\r\n" % (len(body), body) if self._chunked else body
+        if self._chunked:
+            data += b"0\r\n\r\n"
+        self._conn.write_soon(data)
+        self._ended = True
+        self._conn.response_done(keep_alive=self._keep_alive)
+
+    def _head(self, status: int, headers: HeaderList, length: int | None, reason_phrase: bytes) -> bytes:
         self.status = status
         self.head_sent = True
-        no_body = self._request.method == b"HEAD" or status in (204, 304) or status < 200
-        parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason_phrase or reason(status), b"\r\n"]
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason_phrase or reason(status))]
         for name, value in headers:
-            if name in HOP_BY_HOP or name == b"content-length":
-                continue
-            parts += [name, b": ", value, b"\r\n"]
+            if name not in FRAMING_HEADERS:
+                parts += (name, b": ", value, b"\r\n")
         if length is not None:
-            parts += [b"content-length: ", str(length).encode(), b"\r\n"]
-        elif not no_body:
+            parts.append(b"content-length: %d\r\n" % length)
+        elif not (self._request.method == b"HEAD" or status in (204, 304) or status < 200):
             if self._request.version == b"1.1":
                 self._chunked = True
                 parts.append(b"transfer-encoding: chunked\r\n")
@@ -243,7 +328,7 @@ class Responder:
             self._keep_alive = False
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        self._conn.write(b"".join(parts))
+        return b"".join(parts)
 
     def send(self, data: bytes) -> None:
         if not data or self._request.method == b"HEAD":
@@ -270,6 +355,11 @@ class Responder:
     async def drain(self) -> None:
         await self._conn.drain()
 
+    @property
+    def blocked(self) -> bool:
+        """The client reads slower than we write: `drain` would wait."""
+        return self._conn.blocked
+
     def set_producer(self, producer: asyncio.BaseTransport | None) -> None:
         """The transport to pause while the client is slower than the upstream."""
         self._conn.producer = producer
@@ -279,9 +369,7 @@ class Responder:
         extra: HeaderList = [(b"date", DATE.get()), (b"server", b"istio-envoy")]
         if body:
             extra.insert(0, (b"content-type", b"text/plain"))
-        self.send_head(status, [*(headers or []), *extra], len(body))
-        self.send(body)
-        self.end()
+        self.send_whole(status, [*(headers or []), *extra], len(body), body)
 
     @property
     def ended(self) -> bool:
@@ -289,8 +377,7 @@ class Responder:
 
     @property
     def peer(self) -> str:
-        host, port = self._conn.peer
-        return f"{host}:{port}"
+        return self._conn.peer_text
 
     @property
     def connection(self) -> Downstream:
@@ -318,13 +405,22 @@ class Downstream(asyncio.Protocol):
         self._in_head = False
         self._url = b""
         self._worker: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._busy = False
+        self._loop = asyncio.get_running_loop()
+        self._outbox = outbox(self._loop)
+        self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._held = b""
         self._read_paused = False
         self.closing = False
         self.producer: asyncio.BaseTransport | None = None
         self.peer: tuple[str, int] = ("", 0)
+        self.peer_text = ":0"
+        """`host:port` of the peer, as the access log and x-forwarded-for write it."""
         self.local: tuple[str, int] = ("", 0)
         self.extra: dict[str, Any] = {}
 
@@ -339,12 +435,15 @@ class Downstream(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
+        self.peer_text = f"{self.peer[0]}:{self.peer[1]}"
         self.local = (str(local[0]), int(local[1])) if isinstance(local, tuple) else ("", 0)
-        self._arm(self._limits.idle_timeout)
+        self._set_deadline(self._limits.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
+            if self._in_head and not self._deadline:
+                self._set_deadline(self._limits.headers_timeout)
         except httptools.HttpParserUpgrade:
             self._fail(501, b"protocol upgrades are not supported by minimesh")
         except httptools.HttpParserError as exc:
@@ -358,7 +457,10 @@ class Downstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self._disarm()
+        self._deadline = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._current is not None and not self._current.body.complete:
             self._current.body.fail(ConnectionResetError("downstream closed the connection"))
         if self._worker is not None:
@@ -385,7 +487,7 @@ class Downstream(asyncio.Protocol):
         self._header_bytes = 0
         self._url = b""
         self._in_head = True
-        self._arm(self._limits.headers_timeout)
+        self._deadline = 0.0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -405,19 +507,24 @@ class Downstream(asyncio.Protocol):
             method=parser.get_method(),
             target=self._url,
             headers=self._headers,
-            body=Body(self._resume_reading),
+            body=Body(self._resume_reading, self._loop),
             version=parser.get_http_version().encode(),
             keep_alive=parser.should_keep_alive(),
         )
         request.expects_continue = request.header(b"expect") == b"100-continue"
         self._current = request
         self._in_head = False
-        self._disarm()
+        self._deadline = 0.0
+        self._busy = True
         self._queue.append(request)
         if len(self._queue) > PIPELINE_DEPTH:
             self._pause_reading()
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._work())
+            self._worker = self._loop.create_task(self._work())
+        else:
+            wakeup = self._wakeup
+            if wakeup is not None and not wakeup.done():
+                wakeup.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         assert self._current is not None
@@ -433,8 +540,19 @@ class Downstream(asyncio.Protocol):
     # ---- serving
 
     async def _work(self) -> None:
-        while self._queue and not self.closing:
-            request = self._queue.popleft()
+        """The connection's one worker: serves queued requests in order, then waits for more."""
+        queue = self._queue
+        while not self.closing:
+            if not queue:
+                self._busy = False
+                if not self._in_head:
+                    self._set_deadline(self._limits.idle_timeout)
+                self._wakeup = self._loop.create_future()
+                await self._wakeup
+                self._wakeup = None
+                continue
+            self._busy = True
+            request = queue.popleft()
             if self._read_paused and len(self._queue) <= PIPELINE_DEPTH // 2:
                 self._resume_reading()
             if request.expects_continue and not request.body.complete:
@@ -453,21 +571,40 @@ class Downstream(asyncio.Protocol):
                 responder.end()
             if not request.body.complete:
                 self.close()
-        self._worker = None
-        if not self.closing and not self._in_head:
-            self._arm(self._limits.idle_timeout)
 
     def response_done(self, *, keep_alive: bool) -> None:
         if not keep_alive:
             self.close()
 
     def write(self, data: bytes) -> None:
+        """Write now (after anything the outbox holds for this connection, to keep the order)."""
+        if self._held:
+            self.send_held()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
+    def write_soon(self, data: bytes) -> None:
+        """Write with the outbox's next burst (a whole response: nothing else waits on it)."""
+        if self._held:
+            self._held += data
+        elif self._transport is not None and not self._transport.is_closing():
+            if self._outbox.defer(self):
+                self._held = data
+            else:
+                self._transport.write(data)
+
+    def send_held(self) -> None:
+        data, self._held = self._held, b""
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    @property
+    def blocked(self) -> bool:
+        return self._write_paused and not self.closing
+
     async def drain(self) -> None:
         if self._write_paused and not self.closing:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiter = self._loop.create_future()
             await self._drain_waiter
 
     def _wake_drain(self) -> None:
@@ -478,14 +615,16 @@ class Downstream(asyncio.Protocol):
 
     def close(self) -> None:
         self.closing = True
+        if self._held:
+            self.send_held()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
     def _fail(self, status: int, body: bytes) -> None:
         """Envoy's answer to a request it could not parse or wait for: a local reply, then close
         (nothing is written while an earlier pipelined response is still going out)."""
-        if self._worker is None and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(local_reply_bytes(status, body, close=True))
+        if not self._busy:
+            self.write(local_reply_bytes(status, body, close=True))
         self.close()
 
     def _pause_reading(self) -> None:
@@ -498,24 +637,37 @@ class Downstream(asyncio.Protocol):
             self._read_paused = False
             self._transport.resume_reading()
 
-    def _arm(self, delay: float) -> None:
-        self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(delay, self._expire)
+    # ---- timeouts: one deadline at a time, its timer moved only when it would fire too late
 
-    def _disarm(self) -> None:
+    def _set_deadline(self, delay: float) -> None:
+        """Time out `delay` seconds from now: the headers timeout while a head is arriving,
+        else the idle timeout. The timer already running is kept when it fires no later (it
+        then finds the deadline moved and waits again), so a busy connection sets no timers."""
+        at = self._loop.time() + delay
+        self._deadline = at
+        if self._timer is None or at < self._timer_at:
+            self._arm(at)
+
+    def _arm(self, at: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._expire)
 
     def _expire(self) -> None:
         self._timer = None
-        if self._in_head:
+        deadline = self._deadline
+        if not deadline or self.closing:
+            return
+        if self._loop.time() < deadline:
+            self._arm(deadline)
+        elif self._in_head:
             self._fail(408, b"")
         else:
             self.close()
 
     def __repr__(self) -> str:
-        state = "closing" if self.closing else ("busy" if self._worker is not None else "idle")
+        state = "closing" if self.closing else ("busy" if self._busy else "idle")
         return f"<Downstream {self.peer[0]}:{self.peer[1]} {state} queued={len(self._queue)}>"
 
 
@@ -541,7 +693,7 @@ class UpstreamResponse:
         self.status = status
         self.reason = reason_phrase
         self.headers = headers
-        self.body = Body(conn.resume)
+        self.body = Body(conn.resume, conn.loop)
         self.keep_alive = True
 
     def header(self, name: bytes) -> bytes | None:
@@ -570,6 +722,8 @@ class UpstreamConnection(asyncio.Protocol):
         on_lost: Callable[[UpstreamConnection], None] | None = None,
     ) -> None:
         self._parser = httptools.HttpResponseParser(self)
+        self.loop = asyncio.get_running_loop()
+        self._outbox = outbox(self.loop)
         self.transport: asyncio.Transport | None = None
         self._response: UpstreamResponse | None = None
         self._head: asyncio.Future[UpstreamResponse] | None = None
@@ -584,9 +738,16 @@ class UpstreamConnection(asyncio.Protocol):
         self._on_lost = on_lost
         self.closed = False
         self.requests = 0
+        self._held = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's subclasses
+
+    def send_held(self) -> None:
+        """Write the request the outbox held back, unless the connection is gone meanwhile."""
+        data, self._held = self._held, b""
+        if data and not self.closed and self.transport is not None:
+            self.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -684,15 +845,19 @@ class UpstreamConnection(asyncio.Protocol):
         """Send a request; return once the response head has arrived. A streamed `body` goes
         out chunked, or as it arrives when the head carries its content-length."""
         assert self.transport is not None
-        arrived: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
+        arrived: asyncio.Future[UpstreamResponse] = self.loop.create_future()
         self._head = arrived
         self._head_request = head_request
         self._received_any = False
         self.requests += 1
-        if isinstance(body, bytes):
-            self.transport.write(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
-                self.transport.write(body)
+        if isinstance(body, bytes) and len(body) < 65536:
+            if self._outbox.defer(self):
+                self._held = head + body
+            else:
+                self.transport.write(head + body)
+        elif isinstance(body, bytes):
+            self.transport.write(head)
+            self.transport.write(body)
         else:
             self.transport.write(head)
             await self._stream(body, chunked)
@@ -710,7 +875,7 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             if self._write_paused:
-                self._drain_waiter = asyncio.get_running_loop().create_future()
+                self._drain_waiter = self.loop.create_future()
                 await self._drain_waiter
 
     def pause(self) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from types import TracebackType
+from typing import Any, Generic, TypeVar
 
 from minimesh.config import model as m
 from minimesh.dataplane.current import Current
@@ -86,6 +86,8 @@ FLAG_ORDER = (
 )  # fmt: skip
 """Envoy's access-log flags in the order `%RESPONSE_FLAGS%` prints them."""
 FLAG_RANK = {flag: rank for rank, flag in enumerate(FLAG_ORDER)}
+WHOLE_LIMIT = 1 << 16
+"""A response body already complete and no longer than this goes out with its head in one write."""
 AUTHORITY_AT = 4
 """Where the authority sits in a request head's parts (a mirror swaps in HOST-shadow)."""
 
@@ -151,6 +153,115 @@ class Exchange:
 
 
 Observer = Callable[[Exchange], None]
+
+ENTERED, EXPIRING, EXPIRED, EXITED = range(4)
+
+
+class Deadline:
+    """`asyncio.timeout(delay)` for the request path, with the same semantics (when due, cancel
+    the task; out of the block that cancellation comes as TimeoutError), but handed the loop
+    rather than asking for it and for the task: on Python 3.11 each ask is a `getpid()`."""
+
+    __slots__ = ("_cancelling", "_handle", "_loop", "_state", "_task", "when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        self._loop = loop
+        self.when = loop.time() + delay
+        self._state = ENTERED
+        self._task: asyncio.Task[Any] | None = None
+        self._handle: asyncio.Handle | None = None
+        self._cancelling = 0
+
+    def expired(self) -> bool:
+        return self._state in (EXPIRING, EXPIRED)
+
+    async def __aenter__(self) -> Deadline:
+        task = asyncio.current_task(self._loop)
+        if task is None:
+            raise RuntimeError("a Deadline works inside a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        loop = self._loop
+        if self.when <= loop.time():
+            self._handle = loop.call_soon(self._expire)
+        else:
+            self._handle = loop.call_at(self.when, self._expire)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._state == EXPIRING:
+            self._state = EXPIRED
+            assert self._task is not None
+            if self._task.uncancel() <= self._cancelling and kind is asyncio.CancelledError:
+                raise TimeoutError from error
+        elif self._state == ENTERED:
+            self._state = EXITED
+
+    def _expire(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        self._state = EXPIRING
+        self._handle = None
+
+    def __repr__(self) -> str:
+        state = ("entered", "expiring", "expired", "exited")[self._state]
+        return f"<Deadline when={self.when:.3f} {state}>"
+
+
+PROTOCOLS = {b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0"}
+UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+UUID4_MARK = (4 << 76) | (0x8000 << 48)
+"""A version 4 UUID: 122 random bits, the version nibble 4 and the RFC 4122 variant bits."""
+_ID_BITS = random.Random()
+"""The request ids' own generator (seeded from the OS), apart from the proxy's rng so a seeded
+run draws the same splits whatever the ids; cheaper than `uuid.uuid4`'s `os.urandom` per request."""
+
+
+def request_id(bits: Callable[[int], int] = _ID_BITS.getrandbits) -> str:
+    """A fresh `x-request-id`: a random UUID4 in its canonical text form, as Envoy makes them."""
+    text = "%032x" % (bits(128) & UUID4_KEEP | UUID4_MARK)
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+class LazyHeaders(Mapping[str, str]):
+    """A request's headers as routing reads them (names lower-case, text latin-1, the last of a
+    repeated name), decoded only when something reads them: most requests never do."""
+
+    __slots__ = ("_decoded", "_raw")
+
+    def __init__(self, raw: dict[bytes, bytes]) -> None:
+        self._raw = raw
+        self._decoded: dict[str, str] | None = None
+
+    def _text(self) -> dict[str, str]:
+        decoded = self._decoded
+        if decoded is None:
+            decoded = self._decoded = {n.decode("latin-1"): v.decode("latin-1") for n, v in self._raw.items()}
+        return decoded
+
+    def __getitem__(self, name: str) -> str:
+        return self._text()[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._text().get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._text()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._text())
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __repr__(self) -> str:
+        return f"<LazyHeaders {self._text()!r}>"
+
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -229,6 +340,13 @@ class Proxy:
         self._deciders: _ByIdentity[RetryPolicy, RetryDecider] = _ByIdentity(RetryDecider.of)
         self._request_ops: _ByIdentity[m.HeaderOperations, _RequestOps] = _ByIdentity(_RequestOps.of)
         self._response_ops: _ByIdentity[m.HeaderOperations, _ResponseOps] = _ByIdentity(_ResponseOps.of)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _deadline(self, delay: float) -> Deadline:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return Deadline(loop, delay)
 
     # ---- the request
 
@@ -242,41 +360,41 @@ class Proxy:
     ) -> None:
         """Serve one request; `original` is where a transparently captured connection was headed."""
         snapshot = self.current.get()
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers}
+        raw = dict(request.headers)
         target = request.target.decode("latin-1")
-        authority = headers.get("host", "")
+        authority = raw.get(b"host", b"").decode("latin-1")
         scheme = "http"
         if "://" in target[:8]:
             scheme, _, rest = target.partition("://")
             netloc, slash, tail = rest.partition("/")
             authority = netloc or authority
             target = slash + tail or "/"
-        request_id = headers.get("x-request-id") or str(uuid.uuid4())
         exchange = Exchange(
             listener=listener,
             method=request.method.decode(),
             path=target,
             authority=authority,
-            protocol=f"HTTP/{request.version.decode()}",
-            request_id=request_id,
+            protocol=PROTOCOLS.get(request.version) or f"HTTP/{request.version.decode()}",
+            request_id=raw.get(b"x-request-id", b"").decode("latin-1") or request_id(),
             started=time.time(),
             began=time.monotonic(),
             downstream=peer,
-            user_agent=headers.get("user-agent", ""),
-            forwarded_for=headers.get("x-forwarded-for", ""),
+            user_agent=raw.get(b"user-agent", b"").decode("latin-1"),
+            forwarded_for=raw.get(b"x-forwarded-for", b"").decode("latin-1"),
         )
         exchange.original = original
         if not authority and original is not None:
             authority = exchange.authority = f"{original[0]}:{original[1]}"
+        gateway = listener.kind == "gateway"
         view = RequestView(
             method=exchange.method,
             path=target,
             authority=authority,
-            headers=headers,
+            headers=LazyHeaders(raw),
             scheme=scheme,
-            port=listener.port if listener.kind == "gateway" else original[1] if original else None,
+            port=listener.port if gateway else original[1] if original else None,
             source=listener.workload,
-            gateway=(listener.gateways or ("",))[0] if listener.kind == "gateway" else "mesh",
+            gateway=(listener.gateways or ("",))[0] if gateway else "mesh",
             source_address=peer.rpartition(":")[0],
         )
         try:
@@ -437,7 +555,7 @@ class Proxy:
                         cluster, state, retry, request, body, head_parts, exchange, view, None
                     )
                 else:
-                    async with asyncio.timeout(timeout) as deadline:
+                    async with self._deadline(timeout) as deadline:
                         response, endpoint = await self._attempts(
                             cluster, state, retry, request, body, head_parts, exchange, view, deadline
                         )
@@ -469,7 +587,7 @@ class Proxy:
                  b"\r\nx-request-id: ", exchange.request_id.encode(), b"\r\n"]  # fmt: skip
         for name, value in request.headers:
             if name not in drop:
-                parts += [name, b": ", value, b"\r\n"]
+                parts += (name, b": ", value, b"\r\n")
         parts += ops.lines
         forwarded = exchange.forwarded_for
         proto = b"http"
@@ -492,7 +610,7 @@ class Proxy:
         head_parts: list[bytes],
         exchange: Exchange,
         view: RequestView,
-        deadline: asyncio.Timeout | None,
+        deadline: Deadline | None,
     ) -> tuple[UpstreamResponse, Endpoint]:
         """Attempts within the retry policy: the response to pass on and its endpoint, or the
         failure to answer with. Exhausted retries add `URX`; a retry refused by `maxRetries`
@@ -526,7 +644,7 @@ class Proxy:
                     response = await self.upstreams.send(cluster, endpoint, head, body, head_request=head_request,
                                                          chunked=chunked)  # fmt: skip
                 else:
-                    async with asyncio.timeout(decider.per_try_timeout):
+                    async with self._deadline(decider.per_try_timeout):
                         response = await self.upstreams.send(cluster, endpoint, head, body, head_request=head_request,
                                                              chunked=chunked)  # fmt: skip
             except TimeoutError:
@@ -603,9 +721,14 @@ class Proxy:
         headers += cors_headers
         if self.debug_headers and exchange.route:
             headers.append((b"x-minimesh-route", exchange.route.encode()))
+        body = response.body
+        if body.complete and body.error is None and body.buffered <= WHOLE_LIMIT:
+            responder.send_whole(response.status, headers, response.length, body.take(), reason_phrase=response.reason)
+            if responder.blocked:
+                await responder.drain()
+            return
         responder.send_head(response.status, headers, response.length, reason_phrase=response.reason)
         responder.set_producer(response.conn.transport)
-        body = response.body
         try:
             while True:
                 chunk = await body.read()

@@ -261,10 +261,9 @@ class ClusterState:
         `maxConnections`, so one busy endpoint never starves another."""
         pool = cluster.policy.connection_pool
         state = self.host(endpoint)
-        while state.idle:
-            conn = state.idle.pop()
-            if conn.idle:
-                return conn
+        conn = self.idle_connection(state)
+        if conn is not None:
+            return conn
         if self.connections < (pool.max_connections or UNLIMITED) or state.connections == 0:
             return await self._open(state, pool, tls, server_name)
         if self.pending >= (pool.http1_max_pending_requests or UNLIMITED):
@@ -286,6 +285,15 @@ class ClusterState:
         if handed is None:
             return await self._open(state, pool, tls, server_name, slot_reserved=True)
         return handed
+
+    def idle_connection(self, state: HostState) -> UpstreamConnection | None:
+        """A keep-alive connection of `state` that is open and idle (the most recently used), if any."""
+        idle = state.idle
+        while idle:
+            conn = idle.pop()
+            if conn.idle:
+                return conn
+        return None
 
     def _handed_back(self, state: HostState, pool: m.ConnectionPool, conn: UpstreamConnection | None) -> None:
         """A waiter was cancelled after it was handed a connection or a slot: pass it on."""
@@ -422,10 +430,11 @@ class Upstreams:
         fresh one when nothing was sent yet that cannot be sent again; an attempt cancelled
         (timeout, client gone) closes its connection, as Envoy resets the stream."""
         state = self.state(cluster)
-        tls = self._tls(cluster) if self._tls else None
         reused_once = False
         while True:
-            conn = await state.connection(cluster, endpoint, tls, cluster.host)
+            conn = state.idle_connection(state.host(endpoint)) or await state.connection(
+                cluster, endpoint, self._tls(cluster) if self._tls else None, cluster.host
+            )
             fresh = conn.requests == 0
             try:
                 return await conn.exchange(head, body, head_request=head_request, chunked=chunked)

@@ -15,6 +15,7 @@ from minimesh.config import model as m
 from minimesh.config.labels import FAULT_FIRST_ANNOTATION, parse_fault_first
 from minimesh.registry.model import Workload
 from minimesh.registry.static import from_workload_entry
+from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import (
     INGRESS_LABELS,
     MESH,
@@ -23,6 +24,7 @@ from minimesh.routing.snapshot import (
     CompiledVirtualService,
     Destination,
     Endpoint,
+    Facts,
     GatewaysTest,
     GatewayTable,
     MatchBlock,
@@ -664,11 +666,28 @@ def _gateway_table(
                     bound.append(binding)
     ordered = {d: tuple(sorted(b, key=lambda b: b.virtual_service.order)) for d, b in domains.items()}
     wildcards = sorted(((d, b) for d, b in ordered.items() if d.startswith("*")), key=lambda i: specificity(i[0]))
+    exact = {d: b for d, b in ordered.items() if not d.startswith("*")}
     return GatewayTable(
         gateways=scope,
-        exact={d: b for d, b in ordered.items() if not d.startswith("*")},
+        exact=exact,
         wildcards=tuple(wildcards),
         servers=servers,
+        anonymous_exact=MappingProxyType({d: live for d, b in exact.items() if (live := _anonymous(b))}),
+        anonymous_wildcards=tuple((d, live) for d, b in wildcards if (live := _anonymous(b))),
+    )
+
+
+NOBODY = RequestView("GET", "/", "", MappingProxyType({}))
+"""A stand-in request for the static tests, which read the port, the gateway and the source only."""
+
+
+def _anonymous(bindings: tuple[Binding, ...]) -> tuple[Binding, ...]:
+    """The bindings whose VirtualService has a rule at their gateway and port for a request with
+    no source workload (static match tests never read the request itself)."""
+    return tuple(
+        b
+        for b in bindings
+        if b.virtual_service.exists_for(Facts(NOBODY, "/", b.server.port.number, b.gateway, None, None))
     )
 
 

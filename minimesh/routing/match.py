@@ -7,7 +7,6 @@ Pure: (snapshot, request, rng) → outcome; the data plane acts on the outcome.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 from minimesh.config import model as m
 from minimesh.config.durations import format_duration
@@ -31,7 +30,6 @@ from minimesh.routing.snapshot import (
     Route,
     Snapshot,
     TraceStep,
-    Verdict,
     host_covers,
 )
 
@@ -53,11 +51,6 @@ def trace(snapshot: Snapshot, request: RequestView, rng: random.Random) -> tuple
     outcome = _decide(snapshot, request, rng, steps)
     steps.extend(describe_outcome(outcome, request))
     return outcome, tuple(steps)
-
-
-def _note(steps: Steps, what: str, verdict: Verdict, detail: Callable[[], str]) -> None:
-    if steps is not None:
-        steps.append(TraceStep(what, verdict, detail()))
 
 
 def _decide(snapshot: Snapshot, request: RequestView, rng: random.Random, steps: Steps) -> Outcome:
@@ -89,12 +82,15 @@ def _at_sidecar(snapshot: Snapshot, request: RequestView, rng: random.Random, st
     if service is not None:
         listener = port or (service.ports[0].number if service.ports else DEFAULT_PORTS.get(request.scheme, 80))
         exposed = service.port(listener) is not None and authority_port in (None, listener)
-        _note(steps, "host", "info" if exposed else "miss", lambda: _service_detail(request, service, listener, port))
+        if steps is not None:
+            steps.append(
+                TraceStep("host", "info" if exposed else "miss", _service_detail(request, service, listener, port))
+            )
         if exposed:
             return _to_service(snapshot, service, _facts(request, listener, MESH), rng, steps)
     listener = port or DEFAULT_PORTS.get(request.scheme, 80)
-    if service is None:
-        _note(steps, "host", "info", lambda: f"{request.authority} is no service of the registry")
+    if service is None and steps is not None:
+        steps.append(TraceStep("host", "info", f"{request.authority} is no service of the registry"))
     if listener == 80:
         facts = _facts(request, listener, MESH)
         for pattern, vs in snapshot.external_hosts:
@@ -125,15 +121,15 @@ def _to_service(snapshot: Snapshot, service: MeshService, facts: Facts, rng: ran
     ranked = snapshot.mesh_hosts.get(service.host, ())
     if ranked:
         chosen = ranked[0]
-        _note(steps, chosen.ref, "match", lambda: _covering(chosen, service.host))
         if steps is not None:
+            steps.append(TraceStep(chosen.ref, "match", _covering(chosen, service.host)))
             shadowed = f"also covers {service.host}; {chosen.ref} comes first"
             steps.extend(TraceStep(other.ref, "miss", shadowed) for other in ranked[1:])
         outcome = _in_virtual_service(chosen, facts, rng, steps)
         if outcome is not None:
             return outcome
-    else:
-        _note(steps, "VirtualService", "info", lambda: f"none for {service.host}: the default route")
+    elif steps is not None:
+        steps.append(TraceStep("VirtualService", "info", f"none for {service.host}: the default route"))
     route = snapshot.default_routes[(service.host, facts.port)]
     return _act(route, "/", facts, rng)
 
@@ -149,31 +145,32 @@ def _in_virtual_service(vs: CompiledVirtualService, facts: Facts, rng: random.Ra
     hit = _first_rule(vs.routes, facts, steps)
     if hit is not None:
         return _act(hit[0], hit[1], facts, rng)
-    if _exists_for(vs, facts):
+    if vs.exists_for(facts):
         return NoRoute(f"no rule of {vs.ref} matches")
-    _note(steps, vs.ref, "info", lambda: "no rule applies to this source or port, so Istio leaves it out here")
+    if steps is not None:
+        steps.append(TraceStep(vs.ref, "info", "no rule applies to this source or port, so Istio leaves it out here"))
     return None
-
-
-def _exists_for(vs: CompiledVirtualService, facts: Facts) -> bool:
-    return any(not route.blocks or any(b.exists_for(facts) for b in route.blocks) for route in vs.routes)
 
 
 def _first_rule(routes: tuple[Route, ...], facts: Facts, steps: Steps) -> Hit | None:
     for route in routes:
-        what = route.ref.rpartition("#")[2]
         if not route.blocks:
             if steps is not None:
-                steps.append(TraceStep(what, "match", "no match conditions"))
+                steps.append(TraceStep(_rule(route), "match", "no match conditions"))
             return route, "/"
         for block in route.blocks:
             if block.holds(facts):
                 if steps is not None:
-                    steps.append(TraceStep(what, "match", _held(route, block.index)))
+                    steps.append(TraceStep(_rule(route), "match", _held(route, block.index)))
                 return route, block.prefix
         if steps is not None:
-            steps.append(TraceStep(what, "miss", _missed(route, facts)))
+            steps.append(TraceStep(_rule(route), "miss", _missed(route, facts)))
     return None
+
+
+def _rule(route: Route) -> str:
+    """How a trace names a rule: `http[2]`."""
+    return route.ref.rpartition("#")[2]
 
 
 def _held(route: Route, index: int) -> str:
@@ -203,10 +200,13 @@ def _at_gateway(snapshot: Snapshot, request: RequestView, rng: random.Random, st
     bound = _gateway_bindings(table, host, request)
     if not bound:
         return NoRoute(_unbound_reason(table, host, tls))
-    _note(steps, "gateway", "info", lambda: f"{', '.join(table.gateways)}: virtual host {bound[0][0].domain}")
-    if not tls and any(b.server.tls is not None and b.server.tls.https_redirect for b, _ in bound):
-        location = redirect_location(m.HTTPRedirect(scheme="https"), request, bound[0][1].port)
-        return Redirect("", None, 301, location)
+    if steps is not None:
+        steps.append(TraceStep("gateway", "info", f"{', '.join(table.gateways)}: virtual host {bound[0][0].domain}"))
+    if not tls:
+        for binding, _ in bound:
+            if binding.https_redirect:
+                location = redirect_location(m.HTTPRedirect(scheme="https"), request, bound[0][1].port)
+                return Redirect("", None, 301, location)
     for binding, facts in bound:
         vs = binding.virtual_service
         if steps is not None:
@@ -220,15 +220,18 @@ def _at_gateway(snapshot: Snapshot, request: RequestView, rng: random.Random, st
 def _gateway_bindings(table: GatewayTable, host: str, request: RequestView) -> tuple[tuple[Binding, Facts], ...]:
     """The bindings of the most specific virtual host that exists for `host`: a VirtualService
     with no rule for this gateway and port contributes nothing (Istio leaves it out)."""
+    if request.source is None:
+        path = request.path_only
+        return tuple(
+            [(b, Facts(request, path, b.server.port.number, b.gateway, None, None)) for b in table.anonymous(host)]
+        )
     exact = table.exact.get(host, ())
     candidates = ((exact,) if exact else ()) + tuple(b for d, b in table.wildcards if host_covers(d, host))
     for bindings in candidates:
         bound = tuple(
             (binding, facts)
             for binding in bindings
-            if _exists_for(
-                binding.virtual_service, facts := _facts(request, binding.server.port.number, binding.gateway)
-            )
+            if binding.virtual_service.exists_for(facts := _facts(request, binding.server.port.number, binding.gateway))
         )
         if bound:
             return bound

@@ -209,7 +209,7 @@ class StringTest:
     ignore_case: bool = False
 
     def value(self, facts: Facts) -> str | None:
-        return READERS[self.reads](facts, self.name)
+        return facts.path if self.reads == "path" else READERS[self.reads](facts, self.name)
 
     def holds(self, facts: Facts) -> bool:
         value = self.value(facts)
@@ -303,9 +303,17 @@ class MatchBlock:
     tests: tuple[Test, ...]
     static: tuple[Test, ...] = ()
     prefix: str | None = "/"
+    checks: tuple[Test, ...] = field(init=False, repr=False, compare=False)
+    """`static` then `tests`: what `holds` runs through, in one loop."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checks", self.static + self.tests)
 
     def holds(self, facts: Facts) -> bool:
-        return all(test.holds(facts) for test in self.static) and all(test.holds(facts) for test in self.tests)
+        for test in self.checks:  # noqa: SIM110 (a plain loop: no generator per request)
+            if not test.holds(facts):
+                return False
+        return True
 
     def exists_for(self, facts: Facts) -> bool:
         return all(test.holds(facts) for test in self.static)
@@ -419,6 +427,11 @@ class CompiledVirtualService:
     order: int
     source: m.VirtualService = field(repr=False)
 
+    def exists_for(self, facts: Facts) -> bool:
+        """Does any rule exist for this proxy and port (a rule with no match, or a match block
+        whose static tests hold)? Istio leaves the VirtualService out where none does."""
+        return any(not route.blocks or any(b.exists_for(facts) for b in route.blocks) for route in self.routes)
+
     def __repr__(self) -> str:
         return f"<CompiledVirtualService {self.ref} hosts={','.join(self.hosts)} routes={len(self.routes)}>"
 
@@ -431,6 +444,12 @@ class Binding:
     virtual_service: CompiledVirtualService
     gateway: str
     server: m.Server
+    https_redirect: bool = field(init=False, repr=False, compare=False)
+    """The server answers plain HTTP with a redirect to HTTPS (`tls.httpsRedirect`)."""
+
+    def __post_init__(self) -> None:
+        tls = self.server.tls
+        object.__setattr__(self, "https_redirect", tls is not None and tls.https_redirect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +463,23 @@ class GatewayTable:
     exact: Mapping[str, tuple[Binding, ...]]
     wildcards: tuple[tuple[str, tuple[Binding, ...]], ...]
     servers: tuple[tuple[str, m.Server], ...]
+    anonymous_exact: Mapping[str, tuple[Binding, ...]] = field(default_factory=dict, repr=False)
+    anonymous_wildcards: tuple[tuple[str, tuple[Binding, ...]], ...] = field(default=(), repr=False)
+    """`exact` and `wildcards` as a request with no source workload (every request at an
+    ingress) finds them: only bindings whose VirtualService has a rule for the binding's
+    gateway and port, and no domain left without one. Precomputed, since it depends on the
+    binding alone."""
+
+    def anonymous(self, host: str) -> tuple[Binding, ...]:
+        """The bindings of the most specific virtual host that exists for `host`, for a request
+        with no source workload."""
+        found = self.anonymous_exact.get(host)
+        if found:
+            return found
+        for domain, bindings in self.anonymous_wildcards:
+            if host_covers(domain, host):
+                return bindings
+        return ()
 
 
 # ---------------------------------------------------------------- outcomes

@@ -221,6 +221,31 @@ async def test_an_idle_keep_alive_connection_is_closed_without_a_word() -> None:
         assert await client.closed(timeout=2) == b""
 
 
+async def test_the_idle_timeout_counts_from_the_last_answer_not_the_first() -> None:
+    limits = ConnectionLimits(headers_timeout=5, idle_timeout=0.4)
+    async with running_mesh(APP + route(), {"app": Backend("app")}, limits=limits) as mesh:
+        client = await connect(mesh)
+        began = asyncio.get_running_loop().time()
+        for _ in range(3):
+            client.send(b"GET / HTTP/1.1\r\nhost: example.com\r\n\r\n")
+            assert (await client.response()).status == 200
+            await asyncio.sleep(0.25)
+        assert await client.closed(timeout=2) == b""
+        assert asyncio.get_running_loop().time() - began >= 0.5 + 0.4 - 0.05
+
+
+async def test_a_head_begun_on_an_idle_connection_gets_the_shorter_headers_timeout() -> None:
+    limits = ConnectionLimits(headers_timeout=0.2, idle_timeout=30)
+    async with running_mesh(APP + route(), {"app": Backend("app")}, limits=limits) as mesh:
+        client = await connect(mesh)
+        client.send(b"GET / HTTP/1.1\r\nhost: example.com\r\n\r\n")
+        assert (await client.response()).status == 200
+        client.send(b"GET / HTTP/1.1\r\nhost: exa")
+        response = await client.response(timeout=2)
+        assert (response.status, response.header(b"connection")) == (408, b"close")
+        assert await client.closed() == b""
+
+
 async def test_pipelined_requests_are_answered_in_order() -> None:
     async def echo(request: web.BaseRequest, seen: Seen) -> web.StreamResponse:
         if request.path == "/slow":
