@@ -12,7 +12,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -180,8 +180,6 @@ class Daemon:
         self.docker = docker
         self.discovered = Discovered()
         self.layers = Layers()
-        self.scoped: dict[str, Snapshot] = {}
-        """Snapshots for scoped overlays: requests with `x-minimesh-test: SCOPE` use them."""
         self._compiling = asyncio.Lock()
         self._layers_changed = asyncio.Event()
         self.failed: dict[int, str] = {}
@@ -191,6 +189,15 @@ class Daemon:
         self._tasks: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
         self._unwatch = asyncio.Event()
+
+    @property
+    def scoped(self) -> Mapping[str, Snapshot]:
+        """Snapshots for scoped overlays: requests with `x-minimesh-test: SCOPE` use them."""
+        return self.proxy.scoped
+
+    @scoped.setter
+    def scoped(self, snapshots: Mapping[str, Snapshot]) -> None:
+        self.proxy.scoped = snapshots
 
     def listeners(self) -> list[Listener]:
         captured = self.capture.servings() if self.capture else []

@@ -23,6 +23,7 @@ READ_HIGH_WATER = 1 << 20
 PIPELINE_DEPTH = 16
 
 HeaderList = list[tuple[bytes, bytes]]
+VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,12 @@ class Outbox:
     def defer(self, sender: Sender) -> bool:
         """Should `sender` hold its write back (the outbox then calls its `send_held`), or write
         at once? At once when it is the first of its pass and the last pass wrote only once."""
+        import os
+        ab = os.environ.get("MM_AB")
+        if ab == "3":
+            return False
+        if ab == "1":
+            self._busy = False
         self._writes += 1
         if not self._open:
             self._open = True
@@ -503,13 +510,13 @@ class Downstream(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        request = Request(
-            method=parser.get_method(),
-            target=self._url,
-            headers=self._headers,
-            body=Body(self._resume_reading, self._loop),
-            version=parser.get_http_version().encode(),
-            keep_alive=parser.should_keep_alive(),
+        request = Request(  # by position, in field order
+            parser.get_method(),
+            self._url,
+            self._headers,
+            Body(self._resume_reading, self._loop),
+            VERSIONS.get(parser.get_http_version()) or parser.get_http_version().encode(),
+            parser.should_keep_alive(),
         )
         request.expects_continue = request.header(b"expect") == b"100-continue"
         self._current = request

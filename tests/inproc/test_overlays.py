@@ -100,3 +100,14 @@ async def test_overlay_delete_and_a_bad_overlay(shop: Shop, start_daemon: StartD
             text = await response.text()
         assert text.startswith("3:1: error: invalid YAML: ")
         assert await fetch(session, f"{daemon.gateway}/reviews") == (200, "reviews-v1")
+
+
+async def test_a_scoped_overlay_applies_only_to_its_tests_requests(shop: Shop, start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(shop.folder)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.admin}/overlays?scope=test-42", data=TO_V2) as response:
+            assert response.status == 201
+        url = f"{daemon.gateway}/reviews"
+        assert await fetch(session, url, headers={"x-minimesh-test": "test-42"}) == (200, "reviews-v2")
+        assert await fetch(session, url, headers={"x-minimesh-test": "other"}) == (200, "reviews-v1")
+        assert await fetch(session, url) == (200, "reviews-v1")
