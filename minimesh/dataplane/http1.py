@@ -117,6 +117,7 @@ class Outbox:
         """Should `sender` hold its write back (the outbox then calls its `send_held`), or write
         at once? At once when it is the first of its pass and the last pass wrote only once."""
         import os
+
         ab = os.environ.get("MM_AB")
         if ab == "3":
             return False
