@@ -102,7 +102,8 @@ class Outbox:
     back to back: requests to upstreams and whole responses. Under load a peer is then woken
     once per burst and answers the burst at once: an upstream on the proxy's own core no
     longer preempts it at every request, nor does a client on another core need waking at
-    every answer. While passes carry one write each (light load), writes go at once."""
+    every answer. While passes carry one write each (light load), and from the first pass
+    that writes nothing after a burst, writes go at once: a lone request never waits."""
 
     __slots__ = ("_busy", "_held", "_loop", "_open", "_writes")
 
@@ -115,14 +116,7 @@ class Outbox:
 
     def defer(self, sender: Sender) -> bool:
         """Should `sender` hold its write back (the outbox then calls its `send_held`), or write
-        at once? At once when it is the first of its pass and the last pass wrote only once."""
-        import os
-
-        ab = os.environ.get("MM_AB")
-        if ab == "3":
-            return False
-        if ab == "1":
-            self._busy = False
+        at once? At once when it is the first of its pass and no burst is under way."""
         self._writes += 1
         if not self._open:
             self._open = True
@@ -136,9 +130,16 @@ class Outbox:
         self._busy = self._writes > 1
         self._open = False
         self._writes = 0
+        if self._busy:
+            self._loop.call_soon(self._settle)
         held, self._held = self._held, []
         for sender in held:
             sender.send_held()
+
+    def _settle(self) -> None:
+        """A pass went by since the busy one: if it wrote nothing, the burst is over."""
+        if not self._open:
+            self._busy = False
 
 
 _OUTBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()

@@ -152,6 +152,21 @@ def wait_ready(admin: int, process: subprocess.Popen[str], log: Path, timeout: f
     raise AssertionError(f"minimesh up was not ready within {timeout} s: {log.read_text()[-3000:]}")
 
 
+def wait_serving(url: str, log: Path, timeout: float = 60) -> None:
+    """Until bookinfo's apps listen (they start a second or two after their containers; the
+    compose file has no health checks, so nothing else says when they are ready)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200 and "Reviews served by:" in response.read().decode():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not serve bookinfo within {timeout} s: {log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="module")
 def mesh(bookinfo: Compose, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     folder = tmp_path_factory.mktemp("mesh")
@@ -166,6 +181,7 @@ def mesh(bookinfo: Compose, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=folder)
     try:
         wait_ready(admin, process, log)
+        wait_serving(f"http://127.0.0.1:{gateway}/productpage", log)
         yield Mesh(process, config, gateway, admin, log)
     finally:
         process.send_signal(signal.SIGTERM)

@@ -377,3 +377,14 @@ async def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_a_pass_that_writes_nothing_ends_the_burst() -> None:
+    loop, box, conns, sent = outbox_and_conns(3)
+    box.defer(conns[0])
+    box.defer(conns[1])
+    loop.end_pass()
+    loop.end_pass()
+    assert box.defer(conns[2]) is False
+    loop.end_pass()
+    assert sent == ["1"]

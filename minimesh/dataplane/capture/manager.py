@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -65,11 +66,21 @@ def scrub_left_rules(alive: Callable[[int], bool]) -> list[str]:
     for container_id, record in DockerWatcher(client, lambda _: None).list_containers().items():
         pid = (record.get("State") or {}).get("Pid") or 0
         path = f"/proc/{pid}/ns/net"
-        if not pid or any(alive(owner) for owner in owners(path) if owner != os.getpid()):
+        if not pid or any(_still_running(owner, alive) for owner in owners(path) if owner != os.getpid()):
             continue
         if remove_rules(path):
             cleaned.append(str(record.get("Name") or container_id).lstrip("/"))
     return cleaned
+
+
+def _still_running(pid: int, alive: Callable[[int], bool], grace: float = 3.0) -> bool:
+    """Is daemon `pid` running, after `grace` seconds for one that is still dying (killed just now)?"""
+    deadline = time.monotonic() + grace
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 class NetnsCapture:

@@ -180,7 +180,7 @@ def _iptables(path: str, args: list[str], stdin: str | None = None) -> subproces
 def install_rules(path: str, inbound_ports: Iterable[int]) -> None:
     """Capture in the namespace at `path`; rules a crashed daemon left there are removed first."""
     remove_rules(path)
-    result = _iptables(path, ["iptables-restore", "--noflush"], capture_rules(inbound_ports))
+    result = _iptables(path, ["iptables-restore", "--wait", "--noflush"], capture_rules(inbound_ports))
     if result.returncode != 0:
         raise CaptureError(f"iptables-restore failed in {path}: {result.stderr.strip()}; run minimesh as root")
 
@@ -198,11 +198,11 @@ def remove_rules(path: str) -> bool:
     found = False
     for jump in _jumps(path):
         found = True
-        _iptables(path, ["iptables", "-t", "nat", "-D", *shlex.split(jump)[1:]])
+        _iptables(path, ["iptables", "--wait", "-t", "nat", "-D", *shlex.split(jump)[1:]])
     for chain in (OUTPUT_CHAIN, INBOUND_CHAIN):
-        if _iptables(path, ["iptables", "-t", "nat", "-F", chain]).returncode == 0:
+        if _iptables(path, ["iptables", "--wait", "-t", "nat", "-F", chain]).returncode == 0:
             found = True
-            _iptables(path, ["iptables", "-t", "nat", "-X", chain])
+            _iptables(path, ["iptables", "--wait", "-t", "nat", "-X", chain])
     return found
 
 
