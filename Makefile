@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit lint demo demo-down images bench binary clean
+.PHONY: venv native pure test test-unit lint demo demo-down images bench binary clean
 
 venv: $(STAMP)
 
@@ -15,7 +15,18 @@ $(STAMP): pyproject.toml
 	@$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-test: venv
+# The hot path compiled with mypyc, next to its sources; rebuilt when one of them changes.
+NATIVE := build/native/.built
+native: $(NATIVE)
+
+$(NATIVE): $(STAMP) tools/native.py $(shell $(PYTHON) tools/native.py --list)
+	@$(BIN)/python tools/native.py || echo "==> the hot path runs as plain Python (slower, same behaviour)"
+	@mkdir -p $(dir $(NATIVE)) && touch $(NATIVE)
+
+pure:
+	@$(PYTHON) tools/native.py --remove
+
+test: venv native
 	@bash compose/engine.sh || echo "==> the Docker tests will say why they cannot run"
 	@$(BIN)/pytest -q
 
@@ -27,17 +38,18 @@ lint: venv
 	@$(BIN)/ruff format --check minimesh tests tools
 	@$(BIN)/mypy --strict minimesh
 
-binary: venv
+binary: venv native
 	@echo "==> building dist/minimesh with PyInstaller"
 	@$(BIN)/pyinstaller --log-level WARN --noconfirm --clean --onefile --name minimesh \
 		--collect-data minimesh --collect-data celpy --collect-submodules celpy \
+		--collect-submodules minimesh $$($(BIN)/python tools/native.py --hidden-imports) \
 		--specpath build --workpath build/pyinstaller --distpath dist minimesh/__main__.py
 	@dist/minimesh version
 
 images: venv
 	@bash compose/images.sh
 
-demo: venv images
+demo: venv native images
 	@bash compose/demo.sh up
 
 demo-down:
@@ -45,11 +57,11 @@ demo-down:
 
 # Gateway throughput and latency against nginx and the bare upstream, reload latency and a
 # py-spy profile (DESIGN.md §5); prints a table, writes bench/results.json, ~2 minutes.
-bench: venv
+bench: venv native
 	@test -x $(BIN)/py-spy || { echo "==> installing py-spy into $(VENV) for the profile"; \
 		$(BIN)/pip install --quiet py-spy || echo "==> py-spy could not be installed: no profile this time" >&2; }
 	@$(BIN)/python bench/run.py
 	@$(BIN)/python bench/docker.py
 
-clean:
+clean: pure
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache

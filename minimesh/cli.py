@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from minimesh import __version__
+from minimesh import HOT_PATH, __version__
 from minimesh.admin.client import DEFAULT_ADMIN, NoDaemon, get, get_json, status_lines, wait_ready
 from minimesh.background import alive, detach, down
 from minimesh.config.check import check_mesh
@@ -297,7 +297,7 @@ def cmd_down(_: argparse.Namespace) -> int:
 
 
 def cmd_version(_: argparse.Namespace) -> int:
-    print(f"minimesh {__version__}")
+    print(f"minimesh {__version__}, hot path: {HOT_PATH}")
     return EXIT_OK
 
 

@@ -14,7 +14,7 @@ from minimesh.routing.request import split_authority
 BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000,
            3600000)  # fmt: skip
 """Envoy's default histogram buckets, which Istio's telemetry uses for durations (ms) and sizes (bytes)."""
-LE = (*(str(bound) for bound in BUCKETS), "+Inf")
+LE = (*[str(bound) for bound in BUCKETS], "+Inf")
 
 UNKNOWN = "unknown"
 CLUSTER_ID = "Kubernetes"

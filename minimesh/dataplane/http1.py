@@ -683,7 +683,7 @@ class Downstream(asyncio.Protocol):
 # ---------------------------------------------------------------- upstream side
 
 
-class UpstreamClosed(ConnectionError):
+class UpstreamClosed(Exception):
     """The upstream closed or reset the connection before the response was complete."""
 
     def __init__(self, message: str, *, before_headers: bool, sent_nothing: bool = False) -> None:

@@ -486,7 +486,7 @@ class Proxy:
     def forget_workload(self, workload: Workload) -> None:
         """A workload left the mesh: drop its inbound clusters and their connections."""
         keys = [key for key in self._inbound_clusters if key[0] == workload.name]
-        self.upstreams.forget(inbound_cluster_name(workload, port) for _, port in keys)
+        self.upstreams.forget([inbound_cluster_name(workload, port) for _, port in keys])
         for key in keys:
             del self._inbound_clusters[key]
 
@@ -623,7 +623,7 @@ class Proxy:
         pool = cluster.policy.connection_pool
         head_request = request.method == b"HEAD"
         framing = _framing(body, request)
-        chunked = framing is CHUNKED
+        chunked = framing == CHUNKED
         tried: list[Endpoint] = []
         attempt = 0
         retrying = False

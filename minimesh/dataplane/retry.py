@@ -42,7 +42,7 @@ class RetryDecider:
             statuses |= RETRIABLE_4XX
         if "retriable-status-codes" in on:
             statuses |= set(policy.retriable_status_codes)
-        failures = frozenset().union(*(FAILURES_RETRIED_BY.get(condition, frozenset()) for condition in on))
+        failures = frozenset().union(*[FAILURES_RETRIED_BY.get(condition, frozenset()) for condition in on])
         return cls(policy.attempts, frozenset(statuses), "5xx" in on, failures, policy.per_try_timeout)
 
     def retries_status(self, status: int) -> bool:
