@@ -53,9 +53,7 @@ def _guard() -> str:
     if not stale:
         return f"compiled with mypyc ({len(builds)} modules)"
     sys.meta_path.insert(0, _Sources({name: source for name, (_, source) in builds.items()}))
-    how = f"Python: {stale[0]} changed after it was compiled (`make native` compiles it again)"
-    print(f"minimesh: hot path runs as {how}", file=sys.stderr)
-    return how
+    return f"Python: {stale[0]} changed after it was compiled (`make native` compiles it again)"
 
 
 HOT_PATH = _guard()

@@ -116,34 +116,55 @@ def inbound_cluster_name(workload: Workload, port: int) -> str:
     return f"inbound|{port}||{workload.name}.{workload.namespace}"
 
 
-@dataclass(slots=True)
 class Exchange:
-    """One request's path through the proxy: what the access log and metrics read."""
+    """One request's path through the proxy: what the access log and metrics read.
+    (A plain class: made per request, and a compiled `__init__` is ten times a dataclass's.)"""
 
-    listener: Listener
-    method: str
-    path: str
-    authority: str
-    protocol: str
-    request_id: str
-    started: float
-    began: float
-    downstream: str
-    user_agent: str = ""
-    forwarded_for: str = ""
-    status: int = 0
-    flags: list[str] = field(default_factory=list)
-    route: str = ""
-    cluster: str = ""
-    upstream_host: str = ""
-    destination: Endpoint | None = None
-    destination_service: str = ""
-    bytes_received: int = 0
-    bytes_sent: int = 0
-    attempts: int = 0
-    upstream_time: float | None = None
-    duration: float = 0.0
-    original: tuple[str, int] | None = None
+    __slots__ = (
+        "attempts", "authority", "began", "bytes_received", "bytes_sent", "cluster", "destination",
+        "destination_service", "downstream", "duration", "flags", "forwarded_for", "listener", "method",
+        "original", "path", "protocol", "request_id", "route", "started", "status", "upstream_host",
+        "upstream_time", "user_agent",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        listener: Listener,
+        method: str,
+        path: str,
+        authority: str,
+        protocol: str,
+        request_id: str,
+        started: float,
+        began: float,
+        downstream: str,
+        user_agent: str = "",
+        forwarded_for: str = "",
+    ) -> None:
+        self.listener = listener
+        self.method = method
+        self.path = path
+        self.authority = authority
+        self.protocol = protocol
+        self.request_id = request_id
+        self.started = started
+        self.began = began
+        self.downstream = downstream
+        self.user_agent = user_agent
+        self.forwarded_for = forwarded_for
+        self.status = 0
+        self.flags: list[str] = []
+        self.route = ""
+        self.cluster = ""
+        self.upstream_host = ""
+        self.destination: Endpoint | None = None
+        self.destination_service = ""
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.attempts = 0
+        self.upstream_time: float | None = None
+        self.duration = 0.0
+        self.original: tuple[str, int] | None = None
 
     @property
     def flag_text(self) -> str:
@@ -374,7 +395,7 @@ class Proxy:
             netloc, slash, tail = rest.partition("/")
             authority = netloc or authority
             target = slash + tail or "/"
-        exchange = Exchange(  # by position, in field order: keywords cost more than the rest of the call
+        exchange = Exchange(
             listener,
             request.method.decode(),
             target,
@@ -391,7 +412,7 @@ class Proxy:
         if not authority and original is not None:
             authority = exchange.authority = f"{original[0]}:{original[1]}"
         gateway = listener.kind == "gateway"
-        view = RequestView(  # by position, in field order
+        view = RequestView(
             exchange.method,
             target,
             authority,

@@ -61,14 +61,9 @@ def _decide(snapshot: Snapshot, request: RequestView, rng: random.Random, steps:
 
 def _facts(request: RequestView, port: int, gateway: str) -> Facts:
     source = request.source
-    return Facts(
-        request=request,
-        path=request.path_only,
-        port=port,
-        gateway=gateway,
-        labels=source.label_map if source else None,
-        namespace=source.namespace if source else None,
-    )
+    if source is None:
+        return Facts(request, request.path_only, port, gateway, None, None)
+    return Facts(request, request.path_only, port, gateway, source.label_map, source.namespace)
 
 
 # ---------------------------------------------------------------- sidecars

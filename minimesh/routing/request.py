@@ -6,7 +6,6 @@ Built by the data plane per request, or by `explain` from a URL; pure data, no I
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from minimesh.registry.model import Workload
@@ -24,19 +23,33 @@ def split_authority(authority: str) -> tuple[str, int | None]:
     return authority.lower(), None
 
 
-@dataclass(frozen=True, slots=True)
 class RequestView:
-    """What routing needs of one request; header names are lower-case."""
+    """What routing needs of one request; header names are lower-case. Read-only by
+    convention: a plain class, because it is made per request (see `Facts`)."""
 
-    method: str
-    path: str
-    authority: str
-    headers: Mapping[str, str]
-    scheme: str = "http"
-    port: int | None = None
-    source: Workload | None = None
-    gateway: str = "mesh"
-    source_address: str = ""
+    __slots__ = ("authority", "gateway", "headers", "method", "path", "port", "scheme", "source", "source_address")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        authority: str,
+        headers: Mapping[str, str],
+        scheme: str = "http",
+        port: int | None = None,
+        source: Workload | None = None,
+        gateway: str = "mesh",
+        source_address: str = "",
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.authority = authority
+        self.headers = headers
+        self.scheme = scheme
+        self.port = port
+        self.source = source
+        self.gateway = gateway
+        self.source_address = source_address
 
     @classmethod
     def from_url(

@@ -714,10 +714,21 @@ def test_trace_shows_the_weight_draw_and_the_fault() -> None:
 
 def test_trace_and_decide_agree_for_the_same_seed() -> None:
     snap = bookinfo("virtual-service-reviews-50-v3.yaml")
+    picks = set()
     for seed in range(20):
-        assert trace(snap, request("http://reviews/"), random.Random(seed))[0] == decide(
-            snap, request("http://reviews/"), random.Random(seed)
+        traced = trace(snap, request("http://reviews/"), random.Random(seed))[0]
+        decided = decide(snap, request("http://reviews/"), random.Random(seed))
+        assert isinstance(traced, Forward) and isinstance(decided, Forward)
+        assert (traced.route_ref, traced.target, traced.port, traced.prefix) == (
+            decided.route_ref,
+            decided.target,
+            decided.port,
+            decided.prefix,
         )
+        assert traced.draw is not None and decided.draw is not None
+        assert (traced.draw.weights, traced.draw.picked) == (decided.draw.weights, decided.draw.picked)
+        picks.add(decided.draw.picked)
+    assert picks == {0, 1}
 
 
 # ---------------------------------------------------------------- never raises
