@@ -88,8 +88,8 @@ class LeastRequest:
 
     def pick(self, *, key: str | None = None, exclude: Collection[Endpoint] = ()) -> Endpoint | None:
         candidates = _candidates(self.endpoints, exclude)
-        if not candidates:
-            return None
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
         best = candidates[self.rng.randrange(len(candidates))]
         for _ in range(self.choices - 1):
             other = candidates[self.rng.randrange(len(candidates))]
@@ -110,7 +110,9 @@ class Random:
 
     def pick(self, *, key: str | None = None, exclude: Collection[Endpoint] = ()) -> Endpoint | None:
         candidates = _candidates(self.endpoints, exclude)
-        return candidates[self.rng.randrange(len(candidates))] if candidates else None
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        return candidates[self.rng.randrange(len(candidates))]
 
     def __repr__(self) -> str:
         return f"<Random endpoints={len(self.endpoints)}>"
