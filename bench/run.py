@@ -240,6 +240,8 @@ def machine() -> dict[str, Any]:
         uvloop_version: str | None = uvloop.__version__
     except ImportError:
         uvloop_version = None
+    import minimesh
+
     return {
         "cores": os.cpu_count(),
         "cpu": _cpu_model(),
@@ -249,6 +251,7 @@ def machine() -> dict[str, Any]:
         "nginx": _first_line([nginx.nginx_binary(), "-v"]).removeprefix("nginx version: "),
         "wrk": _first_line([wrk.wrk_binary(), "--version"]).split(" [")[0],
         "commit": _commit(),
+        "hot_path": minimesh.HOT_PATH,
     }
 
 
@@ -301,6 +304,7 @@ def report(results: dict[str, Any]) -> str:
         f"python {m['python']}, uvloop {m['uvloop'] or 'no'}, nginx {m['nginx']}, {m['wrk']}, kernel {m['kernel']}",
         f"pinning: {s['pinning']}",
         f"upstream: {s['upstream']}",
+        f"minimesh hot path: {m['hot_path']}",
     ]
     if "gateway" in results:
         loop = results["gateway"]["loop"]
