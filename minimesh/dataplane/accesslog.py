@@ -59,6 +59,8 @@ start_time = _StartTimes()
 
 def response_code_details(exchange: Exchange) -> str:
     """Why the response is what it is, in Envoy's words."""
+    if exchange.details:
+        return exchange.details
     for flag in exchange.flags:
         detail = DETAILS.get(flag)
         if detail is not None:

@@ -293,6 +293,8 @@ class Request:
 
 
 Handler = Callable[[Request, "Responder"], Awaitable[None]]
+Rejected = Callable[["Downstream", int, int], None]
+"""Told of a request answered before it reached the handler: (connection, status, bytes sent)."""
 
 
 class Responder:
@@ -385,11 +387,16 @@ class Responder:
         self._conn.producer = producer
 
     def reply(self, status: int, body: bytes = b"", headers: HeaderList | None = None) -> None:
-        """A whole local reply, with Envoy's headers for one (content-type, date, server)."""
-        extra: HeaderList = [(b"date", DATE.get()), (b"server", b"istio-envoy")]
+        """A whole local reply, with Envoy's headers for one (content-type, date, server)
+        where `headers` does not set them."""
+        given = headers or []
+        defaults: HeaderList = [(b"date", DATE.get()), (b"server", b"istio-envoy")]
         if body:
-            extra.insert(0, (b"content-type", b"text/plain"))
-        self.send_whole(status, [*(headers or []), *extra], len(body), body)
+            defaults.insert(0, (b"content-type", b"text/plain"))
+        if given:
+            names = {name for name, _ in given}
+            defaults = [header for header in defaults if header[0] not in names]
+        self.send_whole(status, [*given, *defaults], len(body), body)
 
     @property
     def ended(self) -> bool:
@@ -412,9 +419,11 @@ class Downstream(asyncio.Protocol):
         handler: Handler,
         on_close: Callable[[Downstream], None] | None = None,
         limits: ConnectionLimits = DEFAULT_LIMITS,
+        on_reject: Rejected | None = None,
     ) -> None:
         self._handler = handler
         self._on_close = on_close
+        self._on_reject = on_reject
         self._limits = limits
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -643,9 +652,14 @@ class Downstream(asyncio.Protocol):
     def _fail(self, status: int, body: bytes) -> None:
         """Envoy's answer to a request it could not parse or wait for: a local reply, then close
         (nothing is written while an earlier pipelined response is still going out)."""
+        sent = 0
         if not self._busy:
-            self.write(local_reply_bytes(status, body, close=True))
+            data = local_reply_bytes(status, body, close=True)
+            self.write(data)
+            sent = len(data)
         self.close()
+        if self._on_reject is not None:
+            self._on_reject(self, status, sent)
 
     def _pause_reading(self) -> None:
         if not self._read_paused and self._transport is not None:

@@ -44,7 +44,7 @@ class Serving:
         self.server: asyncio.Server | None = None
 
     def _protocol(self) -> Downstream:
-        connection = Downstream(self._handle, self.connections.discard, self.limits)
+        connection = Downstream(self._handle, self.connections.discard, self.limits, self._rejected)
         self.connections.add(connection)
         return connection
 
@@ -60,6 +60,9 @@ class Serving:
             if original is None:
                 original = connection.extra["original"] = original_destination(connection.socket())
         return self.proxy.handle(request, responder, self.listener, responder.peer, original)
+
+    def _rejected(self, connection: Downstream, status: int, sent: int) -> None:
+        self.proxy.rejected(self.listener, connection.peer_text, status, sent)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()

@@ -49,6 +49,7 @@ from minimesh.routing.match import decide
 from minimesh.routing.pick import hash_key
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import (
+    NO_OPERATIONS,
     BlackHole,
     Cluster,
     DirectResponse,
@@ -59,6 +60,7 @@ from minimesh.routing.snapshot import (
     PassThrough,
     Redirect,
     RetryPolicy,
+    Route,
     Snapshot,
 )
 
@@ -122,7 +124,7 @@ class Exchange:
 
     __slots__ = (
         "attempts", "authority", "began", "bytes_received", "bytes_sent", "cluster", "destination",
-        "destination_service", "downstream", "duration", "flags", "forwarded_for", "listener", "method",
+        "destination_service", "details", "downstream", "duration", "flags", "forwarded_for", "listener", "method",
         "original", "path", "protocol", "request_id", "route", "started", "status", "upstream_host",
         "upstream_time", "user_agent",
     )  # fmt: skip
@@ -165,6 +167,8 @@ class Exchange:
         self.upstream_time: float | None = None
         self.duration = 0.0
         self.original: tuple[str, int] | None = None
+        self.details = ""
+        """Envoy's %RESPONSE_CODE_DETAILS% when the flags do not imply it."""
 
     @property
     def flag_text(self) -> str:
@@ -441,12 +445,35 @@ class Proxy:
             for observer in self.observers:
                 observer(exchange)
 
+    def rejected(self, listener: Listener, peer: str, status: int, sent: int) -> None:
+        """A request the HTTP/1 codec refused before routing (400 or 431 `DPE`, 408 for a head
+        that never finished, 501 for an upgrade): logged and counted as Envoy does."""
+        now = time.monotonic()
+        exchange = Exchange(listener, "-", "-", "", "-", "-", time.time(), now, peer)
+        exchange.status = status
+        exchange.bytes_sent = sent
+        exchange.details = REJECTED_DETAILS.get(status, "-")
+        if status in (400, 431):
+            exchange.flags.append("DPE")
+        for observer in self.observers:
+            observer(exchange)
+
     def reply(
-        self, responder: Responder, exchange: Exchange, reply: LocalReply, extra: HeaderList | None = None
+        self,
+        responder: Responder,
+        exchange: Exchange,
+        reply: LocalReply,
+        extra: HeaderList | None = None,
+        route: Route | None = None,
     ) -> None:
+        """A local reply; `route` is the rule that made it, whose response headers apply."""
         if reply.flag:
             exchange.flags.append(reply.flag)
         headers = [*reply.headers, *(extra or ())]
+        if route is not None:
+            ops = self._response_ops.get(route.response_headers)
+            headers = [header for header in headers if header[0] not in ops.drop]
+            headers += ops.add
         if self.debug_headers and exchange.route:
             headers.append((b"x-minimesh-route", exchange.route.encode()))
         responder.reply(reply.status, reply.body, headers)
@@ -460,11 +487,11 @@ class Proxy:
     async def _redirect(self, outcome: Redirect, request: Request, responder: Responder, exchange: Exchange,
                         view: RequestView, snapshot: Snapshot) -> None:  # fmt: skip
         reply = LocalReply(outcome.status, b"", "")
-        self.reply(responder, exchange, reply, [(b"location", outcome.location.encode("latin-1"))])
+        self.reply(responder, exchange, reply, [(b"location", outcome.location.encode("latin-1"))], outcome.route)
 
     async def _direct(self, outcome: DirectResponse, request: Request, responder: Responder, exchange: Exchange,
                       view: RequestView, snapshot: Snapshot) -> None:  # fmt: skip
-        self.reply(responder, exchange, LocalReply(outcome.status, outcome.body, ""))
+        self.reply(responder, exchange, LocalReply(outcome.status, outcome.body, ""), route=outcome.route)
 
     async def _black_hole(self, outcome: BlackHole, request: Request, responder: Responder, exchange: Exchange,
                           view: RequestView, snapshot: Snapshot) -> None:  # fmt: skip
@@ -823,8 +850,13 @@ class Proxy:
         self.upstreams.close()
 
 
-NO_OPERATIONS = m.HeaderOperations()
 CHUNKED = (b"transfer-encoding: chunked\r\n\r\n",)
+REJECTED_DETAILS = {
+    400: "http1.codec_error",
+    408: "request_header_timeout",
+    431: "http1.headers_too_large",
+    501: "upgrade_failed",
+}
 NO_BODY = (b"\r\n",)
 
 

@@ -552,6 +552,7 @@ class _Compiler:
             rewrite=rule.rewrite,
             redirect=rule.redirect,
             direct_response=rule.direct_response,
+            response_headers=_clean(rule.headers.response),
             fault_first=fault_first if faulty else None,
         )
 

@@ -420,6 +420,9 @@ class Route:
     rewrite: m.HTTPRewrite | None = None
     redirect: m.HTTPRedirect | None = None
     direct_response: m.HTTPDirectResponse | None = None
+    response_headers: m.HeaderOperations = NO_OPERATIONS
+    """The rule's own `headers.response`, for the replies it makes itself (redirect, direct
+    response); forwarded responses take them, with the destination's, from their Target."""
     fault_first: int | None = None
     """From `minimesh.dev/fault-first: N`: the fault fires for exactly the first N requests
     (percentages ignored), counted by the data plane per route `ref`."""

@@ -11,7 +11,10 @@ import tracemalloc
 
 from aiohttp import web
 
+from minimesh.admin.metrics import Metrics
+from minimesh.dataplane.accesslog import text_line
 from minimesh.dataplane.http1 import ConnectionLimits
+from minimesh.dataplane.proxy import Exchange
 from tests.inproc.upstreams import Backend, Mesh, RawClient, Reply, Seen, running_mesh, service
 
 APP = service("web", "app")
@@ -38,6 +41,20 @@ NO_RETRIES = route("retries: {attempts: 0}")
 
 async def connect(mesh: Mesh) -> RawClient:
     return await RawClient.connect(mesh.gateway.address)
+
+
+def logged(exchange: Exchange) -> tuple[str, int]:
+    """The access-log line's request, status, flags and details; and how many requests
+    `istio_requests_total` counted with that status."""
+    line = text_line(exchange).split("] ", 1)[1]
+    metrics = Metrics()
+    metrics(exchange)
+    counted = sum(
+        int(float(row.rsplit(" ", 1)[1]))
+        for row in metrics.prometheus().splitlines()
+        if row.startswith("istio_requests_total{") and f'response_code="{exchange.status}"' in row
+    )
+    return " ".join(line.split(" ")[:6]), counted
 
 
 async def test_keep_alive_on_both_sides() -> None:
@@ -194,6 +211,7 @@ async def test_headers_past_60_kib_are_431() -> None:
         assert response.header(b"connection") == b"close"
         assert await client.closed() == b""
         assert app.seen == []
+        assert logged(mesh.last()) == ('"- - -" 431 DPE http1.headers_too_large', 1)
         small = b"".join(b"x-fill-%d: %b\r\n" % (i, b"v" * 1000) for i in range(50))
         client = await connect(mesh)
         client.send(b"GET / HTTP/1.1\r\nhost: example.com\r\n" + small + b"\r\n")
@@ -210,6 +228,7 @@ async def test_a_client_that_never_finishes_its_headers_is_cut_with_408() -> Non
         assert (response.status, response.body) == (408, b"")
         assert response.header(b"connection") == b"close"
         assert await client.closed() == b""
+        assert logged(mesh.last()) == ('"- - -" 408 - request_header_timeout', 1)
 
 
 async def test_an_idle_keep_alive_connection_is_closed_without_a_word() -> None:
@@ -303,6 +322,7 @@ async def test_a_malformed_request_is_400() -> None:
         response = await client.response()
         assert (response.status, response.body) == (400, b"Bad Request")
         assert await client.closed() == b""
+        assert logged(mesh.last()) == ('"- - -" 400 DPE http1.codec_error', 1)
 
 
 async def test_a_client_that_leaves_mid_request_releases_the_upstream_connection() -> None:

@@ -165,6 +165,12 @@ spec:
     directResponse: {status: 200, body: {string: "ok\\n"}}
   - match: [{uri: {exact: /gone}}]
     directResponse: {status: 410}
+  - match: [{uri: {exact: /teapot}}]
+    directResponse: {status: 418, body: {string: "{}"}}
+    headers: {response: {set: {content-type: application/json}, add: {x-served-by: minimesh}}}
+  - match: [{uri: {prefix: /signed}}]
+    redirect: {uri: /login}
+    headers: {response: {add: {cache-control: no-store}}}
 """
 
 
@@ -183,5 +189,19 @@ async def test_redirects_and_direct_responses_never_reach_an_upstream() -> None:
         assert answer.headers["server"] == "istio-envoy"
         answer = await mesh.get("/gone")
         assert (answer.status, answer.body) == (410, b"")
+        assert "x-served-by" not in answer.headers
         assert {e.flag_text for e in mesh.exchanges} == {"-"}
         assert mesh.exchanges[0].route == "VirtualService/default/web#http[0]"
+
+
+async def test_a_rules_response_headers_apply_to_its_own_replies() -> None:
+    async with running_mesh(REDIRECTS) as mesh:
+        answer = await mesh.get("/teapot")
+        assert (answer.status, answer.body) == (418, b"{}")
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.names.count("content-type") == 1
+        assert answer.headers["x-served-by"] == "minimesh"
+        assert answer.headers["server"] == "istio-envoy"
+        answer = await mesh.get("/signed/in", allow_redirects=False)
+        assert (answer.status, answer.headers["location"]) == (301, "http://example.com/login")
+        assert answer.headers["cache-control"] == "no-store"

@@ -234,11 +234,18 @@ class FakeClock:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A response as a client saw it; header names lower-case."""
+    """A response as a client saw it; header names lower-case (`names`: each as often as sent)."""
 
     status: int
     headers: Mapping[str, str]
     body: bytes
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    async def of(cls, response: aiohttp.ClientResponse) -> Answer:
+        body = await response.read()
+        names = tuple(k.lower() for k in response.headers)
+        return cls(response.status, {k.lower(): v for k, v in response.headers.items()}, body, names)
 
 
 class Mesh:
@@ -270,8 +277,7 @@ class Mesh:
         """A request to the gateway (`path` may carry a query), Host `example.com` by default."""
         headers = {"Host": "example.com", **kwargs.pop("headers", {})}
         async with self.session.request(method, self.gateway_url + path, headers=headers, **kwargs) as response:
-            body = await response.read()
-            return Answer(response.status, {k.lower(): v for k, v in response.headers.items()}, body)
+            return await Answer.of(response)
 
     async def get(self, path: str, **kwargs: Any) -> Answer:
         return await self.request("GET", path, **kwargs)
@@ -279,8 +285,7 @@ class Mesh:
     async def via_sidecar(self, method: str, url: str, **kwargs: Any) -> Answer:
         """An absolute-form request (`GET http://reviews:9080/x`) to the sidecar, as HTTP_PROXY sends it."""
         async with self.session.request(method, url, proxy=self.sidecar_url, **kwargs) as response:
-            body = await response.read()
-            return Answer(response.status, {k.lower(): v for k, v in response.headers.items()}, body)
+            return await Answer.of(response)
 
     def last(self) -> Exchange:
         return self.exchanges[-1]
