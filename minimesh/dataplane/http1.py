@@ -262,7 +262,7 @@ class Request:
     """One downstream request as parsed: lower-case header names, body still arriving.
     (A plain class: made per request, and a compiled `__init__` is ten times a dataclass's.)"""
 
-    __slots__ = ("body", "expects_continue", "headers", "keep_alive", "method", "target", "version")
+    __slots__ = ("body", "expects_continue", "headers", "keep_alive", "method", "target", "upgrade", "version")
 
     def __init__(
         self,
@@ -280,6 +280,8 @@ class Request:
         self.version = version
         self.keep_alive = keep_alive
         self.expects_continue = False
+        self.upgrade: bytes | None = None
+        """The `Upgrade` protocol (`websocket`) when the request asks to switch protocols."""
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -382,6 +384,18 @@ class Responder:
         """The client reads slower than we write: `drain` would wait."""
         return self._conn.blocked
 
+    def switch(self, headers: HeaderList, upstream: UpstreamConnection) -> Tunnel:
+        """Answer 101 Switching Protocols with the upstream's `headers`; from then on the
+        connection is a tunnel to `upstream`."""
+        self.status = 101
+        self.head_sent = True
+        self._ended = True
+        parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        return self._conn.splice(b"".join(parts), upstream, self, self._request.body)
+
     def set_producer(self, producer: asyncio.BaseTransport | None) -> None:
         """The transport to pause while the client is slower than the upstream."""
         self._conn.producer = producer
@@ -445,6 +459,9 @@ class Downstream(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._held = b""
         self._read_paused = False
+        self._upgraded = False
+        self._early = b""
+        self._tunnel: Tunnel | None = None
         self.closing = False
         self.producer: asyncio.BaseTransport | None = None
         self.peer: tuple[str, int] = ("", 0)
@@ -469,12 +486,17 @@ class Downstream(asyncio.Protocol):
         self._set_deadline(self._limits.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._upgraded:
+            self._tunnel_in(data)
+            return
         try:
             self._parser.feed_data(data)
             if self._in_head and not self._deadline:
                 self._set_deadline(self._limits.headers_timeout)
-        except httptools.HttpParserUpgrade:
-            self._fail(501, b"protocol upgrades are not supported by minimesh")
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded = True
+            self._pause_reading()
+            self._tunnel_in(data[int(upgrade.args[0]) :])
         except httptools.HttpParserError as exc:
             if self._header_bytes > self._limits.max_header_bytes:
                 self._fail(431, reason(431))
@@ -487,12 +509,15 @@ class Downstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._deadline = 0.0
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._current is not None and not self._current.body.complete:
             self._current.body.fail(ConnectionResetError("downstream closed the connection"))
-        if self._worker is not None:
+        if self._worker is not None and tunnel is None:
             self._worker.cancel()
         self._wake_drain()
         if self._on_close is not None:
@@ -541,6 +566,8 @@ class Downstream(asyncio.Protocol):
             parser.should_keep_alive(),
         )
         request.expects_continue = request.header(b"expect") == b"100-continue"
+        if parser.should_upgrade():
+            request.upgrade = request.header(b"upgrade") or b""
         self._current = request
         self._in_head = False
         self._deadline = 0.0
@@ -598,8 +625,30 @@ class Downstream(asyncio.Protocol):
                 raise
             if not responder.ended:
                 responder.end()
-            if not request.body.complete:
+            if not request.body.complete or self._upgraded:
                 self.close()
+
+    # ---- after a 101: a tunnel
+
+    def _tunnel_in(self, data: bytes) -> None:
+        """Bytes past an upgrade request: to the upstream once the tunnel is up, else held
+        (reading is paused meanwhile, so this stays small)."""
+        if self._tunnel is not None:
+            self._tunnel.up(data)
+        elif data:
+            self._early += data
+
+    def splice(self, head: bytes, upstream: UpstreamConnection, responder: Responder, body: Body) -> Tunnel:
+        tunnel = Tunnel(self, upstream, responder, body)
+        self.write(head)
+        self._tunnel = tunnel
+        self.producer = upstream.transport
+        upstream.splice(tunnel, self._transport)
+        early, self._early = self._early, b""
+        if early:
+            tunnel.up(early)
+        self._resume_reading()
+        return tunnel
 
     def response_done(self, *, keep_alive: bool) -> None:
         if not keep_alive:
@@ -773,6 +822,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.requests = 0
         self._held = b""
+        self._early = b""
+        self._tunnel: Tunnel | None = None
+        self.producer: asyncio.Transport | None = None
+        """The downstream transport to pause while this upstream reads slower (a tunnel)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's subclasses
@@ -788,6 +841,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake_drain()
         if self._on_lost is not None:
             self._on_lost(self)
+        if self._tunnel is not None:
+            self._tunnel.close()
+            return
         error = UpstreamClosed(
             "upstream closed the connection", before_headers=True, sent_nothing=not self._received_any
         )
@@ -803,9 +859,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self.producer is not None:
+            self.producer.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.producer is not None and not self.producer.is_closing():
+            self.producer.resume_reading()
         self._wake_drain()
 
     def _wake_drain(self) -> None:
@@ -816,8 +876,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received_any = True
+        if self._tunnel is not None:
+            self._tunnel.down(data)
+            return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._early += data[int(upgrade.args[0]) :]
         except httptools.HttpParserError as exc:
             self._broken(f"invalid upstream response: {exc}")
 
@@ -841,7 +906,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if status < 200:
+        if status < 200 and status != 101:
             return
         response = UpstreamResponse(self, status, self._reason, self._headers)
         response.keep_alive = self._parser.should_keep_alive()
@@ -867,11 +932,21 @@ class UpstreamConnection(asyncio.Protocol):
         response.body.finish()
         self._response = None
         self._head = None
+        if response.status == 101:
+            return  # the connection becomes a tunnel, or is closed: never pooled again
         if not reusable:
             response.keep_alive = False
             self.close()
         elif self._on_idle is not None:
             self._on_idle(self)
+
+    def splice(self, tunnel: Tunnel, downstream: asyncio.Transport | None) -> None:
+        """Carry `tunnel` from now on: what the upstream sent past its 101 goes first."""
+        self._tunnel = tunnel
+        self.producer = downstream
+        early, self._early = self._early, b""
+        if early:
+            tunnel.down(early)
 
     async def exchange(
         self, head: bytes, body: Body | bytes, *, head_request: bool = False, chunked: bool = True
@@ -934,3 +1009,37 @@ class UpstreamConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("idle" if self.idle else "busy")
         return f"<UpstreamConnection {state} requests={self.requests}>"
+
+
+class Tunnel:
+    """After a 101 Switching Protocols (WebSocket): bytes pass both ways untouched, each side
+    paused while the other is slow to take them, until either closes; then both close.
+    Counted as the request's bytes received and the response's bytes sent."""
+
+    __slots__ = ("body", "done", "downstream", "responder", "upstream")
+
+    def __init__(self, downstream: Downstream, upstream: UpstreamConnection, responder: Responder, body: Body) -> None:
+        self.downstream = downstream
+        self.upstream = upstream
+        self.responder = responder
+        self.body = body
+        self.done: asyncio.Future[None] = upstream.loop.create_future()
+
+    def up(self, data: bytes) -> None:
+        """From the client to the upstream."""
+        self.body.received += len(data)
+        transport = self.upstream.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def down(self, data: bytes) -> None:
+        """From the upstream to the client."""
+        self.responder.bytes_sent += len(data)
+        self.downstream.write(data)
+
+    def close(self) -> None:
+        """Either side closed (the normal end of a tunnel) or the proxy stops: close both."""
+        if not self.done.done():
+            self.done.set_result(None)
+        self.downstream.close()
+        self.upstream.close()

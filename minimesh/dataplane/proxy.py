@@ -577,7 +577,7 @@ class Proxy:
     ) -> None:
         exchange.cluster = cluster.name
         exchange.destination_service = cluster.host
-        mirrors = outcome.mirrors if outcome is not None and outcome.route.mirrors else ()
+        mirrors = outcome.mirrors if outcome is not None and outcome.route.mirrors and request.upgrade is None else ()
         body: Body | bytes = request.body
         if not request.has_body:
             body = b""
@@ -622,7 +622,10 @@ class Proxy:
                 return
             host = state.host(endpoint)
             try:
-                await self._respond(response, responder, exchange, outcome, cors_headers)
+                if response.status == 101 and request.upgrade is not None:
+                    await self._tunnel(response, responder)
+                else:
+                    await self._respond(response, responder, exchange, outcome, cors_headers)
             finally:
                 host.in_flight -= 1
         finally:
@@ -642,6 +645,8 @@ class Proxy:
             if name not in drop:
                 parts += (name, b": ", value, b"\r\n")
         parts += ops.lines
+        if request.upgrade is not None:
+            parts += [b"connection: upgrade\r\nupgrade: ", request.upgrade, b"\r\n"]
         forwarded = exchange.forwarded_for
         proto = b"http"
         if exchange.listener.kind == "gateway":
@@ -753,6 +758,15 @@ class Proxy:
             if len(avoid) < len(cluster.endpoints):
                 exclude = avoid
         return balancer.pick(key=key, exclude=exclude)
+
+    async def _tunnel(self, response: UpstreamResponse, responder: Responder) -> None:
+        """The upstream switched protocols (WebSocket, as Istio allows by default): its 101
+        goes back, then bytes pass both ways until either side closes."""
+        tunnel = responder.switch(response.headers, response.conn)
+        try:
+            await tunnel.done
+        finally:
+            tunnel.close()
 
     async def _respond(
         self,
