@@ -602,34 +602,53 @@ class Proxy:
             self.reply(responder, exchange, failure.reply, cors_headers)
             return
         try:
-            try:
-                if timeout is None:
-                    response, endpoint = await self._attempts(
-                        cluster, state, retry, request, body, head_parts, exchange, view, None
-                    )
-                else:
-                    async with self._deadline(timeout) as deadline:
-                        response, endpoint = await self._attempts(
-                            cluster, state, retry, request, body, head_parts, exchange, view, deadline
-                        )
-            except TimeoutError:
+            if timeout is None:
+                await self._exchange(cluster, state, retry, request, body, head_parts, exchange, view, None,
+                                     responder, outcome, cors_headers)  # fmt: skip
+            else:
+                async with self._deadline(timeout) as deadline:
+                    await self._exchange(cluster, state, retry, request, body, head_parts, exchange, view, deadline,
+                                         responder, outcome, cors_headers)  # fmt: skip
+        except TimeoutError:
+            if responder.head_sent:
+                exchange.flags.append("UT")
+                responder.abort()
+            else:
                 self.reply(responder, exchange, UPSTREAM_TIMEOUT, cors_headers)
-                return
-            except UpstreamFailure as failure:
-                if failure.endpoint is not None:
-                    exchange.upstream_host = f"{failure.endpoint.address}:{failure.endpoint.port}"
-                self.reply(responder, exchange, failure.reply, cors_headers)
-                return
-            host = state.host(endpoint)
-            try:
-                if response.status == 101 and request.upgrade is not None:
-                    await self._tunnel(response, responder)
-                else:
-                    await self._respond(response, responder, exchange, outcome, cors_headers)
-            finally:
-                host.in_flight -= 1
+        except UpstreamFailure as failure:
+            if failure.endpoint is not None:
+                exchange.upstream_host = f"{failure.endpoint.address}:{failure.endpoint.port}"
+            self.reply(responder, exchange, failure.reply, cors_headers)
         finally:
             state.done()
+
+    async def _exchange(
+        self,
+        cluster: Cluster,
+        state: ClusterState,
+        retry: RetryDecider,
+        request: Request,
+        body: Body | bytes,
+        head_parts: list[bytes],
+        exchange: Exchange,
+        view: RequestView,
+        deadline: Deadline | None,
+        responder: Responder,
+        outcome: Forward | None,
+        cors_headers: HeaderList,
+    ) -> None:
+        """The attempts, then the response passed on, all within the route's `deadline` as
+        Envoy's route timeout covers the whole response (a tunnel too)."""
+        response, endpoint = await self._attempts(cluster, state, retry, request, body, head_parts, exchange, view,
+                                                  deadline)  # fmt: skip
+        host = state.host(endpoint)
+        try:
+            if response.status == 101 and request.upgrade is not None:
+                await self._tunnel(response, responder)
+            else:
+                await self._respond(response, responder, exchange, outcome, cors_headers)
+        finally:
+            host.in_flight -= 1
 
     def _request_head(
         self, request: Request, exchange: Exchange, ops: _RequestOps, path: str, authority: str

@@ -5,9 +5,14 @@ answers itself (`UF` refused, `UC` closed before headers)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from tests.inproc.upstreams import RESET, Backend, Hangup, Reply, refused_port, running_mesh, service
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.inproc.upstreams import RESET, Backend, Hangup, Reply, Seen, refused_port, running_mesh, service
 
 APP = service("web", "app")
 
@@ -42,6 +47,25 @@ async def test_route_timeout_is_504_UT() -> None:
         assert answer.headers["content-type"] == "text/plain"
         assert mesh.last().flag_text == "UT"
         assert mesh.last().upstream_host == f"127.0.0.1:{app.port}"
+
+
+async def test_the_route_timeout_covers_the_body_too() -> None:
+    async def stalls(request: web.BaseRequest, seen: Seen) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-length": "10"})
+        await response.prepare(request)
+        await response.write(b"12345")
+        await asyncio.sleep(1)
+        await response.write(b"67890")
+        return response
+
+    app = Backend("app")
+    app.handler = stalls
+    async with running_mesh(APP + vs("timeout: 0.3s"), {"app": app}) as mesh:
+        started = time.monotonic()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await mesh.get("/")
+        assert 0.3 <= time.monotonic() - started < 0.8
+        assert (mesh.last().status, mesh.last().flag_text, mesh.last().bytes_sent) == (200, "UT", 5)
 
 
 async def test_retries_count_against_the_route_timeout() -> None:
