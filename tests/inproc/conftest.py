@@ -19,7 +19,7 @@ from string import Template
 import aiohttp
 import pytest
 
-from minimesh.testing import Upstream, start_upstream
+from tests.inproc.upstreams import Backend
 
 READY_TIMEOUT = 20.0
 
@@ -147,16 +147,16 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
             daemon.stop()
 
 
-StartUpstream = Callable[[str], Awaitable[Upstream]]
+StartUpstream = Callable[[str], Awaitable[Backend]]
 
 
 @pytest.fixture
 async def upstreams() -> AsyncIterator[StartUpstream]:
     """Start named upstreams on ephemeral 127.0.0.1 ports; all are closed after the test."""
-    started: list[Upstream] = []
+    started: list[Backend] = []
 
-    async def start(name: str) -> Upstream:
-        upstream = await start_upstream(name)
+    async def start(name: str) -> Backend:
+        upstream = await Backend(name).start()
         started.append(upstream)
         return upstream
 

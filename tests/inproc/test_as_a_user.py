@@ -14,8 +14,8 @@ from pathlib import Path
 
 import aiohttp
 
-from minimesh.testing import Behaviour, Upstream
 from tests.inproc.conftest import StartDaemon, StartUpstream
+from tests.inproc.upstreams import Backend, Reply
 
 HEAD = """\
 apiVersion: networking.istio.io/v1
@@ -32,7 +32,7 @@ spec: {selector: {app: svc}, ports: [{name: http, port: 9080}]}
 """
 
 
-def entry(name: str, upstream: Upstream, version: str, app: str = "svc") -> str:
+def entry(name: str, upstream: Backend, version: str, app: str = "svc") -> str:
     return f"""---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
@@ -119,7 +119,7 @@ async def test_circuit_breaking_never_lets_more_through_than_configured(
     tmp_path: Path, start_daemon: StartDaemon, upstreams: StartUpstream
 ) -> None:
     slow = await upstreams("slow")
-    slow.behaviour = Behaviour(delay=0.3)
+    slow.reply = Reply(delay=0.3)
     routes = """---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -156,7 +156,7 @@ spec:
                 return response.status
 
         codes = Counter(await asyncio.gather(*(one() for _ in range(10))))
-    assert slow.most_in_flight == 1
+    assert slow.max_active == 1
     assert codes[200] >= 1 and codes[503] == overloaded >= 7, codes
 
 
@@ -164,7 +164,7 @@ async def test_an_endpoint_answering_500_is_ejected(
     tmp_path: Path, start_daemon: StartDaemon, upstreams: StartUpstream
 ) -> None:
     good, bad = await upstreams("good"), await upstreams("bad")
-    bad.behaviour = Behaviour(status=500)
+    bad.reply = Reply(status=500)
     routes = """---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -198,7 +198,7 @@ spec:
 
 async def test_mirrors_arrive_with_shadow(tmp_path: Path, start_daemon: StartDaemon, upstreams: StartUpstream) -> None:
     main, shadow = await upstreams("main"), await upstreams("shadow")
-    shadow.behaviour = Behaviour(delay=1.0)
+    shadow.reply = Reply(delay=1.0)
     routes = """---
 apiVersion: v1
 kind: Service
@@ -224,8 +224,8 @@ spec:
             assert (response.status, await response.text()) == (200, "main")
         assert asyncio.get_running_loop().time() - started < 0.8, "a slow mirror must not delay the primary"
     for _ in range(40):
-        if shadow.requests:
+        if shadow.seen:
             break
         await asyncio.sleep(0.05)
-    assert [r.headers["host"] for r in shadow.requests] == ["shop.local-shadow"]
-    assert [r.path for r in shadow.requests] == ["/orders"]
+    assert [r.headers["host"] for r in shadow.seen] == ["shop.local-shadow"]
+    assert [r.path for r in shadow.seen] == ["/orders"]
