@@ -8,20 +8,18 @@ import asyncio
 
 from aiohttp import web
 
-from tests.inproc.upstreams import RESET, Answer, Backend, Mesh, RawClient, Reply, Seen, running_mesh, service
-
-ROUTE = """
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
-  - route: [{destination: {host: web}}]
-    RETRIES
-"""
+from tests.inproc.upstreams import (
+    RESET,
+    Answer,
+    Backend,
+    Mesh,
+    RawClient,
+    Reply,
+    Seen,
+    running_mesh,
+    service,
+    web_route,
+)
 
 OVERFLOW = RESET + b"overflow"
 
@@ -38,7 +36,7 @@ spec:
     loadBalancer: {{simple: ROUND_ROBIN}}
     connectionPool: {pool}
 """
-    return service("web", *members) + rule + ROUTE.replace("RETRIES", retries)
+    return service("web", *members) + rule + web_route(retries)
 
 
 async def burst(mesh: Mesh, count: int) -> list[Answer]:

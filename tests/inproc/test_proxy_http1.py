@@ -15,28 +15,13 @@ from minimesh.admin.metrics import Metrics
 from minimesh.dataplane.accesslog import text_line
 from minimesh.dataplane.http1 import ConnectionLimits
 from minimesh.dataplane.proxy import Exchange
-from tests.inproc.upstreams import Backend, Mesh, RawClient, Reply, Seen, running_mesh, service
+from tests.inproc.upstreams import Backend, Mesh, RawClient, Reply, Seen, running_mesh, service, web_route
 
 APP = service("web", "app")
 CLUSTER = "outbound|9080||web.default.svc.cluster.local"
 
 
-def route(retries: str = "") -> str:
-    return f"""
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: web}}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
-  - route: [{{destination: {{host: web}}}}]
-    {retries}
-"""
-
-
-NO_RETRIES = route("retries: {attempts: 0}")
+NO_RETRIES = web_route("retries: {attempts: 0}")
 
 
 async def connect(mesh: Mesh) -> RawClient:
@@ -59,7 +44,7 @@ def logged(exchange: Exchange) -> tuple[str, int]:
 
 async def test_keep_alive_on_both_sides() -> None:
     app = Backend("app")
-    async with running_mesh(APP + route(), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route(), {"app": app}) as mesh:
         client = await connect(mesh)
         for i in range(5):
             client.send(b"GET /%d HTTP/1.1\r\nhost: example.com\r\n\r\n" % i)
@@ -131,7 +116,7 @@ async def test_a_chunked_response_streams_to_the_client() -> None:
     app = Backend("app")
     app.handler = stream
     async with (
-        running_mesh(APP + route(), {"app": app}) as mesh,
+        running_mesh(APP + web_route(), {"app": app}) as mesh,
         mesh.session.get(mesh.gateway_url + "/", headers={"Host": "example.com"}) as response,
     ):
         assert response.headers["transfer-encoding"] == "chunked"
@@ -153,7 +138,7 @@ async def test_a_large_response_streams_through_in_bounded_memory() -> None:
 
     app = Backend("app")
     app.handler = big
-    async with running_mesh(APP + route(), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route(), {"app": app}) as mesh:
         tracemalloc.start()
         try:
             async with mesh.session.get(mesh.gateway_url + "/big", headers={"Host": "example.com"}) as response:
@@ -173,7 +158,7 @@ async def test_a_large_response_streams_through_in_bounded_memory() -> None:
 
 async def test_head_gets_the_headers_and_no_body() -> None:
     app = Backend("app", Reply(body=b"twelve bytes"))
-    async with running_mesh(APP + route(), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route(), {"app": app}) as mesh:
         client = await connect(mesh)
         client.send(b"HEAD / HTTP/1.1\r\nhost: example.com\r\n\r\n")
         response = await client.response(head=True)
@@ -188,7 +173,7 @@ async def test_head_gets_the_headers_and_no_body() -> None:
 
 async def test_expect_100_continue() -> None:
     app = Backend("app")
-    async with running_mesh(APP + route(), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route(), {"app": app}) as mesh:
         client = await connect(mesh)
         client.send(b"POST / HTTP/1.1\r\nhost: example.com\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
         assert await client.interim() == 100
@@ -202,7 +187,7 @@ async def test_expect_100_continue() -> None:
 
 async def test_headers_past_60_kib_are_431() -> None:
     app = Backend("app")
-    async with running_mesh(APP + route(), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route(), {"app": app}) as mesh:
         client = await connect(mesh)
         filler = b"".join(b"x-fill-%d: %b\r\n" % (i, b"v" * 1000) for i in range(62))
         client.send(b"GET / HTTP/1.1\r\nhost: example.com\r\n" + filler + b"\r\n")
@@ -221,7 +206,7 @@ async def test_headers_past_60_kib_are_431() -> None:
 
 async def test_a_client_that_never_finishes_its_headers_is_cut_with_408() -> None:
     limits = ConnectionLimits(headers_timeout=0.2, idle_timeout=5)
-    async with running_mesh(APP + route(), {"app": Backend("app")}, limits=limits) as mesh:
+    async with running_mesh(APP + web_route(), {"app": Backend("app")}, limits=limits) as mesh:
         client = await connect(mesh)
         client.send(b"GET / HTTP/1.1\r\nhost: exa")
         response = await client.response(timeout=2)
@@ -233,7 +218,7 @@ async def test_a_client_that_never_finishes_its_headers_is_cut_with_408() -> Non
 
 async def test_an_idle_keep_alive_connection_is_closed_without_a_word() -> None:
     limits = ConnectionLimits(headers_timeout=5, idle_timeout=0.2)
-    async with running_mesh(APP + route(), {"app": Backend("app")}, limits=limits) as mesh:
+    async with running_mesh(APP + web_route(), {"app": Backend("app")}, limits=limits) as mesh:
         client = await connect(mesh)
         client.send(b"GET / HTTP/1.1\r\nhost: example.com\r\n\r\n")
         assert (await client.response()).status == 200
@@ -242,7 +227,7 @@ async def test_an_idle_keep_alive_connection_is_closed_without_a_word() -> None:
 
 async def test_the_idle_timeout_counts_from_the_last_answer_not_the_first() -> None:
     limits = ConnectionLimits(headers_timeout=5, idle_timeout=0.4)
-    async with running_mesh(APP + route(), {"app": Backend("app")}, limits=limits) as mesh:
+    async with running_mesh(APP + web_route(), {"app": Backend("app")}, limits=limits) as mesh:
         client = await connect(mesh)
         began = asyncio.get_running_loop().time()
         for _ in range(3):
@@ -255,7 +240,7 @@ async def test_the_idle_timeout_counts_from_the_last_answer_not_the_first() -> N
 
 async def test_a_head_begun_on_an_idle_connection_gets_the_shorter_headers_timeout() -> None:
     limits = ConnectionLimits(headers_timeout=0.2, idle_timeout=30)
-    async with running_mesh(APP + route(), {"app": Backend("app")}, limits=limits) as mesh:
+    async with running_mesh(APP + web_route(), {"app": Backend("app")}, limits=limits) as mesh:
         client = await connect(mesh)
         client.send(b"GET / HTTP/1.1\r\nhost: example.com\r\n\r\n")
         assert (await client.response()).status == 200
@@ -273,7 +258,7 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
 
     app = Backend("app")
     app.handler = echo
-    async with running_mesh(APP + route(), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route(), {"app": app}) as mesh:
         client = await connect(mesh)
         client.send(b"".join(b"GET %b HTTP/1.1\r\nhost: example.com\r\n\r\n" % p for p in (b"/slow", b"/a", b"/b")))
         bodies = [(await client.response()).body for _ in range(3)]
@@ -284,7 +269,7 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
 async def test_a_body_past_the_buffer_bound_is_streamed_once_with_retries_abandoned() -> None:
     app = Backend("app", Reply(status=503))
     body = b"b" * (2 << 20)
-    async with running_mesh(APP + route("retries: {attempts: 2, retryOn: 5xx}"), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route("retries: {attempts: 2, retryOn: 5xx}"), {"app": app}) as mesh:
         answer = await mesh.request("POST", "/upload", data=body)
         assert answer.status == 503
         assert len(app.seen) == 1
@@ -305,7 +290,7 @@ async def test_a_close_delimited_upstream_response_passes_through() -> None:
     server = await asyncio.start_server(old_server, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with running_mesh(APP + route(), {}, ports={"app": port, "app_LABELS": "version: v1"}) as mesh:
+        async with running_mesh(APP + web_route(), {}, ports={"app": port, "app_LABELS": "version: v1"}) as mesh:
             for _ in range(2):
                 answer = await mesh.get("/")
                 assert (answer.status, answer.body) == (200, b"from an old server")
@@ -316,7 +301,7 @@ async def test_a_close_delimited_upstream_response_passes_through() -> None:
 
 
 async def test_a_malformed_request_is_400() -> None:
-    async with running_mesh(APP + route(), {"app": Backend("app")}) as mesh:
+    async with running_mesh(APP + web_route(), {"app": Backend("app")}) as mesh:
         client = await connect(mesh)
         client.send(b"GET / HTTP/1.1\r\nhost example.com\r\n\r\n")
         response = await client.response()

@@ -8,19 +8,8 @@ from collections import Counter
 
 from aiohttp import web
 
-from tests.inproc.upstreams import Backend, Mesh, RawClient, Reply, Seen, running_mesh, service
+from tests.inproc.upstreams import Backend, Mesh, RawClient, Reply, Seen, running_mesh, service, web_route
 
-ROUTE = """
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
-  - route: [{destination: {host: web}}]
-"""
 NAMES = ("a", "b", "c")
 
 
@@ -38,7 +27,7 @@ spec:
         if load_balancer
         else ""
     )
-    return service("web", *members) + rule + ROUTE
+    return service("web", *members) + rule + web_route()
 
 
 def backends(*names: str) -> dict[str, Backend]:

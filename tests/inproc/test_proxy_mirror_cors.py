@@ -6,25 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tests.inproc.upstreams import Backend, Reply, running_mesh, service
+from tests.inproc.upstreams import Backend, Reply, running_mesh, service, web_route
 
 APPS = service("web", "app") + "---" + service("shadow", "copy")
-
-
-def mirrored(percentage: str = "") -> str:
-    return f"""
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: web}}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
-  - route: [{{destination: {{host: web}}}}]
-    mirror: {{host: shadow}}
-    {percentage}
-"""
 
 
 async def until(condition, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
@@ -35,7 +19,7 @@ async def until(condition, timeout: float = 2.0) -> None:  # type: ignore[no-unt
 
 async def test_mirror_gets_a_copy_with_a_shadow_host_and_its_answer_is_dropped() -> None:
     app, copy = Backend("app"), Backend("copy", Reply(status=500, body=b"mirror answer"))
-    async with running_mesh(APPS + mirrored(), {"app": app, "copy": copy}) as mesh:
+    async with running_mesh(APPS + web_route("mirror: {host: shadow}"), {"app": app, "copy": copy}) as mesh:
         answer = await mesh.request("POST", "/orders?id=1", data=b'{"n": 1}', headers={"Host": "shop.example.com:80"})
         assert (answer.status, answer.body) == (200, b"app")
         await until(lambda: copy.seen)
@@ -49,7 +33,7 @@ async def test_mirror_gets_a_copy_with_a_shadow_host_and_its_answer_is_dropped()
 
 async def test_a_slow_mirror_never_delays_the_request() -> None:
     app, copy = Backend("app"), Backend("copy", Reply(delay=0.5))
-    async with running_mesh(APPS + mirrored(), {"app": app, "copy": copy}) as mesh:
+    async with running_mesh(APPS + web_route("mirror: {host: shadow}"), {"app": app, "copy": copy}) as mesh:
         started = time.monotonic()
         for _ in range(3):
             assert (await mesh.get("/")).status == 200
@@ -59,7 +43,9 @@ async def test_a_slow_mirror_never_delays_the_request() -> None:
 
 async def test_mirror_percentage_mirrors_a_share() -> None:
     app, copy = Backend("app"), Backend("copy")
-    async with running_mesh(APPS + mirrored("mirrorPercentage: {value: 25}"), {"app": app, "copy": copy}) as mesh:
+    async with running_mesh(
+        APPS + web_route("mirror: {host: shadow}", "mirrorPercentage: {value: 25}"), {"app": app, "copy": copy}
+    ) as mesh:
         for _ in range(100):
             await mesh.get("/")
         await asyncio.sleep(0.1)
@@ -68,7 +54,9 @@ async def test_mirror_percentage_mirrors_a_share() -> None:
 
 async def test_an_unreachable_mirror_changes_nothing() -> None:
     app = Backend("app")
-    async with running_mesh(APPS + mirrored(), {"app": app}, ports={"copy": 1, "copy_LABELS": "version: v1"}) as mesh:
+    async with running_mesh(
+        APPS + web_route("mirror: {host: shadow}"), {"app": app}, ports={"copy": 1, "copy_LABELS": "version: v1"}
+    ) as mesh:
         assert (await mesh.get("/")).status == 200
         assert mesh.last().flag_text == "-"
 

@@ -4,20 +4,7 @@ always at least one host, and 503 `UH` `no healthy upstream` when none is left."
 
 from __future__ import annotations
 
-from tests.inproc.upstreams import Backend, FakeClock, Reply, refused_port, running_mesh, service
-
-ROUTE = """
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
-  - route: [{destination: {host: web}}]
-    retries: {attempts: 0}
-"""
+from tests.inproc.upstreams import Backend, FakeClock, Reply, refused_port, running_mesh, service, web_route
 
 CLUSTER = "outbound|9080||web.default.svc.cluster.local"
 
@@ -34,7 +21,7 @@ spec:
     loadBalancer: {{simple: ROUND_ROBIN}}
     outlierDetection: {outlier}
 """
-    return service("web", *members) + rule + ROUTE
+    return service("web", *members) + rule + web_route("retries: {attempts: 0}")
 
 
 async def test_consecutive_5xx_ejects_the_failing_endpoint_and_the_others_keep_serving() -> None:

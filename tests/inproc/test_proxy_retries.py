@@ -12,24 +12,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.inproc.upstreams import RESET, Backend, Hangup, Reply, Seen, refused_port, running_mesh, service
+from tests.inproc.upstreams import RESET, Backend, Hangup, Reply, Seen, refused_port, running_mesh, service, web_route
 
 APP = service("web", "app")
-
-
-def vs(http: str) -> str:
-    return f"""
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: web}}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
-  - route: [{{destination: {{host: web}}}}]
-    {http}
-"""
 
 
 def script(backend: Backend, *statuses: int, delay: float = 0.0) -> Backend:
@@ -39,7 +24,7 @@ def script(backend: Backend, *statuses: int, delay: float = 0.0) -> Backend:
 
 async def test_route_timeout_is_504_UT() -> None:
     app = Backend("app", Reply(delay=0.6))
-    async with running_mesh(APP + vs("timeout: 0.2s"), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route("timeout: 0.2s"), {"app": app}) as mesh:
         started = time.monotonic()
         answer = await mesh.get("/")
         assert 0.2 <= time.monotonic() - started < 0.55
@@ -60,7 +45,7 @@ async def test_the_route_timeout_covers_the_body_too() -> None:
 
     app = Backend("app")
     app.handler = stalls
-    async with running_mesh(APP + vs("timeout: 0.3s"), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route("timeout: 0.3s"), {"app": app}) as mesh:
         started = time.monotonic()
         with pytest.raises(aiohttp.ClientPayloadError):
             await mesh.get("/")
@@ -71,7 +56,7 @@ async def test_the_route_timeout_covers_the_body_too() -> None:
 async def test_retries_count_against_the_route_timeout() -> None:
     app = Backend("app", Reply(status=503, delay=0.15))
     policy = "timeout: 0.4s\n    retries: {attempts: 10, retryOn: 5xx}"
-    async with running_mesh(APP + vs(policy), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route(policy), {"app": app}) as mesh:
         started = time.monotonic()
         answer = await mesh.get("/")
         assert 0.4 <= time.monotonic() - started < 0.9
@@ -83,7 +68,7 @@ async def test_retries_count_against_the_route_timeout() -> None:
 async def test_per_try_timeout_retries_a_slow_attempt() -> None:
     app = script(Backend("app"), 200, delay=0.5)
     policy = "retries: {attempts: 2, perTryTimeout: 0.1s, retryOn: 5xx}"
-    async with running_mesh(APP + vs(policy), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route(policy), {"app": app}) as mesh:
         answer = await mesh.get("/")
         assert (answer.status, answer.body) == (200, b"app")
         assert [s.attempt for s in app.seen] == [1, 2]
@@ -94,7 +79,7 @@ async def test_per_try_timeout_retries_a_slow_attempt() -> None:
 async def test_per_try_timeouts_exhaust_the_retries_UT_URX() -> None:
     app = Backend("app", Reply(delay=0.5))
     policy = "retries: {attempts: 2, perTryTimeout: 0.05s, retryOn: gateway-error}"
-    async with running_mesh(APP + vs(policy), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route(policy), {"app": app}) as mesh:
         answer = await mesh.get("/")
         assert (answer.status, answer.body) == (504, b"upstream request timeout")
         assert mesh.last().flag_text == "UT,URX"
@@ -103,7 +88,7 @@ async def test_per_try_timeouts_exhaust_the_retries_UT_URX() -> None:
 
 async def test_retry_on_5xx_retries_every_5xx_with_the_attempt_count() -> None:
     app = script(Backend("app"), 500, 503)
-    async with running_mesh(APP + vs("retries: {attempts: 3, retryOn: 5xx}"), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route("retries: {attempts: 3, retryOn: 5xx}"), {"app": app}) as mesh:
         answer = await mesh.get("/")
         assert (answer.status, answer.body) == (200, b"app")
         assert [s.attempt for s in app.seen] == [1, 2, 3]
@@ -112,21 +97,21 @@ async def test_retry_on_5xx_retries_every_5xx_with_the_attempt_count() -> None:
 
 async def test_retry_on_gateway_error_retries_502_not_500() -> None:
     app = script(Backend("app"), 502, 500)
-    async with running_mesh(APP + vs("retries: {attempts: 3, retryOn: gateway-error}"), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route("retries: {attempts: 3, retryOn: gateway-error}"), {"app": app}) as mesh:
         assert (await mesh.get("/")).status == 500
         assert [s.attempt for s in app.seen] == [1, 2]
 
 
 async def test_retry_on_retriable_4xx_retries_409_only() -> None:
     app = script(Backend("app"), 409, 404)
-    async with running_mesh(APP + vs("retries: {attempts: 3, retryOn: retriable-4xx}"), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route("retries: {attempts: 3, retryOn: retriable-4xx}"), {"app": app}) as mesh:
         assert (await mesh.get("/")).status == 404
         assert len(app.seen) == 2
 
 
 async def test_retry_on_bare_status_codes() -> None:
     app = script(Backend("app"), 418, 418, 503)
-    async with running_mesh(APP + vs('retries: {attempts: 5, retryOn: "418,reset"}'), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route('retries: {attempts: 5, retryOn: "418,reset"}'), {"app": app}) as mesh:
         answer = await mesh.get("/")
         assert answer.status == 503
         assert len(app.seen) == 3
@@ -135,7 +120,7 @@ async def test_retry_on_bare_status_codes() -> None:
 
 async def test_exhausted_retries_return_the_last_answer_with_URX() -> None:
     app = Backend("app", Reply(status=503, body=b"busy"))
-    async with running_mesh(APP + vs("retries: {attempts: 2, retryOn: 5xx}"), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route("retries: {attempts: 2, retryOn: 5xx}"), {"app": app}) as mesh:
         answer = await mesh.get("/")
         assert (answer.status, answer.body) == (503, b"busy")
         assert mesh.last().flag_text == "URX"
@@ -144,7 +129,7 @@ async def test_exhausted_retries_return_the_last_answer_with_URX() -> None:
 
 async def test_the_default_policy_retries_503_twice_but_not_500() -> None:
     app = Backend("app", Reply(status=503))
-    async with running_mesh(APP + vs(""), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route(), {"app": app}) as mesh:
         assert (await mesh.get("/")).status == 503
         assert [s.attempt for s in app.seen] == [1, 2, 3]
         assert mesh.last().flag_text == "URX"
@@ -156,14 +141,14 @@ async def test_the_default_policy_retries_503_twice_but_not_500() -> None:
 
 async def test_attempts_zero_turns_retries_off() -> None:
     app = Backend("app", Reply(status=503))
-    async with running_mesh(APP + vs("retries: {attempts: 0}"), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route("retries: {attempts: 0}"), {"app": app}) as mesh:
         assert (await mesh.get("/")).status == 503
         assert len(app.seen) == 1
         assert mesh.last().flag_text == "-"
 
 
 async def test_refused_connection_is_503_UF_retried_by_default() -> None:
-    async with running_mesh(APP + vs(""), {}, ports={"app": refused_port(), "app_LABELS": "version: v1"}) as mesh:
+    async with running_mesh(APP + web_route(), {}, ports={"app": refused_port(), "app_LABELS": "version: v1"}) as mesh:
         answer = await mesh.get("/")
         assert (answer.status, answer.body) == (503, RESET + b"connection failure")
         assert mesh.last().flag_text == "UF,URX"
@@ -172,7 +157,7 @@ async def test_refused_connection_is_503_UF_retried_by_default() -> None:
 
 async def test_refused_connection_without_retries_is_plain_UF() -> None:
     async with running_mesh(
-        APP + vs("retries: {attempts: 0}"), {}, ports={"app": refused_port(), "app_LABELS": "version: v1"}
+        APP + web_route("retries: {attempts: 0}"), {}, ports={"app": refused_port(), "app_LABELS": "version: v1"}
     ) as mesh:
         answer = await mesh.get("/")
         assert (answer.status, answer.body) == (503, RESET + b"connection failure")
@@ -184,7 +169,7 @@ async def test_refused_connection_without_retries_is_plain_UF() -> None:
 async def test_upstream_closing_before_headers_is_503_UC_not_retried_by_default() -> None:
     hangup = await Hangup().start()
     try:
-        async with running_mesh(APP + vs(""), {}, ports={"app": hangup.port, "app_LABELS": "version: v1"}) as mesh:
+        async with running_mesh(APP + web_route(), {}, ports={"app": hangup.port, "app_LABELS": "version: v1"}) as mesh:
             answer = await mesh.get("/")
             assert (answer.status, answer.body) == (503, RESET + b"connection termination")
             assert mesh.last().flag_text == "UC"
@@ -197,11 +182,13 @@ async def test_reset_and_connect_failure_conditions() -> None:
     hangup = await Hangup().start()
     ports = {"app": hangup.port, "app_LABELS": "version: v1"}
     try:
-        async with running_mesh(APP + vs("retries: {attempts: 2, retryOn: reset}"), {}, ports=ports) as mesh:
+        async with running_mesh(APP + web_route("retries: {attempts: 2, retryOn: reset}"), {}, ports=ports) as mesh:
             assert (await mesh.get("/")).status == 503
             assert mesh.last().flag_text == "UC,URX"
             assert hangup.accepted == 3
-        async with running_mesh(APP + vs("retries: {attempts: 2, retryOn: connect-failure}"), {}, ports=ports) as mesh:
+        async with running_mesh(
+            APP + web_route("retries: {attempts: 2, retryOn: connect-failure}"), {}, ports=ports
+        ) as mesh:
             assert (await mesh.get("/")).status == 503
             assert mesh.last().flag_text == "UC"
             assert hangup.accepted == 4
@@ -210,7 +197,7 @@ async def test_reset_and_connect_failure_conditions() -> None:
 
 
 async def test_a_retry_goes_to_another_endpoint_when_there_is_one() -> None:
-    yaml = service("web", "bad", "good") + vs('retries: {attempts: 1, retryOn: "connect-failure,5xx"}')
+    yaml = service("web", "bad", "good") + web_route('retries: {attempts: 1, retryOn: "connect-failure,5xx"}')
     bad, good = Backend("bad", Reply(status=500)), Backend("good")
     async with running_mesh(yaml, {"bad": bad, "good": good}) as mesh:
         for _ in range(20):
@@ -222,7 +209,7 @@ async def test_a_retry_goes_to_another_endpoint_when_there_is_one() -> None:
 
 
 async def test_a_refused_endpoint_is_retried_on_another() -> None:
-    yaml = service("web", "dead", "good") + vs("")
+    yaml = service("web", "dead", "good") + web_route()
     good = Backend("good")
     async with running_mesh(yaml, {"good": good}, ports={"dead": refused_port(), "dead_LABELS": "version: v0"}) as mesh:
         answers = [await mesh.get("/") for _ in range(10)]
@@ -238,7 +225,7 @@ async def test_a_post_body_is_buffered_once_and_replayed_on_retry() -> None:
         for start in range(0, len(body), 50_000):
             yield body[start : start + 50_000]
 
-    async with running_mesh(APP + vs("retries: {attempts: 2, retryOn: 5xx}"), {"app": app}) as mesh:
+    async with running_mesh(APP + web_route("retries: {attempts: 2, retryOn: 5xx}"), {"app": app}) as mesh:
         answer = await mesh.request("POST", "/upload", data=chunks())
         assert answer.status == 200
         assert [s.body for s in app.seen] == [body, body, body]

@@ -199,6 +199,23 @@ spec: {{address: 127.0.0.1, ports: {{http: ${member}}}, labels: {{app: {name}, $
     return "---".join(docs)
 
 
+def web_route(*policy: str) -> str:
+    """The VirtualService most proxy tests use: everything through the gateway to Service
+    `web`, with `policy` lines (`timeout: 1s`, `retries: {attempts: 0}`) on its one rule."""
+    lines = "".join(f"\n    {line}" for line in policy)
+    return f"""
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route: [{{destination: {{host: web}}}}]{lines}
+"""
+
+
 def compile_yaml(text: str, ports: Mapping[str, int | str]) -> Snapshot:
     """The snapshot of YAML `text` with `$NAME` placeholders filled from `ports`."""
     filled = string.Template(textwrap.dedent(text)).substitute(ports)
