@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tests.inproc.upstreams import Backend, Reply, running_mesh, service, web_route
+from tests.inproc.upstreams import Backend, Reply, gateway_http, running_mesh, service, web_route
 
 APPS = service("web", "app") + "---" + service("shadow", "copy")
 
@@ -61,17 +61,8 @@ async def test_an_unreachable_mirror_changes_nothing() -> None:
         assert mesh.last().flag_text == "-"
 
 
-CORS = (
-    service("web", "app")
-    + """
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
+CORS = service("web", "app") + gateway_http(
+    """
   - match: [{uri: {prefix: /faulty}}]
     fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
     corsPolicy: &cors
@@ -136,15 +127,8 @@ async def test_cors_comes_before_the_fault_and_marks_its_answer() -> None:
         assert aborted.headers["access-control-allow-origin"] == "https://app.example.com"
 
 
-REDIRECTS = """
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
+REDIRECTS = gateway_http(
+    """
   - match: [{uri: {prefix: /old}}]
     redirect: {uri: /new, authority: new.example.com}
   - match: [{uri: {prefix: /moved}}]
@@ -160,6 +144,7 @@ spec:
     redirect: {uri: /login}
     headers: {response: {add: {cache-control: no-store}}}
 """
+)
 
 
 async def test_redirects_and_direct_responses_never_reach_an_upstream() -> None:

@@ -55,8 +55,8 @@ async def test_the_route_timeout_covers_the_body_too() -> None:
 
 async def test_retries_count_against_the_route_timeout() -> None:
     app = Backend("app", Reply(status=503, delay=0.15))
-    policy = "timeout: 0.4s\n    retries: {attempts: 10, retryOn: 5xx}"
-    async with running_mesh(APP + web_route(policy), {"app": app}) as mesh:
+    policy = ("timeout: 0.4s", "retries: {attempts: 10, retryOn: 5xx}")
+    async with running_mesh(APP + web_route(*policy), {"app": app}) as mesh:
         started = time.monotonic()
         answer = await mesh.get("/")
         assert 0.4 <= time.monotonic() - started < 0.9

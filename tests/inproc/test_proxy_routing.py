@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
-from tests.inproc.upstreams import Backend, Reply, running_mesh, service
+from tests.inproc.upstreams import Backend, Reply, gateway_http, running_mesh, service
 
 REVIEWS = (
     service("reviews", "v1", "v2", "v3")
@@ -127,19 +127,13 @@ spec:
 
 
 async def test_rewrite_of_uri_prefix_and_authority() -> None:
-    vs = """
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
+    vs = gateway_http(
+        """
   - match: [{uri: {prefix: /old}}]
     rewrite: {uri: /new, authority: reviews.internal}
     route: [{destination: {host: reviews, subset: v1}}]
 """
+    )
     parts = backends("v1", "v2", "v3")
     async with running_mesh(REVIEWS + vs, parts) as mesh:
         assert (await mesh.get("/old/page?x=1")).status == 200
@@ -150,15 +144,8 @@ spec:
 
 
 async def test_request_and_response_header_operations() -> None:
-    vs = """
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
+    vs = gateway_http(
+        """
   - headers:
       request:
         set: {x-env: local}
@@ -172,6 +159,7 @@ spec:
     - destination: {host: reviews, subset: v1}
       headers: {request: {set: {x-destination: v1}}}
 """
+    )
     parts = backends("v1", "v2", "v3")
     parts["v1"].reply = Reply(headers={"X-Internal": "yes", "Cache-Control": "max-age=60", "X-Kept": "1"})
     async with running_mesh(REVIEWS + vs, parts) as mesh:
@@ -191,17 +179,11 @@ spec:
 
 
 async def test_request_id_is_generated_or_kept_and_trace_headers_pass_through() -> None:
-    vs = """
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
+    vs = gateway_http(
+        """
   - route: [{destination: {host: reviews, subset: v1}}]
 """
+    )
     parts = backends("v1", "v2", "v3")
     trace = {
         "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
@@ -223,17 +205,11 @@ spec:
 
 
 async def test_gateway_appends_the_client_address_to_x_forwarded_for() -> None:
-    vs = """
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
+    vs = gateway_http(
+        """
   - route: [{destination: {host: reviews, subset: v1}}]
 """
+    )
     parts = backends("v1", "v2", "v3")
     async with running_mesh(REVIEWS + vs, parts) as mesh:
         await mesh.get("/")
@@ -275,17 +251,11 @@ spec:
 
 
 async def test_hop_by_hop_headers_are_not_forwarded() -> None:
-    vs = """
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
+    vs = gateway_http(
+        """
   - route: [{destination: {host: reviews, subset: v1}}]
 """
+    )
     parts = backends("v1", "v2", "v3")
     async with running_mesh(REVIEWS + vs, parts) as mesh:
         await mesh.get("/", headers={"Keep-Alive": "timeout=5", "Proxy-Connection": "keep-alive", "TE": "gzip"})

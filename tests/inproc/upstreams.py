@@ -199,21 +199,29 @@ spec: {{address: 127.0.0.1, ports: {{http: ${member}}}, labels: {{app: {name}, $
     return "---".join(docs)
 
 
-def web_route(*policy: str) -> str:
-    """The VirtualService most proxy tests use: everything through the gateway to Service
-    `web`, with `policy` lines (`timeout: 1s`, `retries: {attempts: 0}`) on its one rule."""
-    lines = "".join(f"\n    {line}" for line in policy)
-    return f"""
+def gateway_http(rules: str) -> str:
+    """A VirtualService `web` bound to the gateway for every host, with these `http:` rules
+    (indented two spaces, as under `http:`)."""
+    return (
+        """
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: web}}
+metadata: {name: web}
 spec:
   hosts: ["*"]
   gateways: [gw]
   http:
-  - route: [{{destination: {{host: web}}}}]{lines}
 """
+        + textwrap.indent(textwrap.dedent(rules).strip("\n"), "  ")
+        + "\n"
+    )
+
+
+def web_route(*policy: str) -> str:
+    """The VirtualService most proxy tests use: everything through the gateway to Service
+    `web`, with `policy` lines (`timeout: 1s`, `retries: {attempts: 0}`) on its one rule."""
+    return gateway_http("- route: [{destination: {host: web}}]" + "".join(f"\n  {line}" for line in policy))
 
 
 def compile_yaml(text: str, ports: Mapping[str, int | str]) -> Snapshot:
