@@ -25,7 +25,7 @@ DETAILS = {
     "UC": "upstream_reset_before_response_started{connection_termination}",
     "UO": "upstream_reset_before_response_started{overflow}",
     "UT": "response_timeout",
-    "UPE": "upstream_reset_after_response_started{protocol_error}",
+    "UPE": "upstream_reset_before_response_started{protocol_error}",
     "RBAC": "rbac_access_denied_matched_policy[none]",
 }
 """Envoy's %RESPONSE_CODE_DETAILS% for the proxy's own answers, by access-log flag."""

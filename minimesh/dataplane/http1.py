@@ -296,7 +296,7 @@ class Request:
 
 Handler = Callable[[Request, "Responder"], Awaitable[None]]
 Rejected = Callable[["Downstream", int, int], None]
-"""Told of a request answered before it reached the handler: (connection, status, bytes sent)."""
+"""Told of a request answered before it reached the handler: (connection, status, body bytes sent)."""
 
 
 class Responder:
@@ -309,7 +309,7 @@ class Responder:
         self._request = request
         self._chunked = False
         self._ended = False
-        self._keep_alive = request.keep_alive
+        self._keep_alive = request.keep_alive and request.upgrade is None
         self.head_sent = False
         self.status = 0
         self.bytes_sent = 0
@@ -609,7 +609,7 @@ class Downstream(asyncio.Protocol):
                 continue
             self._busy = True
             request = queue.popleft()
-            if self._read_paused and len(self._queue) <= PIPELINE_DEPTH // 2:
+            if self._read_paused and len(self._queue) <= PIPELINE_DEPTH // 2 and not self._upgraded:
                 self._resume_reading()
             if request.expects_continue and not request.body.complete:
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -625,7 +625,7 @@ class Downstream(asyncio.Protocol):
                 raise
             if not responder.ended:
                 responder.end()
-            if not request.body.complete or self._upgraded:
+            if not request.body.complete or request.upgrade is not None:
                 self.close()
 
     # ---- after a 101: a tunnel
@@ -703,9 +703,8 @@ class Downstream(asyncio.Protocol):
         (nothing is written while an earlier pipelined response is still going out)."""
         sent = 0
         if not self._busy:
-            data = local_reply_bytes(status, body, close=True)
-            self.write(data)
-            sent = len(data)
+            self.write(local_reply_bytes(status, body, close=True))
+            sent = len(body)
         self.close()
         if self._on_reject is not None:
             self._on_reject(self, status, sent)
@@ -823,6 +822,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests = 0
         self._held = b""
         self._early = b""
+        self._switched = False
         self._tunnel: Tunnel | None = None
         self.producer: asyncio.Transport | None = None
         """The downstream transport to pause while this upstream reads slower (a tunnel)."""
@@ -879,6 +879,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.down(data)
             return
+        if self._switched:
+            self._early += data
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -908,6 +911,8 @@ class UpstreamConnection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if status < 200 and status != 101:
             return
+        if status == 101:
+            self._switched = True
         response = UpstreamResponse(self, status, self._reason, self._headers)
         response.keep_alive = self._parser.should_keep_alive()
         self._response = response
@@ -947,6 +952,8 @@ class UpstreamConnection(asyncio.Protocol):
         early, self._early = self._early, b""
         if early:
             tunnel.down(early)
+        if self.closed:
+            tunnel.close()
 
     async def exchange(
         self, head: bytes, body: Body | bytes, *, head_request: bool = False, chunked: bool = True

@@ -37,6 +37,8 @@ from minimesh.dataplane.upstream import (
     BLACK_HOLE,
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE,
+    PROTOCOL_ERROR,
+    UPGRADE_FAILED,
     UPSTREAM_TIMEOUT,
     ClusterState,
     Dial,
@@ -428,6 +430,8 @@ class Proxy:
             peer.rpartition(":")[0],
         )
         try:
+            if request.upgrade is not None and not self._upgrade_allowed(request, responder, exchange):
+                return
             if listener.kind == "inbound" and original is not None and listener.workload is not None:
                 await self._inbound(listener.workload, listener.dial, original[1], request, responder, exchange, view)
                 return
@@ -445,9 +449,23 @@ class Proxy:
             for observer in self.observers:
                 observer(exchange)
 
+    def _upgrade_allowed(self, request: Request, responder: Responder, exchange: Exchange) -> bool:
+        """Istio's listeners upgrade to WebSocket only: `h2c` is dropped (the request goes on as
+        plain HTTP/1.1), any other protocol is refused with 403 `upgrade_failed`."""
+        wanted = (request.upgrade or b"").lower()
+        if wanted == b"websocket":
+            return True
+        if wanted == b"h2c":
+            request.upgrade = None
+            request.headers = [(name, value) for name, value in request.headers if name != b"http2-settings"]
+            return True
+        exchange.details = "upgrade_failed"
+        self.reply(responder, exchange, UPGRADE_FAILED)
+        return False
+
     def rejected(self, listener: Listener, peer: str, status: int, sent: int) -> None:
         """A request the HTTP/1 codec refused before routing (400 or 431 `DPE`, 408 for a head
-        that never finished, 501 for an upgrade): logged and counted as Envoy does."""
+        that never finished): logged and counted as Envoy does."""
         now = time.monotonic()
         exchange = Exchange(listener, "-", "-", "", "-", "-", time.time(), now, peer)
         exchange.status = status
@@ -603,18 +621,20 @@ class Proxy:
             return
         try:
             if timeout is None:
-                await self._exchange(cluster, state, retry, request, body, head_parts, exchange, view, None,
-                                     responder, outcome, cors_headers)  # fmt: skip
+                switched = await self._exchange(cluster, state, retry, request, body, head_parts, exchange, view,
+                                                None, responder, outcome, cors_headers)  # fmt: skip
             else:
                 async with self._deadline(timeout) as deadline:
-                    await self._exchange(cluster, state, retry, request, body, head_parts, exchange, view, deadline,
-                                         responder, outcome, cors_headers)  # fmt: skip
+                    switched = await self._exchange(cluster, state, retry, request, body, head_parts, exchange,
+                                                    view, deadline, responder, outcome, cors_headers)  # fmt: skip
+            if switched is not None:
+                await self._tunnel(switched, responder)
         except TimeoutError:
-            if responder.head_sent:
+            if not responder.head_sent:
+                self.reply(responder, exchange, UPSTREAM_TIMEOUT, cors_headers)
+            elif not responder.ended:
                 exchange.flags.append("UT")
                 responder.abort()
-            else:
-                self.reply(responder, exchange, UPSTREAM_TIMEOUT, cors_headers)
         except UpstreamFailure as failure:
             if failure.endpoint is not None:
                 exchange.upstream_host = f"{failure.endpoint.address}:{failure.endpoint.port}"
@@ -636,17 +656,21 @@ class Proxy:
         responder: Responder,
         outcome: Forward | None,
         cors_headers: HeaderList,
-    ) -> None:
-        """The attempts, then the response passed on, all within the route's `deadline` as
-        Envoy's route timeout covers the whole response (a tunnel too)."""
+    ) -> UpstreamResponse | None:
+        """The attempts, then the response passed on, all within the route's `deadline`, as
+        Envoy's route timeout covers the whole response. A 101 to an upgrade is returned
+        instead: the tunnel it opens outlives the timeout, as in Envoy."""
         response, endpoint = await self._attempts(cluster, state, retry, request, body, head_parts, exchange, view,
                                                   deadline)  # fmt: skip
         host = state.host(endpoint)
         try:
-            if response.status == 101 and request.upgrade is not None:
-                await self._tunnel(response, responder)
-            else:
-                await self._respond(response, responder, exchange, outcome, cors_headers)
+            if response.status == 101:
+                if request.upgrade is None:
+                    response.conn.close()
+                    raise UpstreamFailure(PROTOCOL_ERROR, endpoint)
+                return response
+            await self._respond(response, responder, exchange, outcome, cors_headers)
+            return None
         finally:
             host.in_flight -= 1
 
@@ -884,12 +908,7 @@ class Proxy:
 
 
 CHUNKED = (b"transfer-encoding: chunked\r\n\r\n",)
-REJECTED_DETAILS = {
-    400: "http1.codec_error",
-    408: "request_header_timeout",
-    431: "http1.headers_too_large",
-    501: "upgrade_failed",
-}
+REJECTED_DETAILS = {400: "http1.codec_error", 408: "request_header_timeout", 431: "http1.headers_too_large"}
 NO_BODY = (b"\r\n",)
 
 

@@ -50,6 +50,8 @@ CONNECT_FAILURE = LocalReply(503, RESET_BEFORE_HEADERS + b"connection failure", 
 CONNECTION_TERMINATION = LocalReply(503, RESET_BEFORE_HEADERS + b"connection termination", "UC")
 OVERFLOW = LocalReply(503, RESET_BEFORE_HEADERS + b"overflow", "UO", ((b"x-envoy-overloaded", b"true"),))
 UPSTREAM_TIMEOUT = LocalReply(504, b"upstream request timeout", "UT")
+PROTOCOL_ERROR = LocalReply(503, RESET_BEFORE_HEADERS + b"protocol error", "UPE")
+UPGRADE_FAILED = LocalReply(403, b"", "")
 RBAC_DENIED = LocalReply(403, b"RBAC: access denied", "RBAC")
 BLACK_HOLE = LocalReply(502, b"", "")
 

@@ -308,6 +308,7 @@ async def test_a_malformed_request_is_400() -> None:
         assert (response.status, response.body) == (400, b"Bad Request")
         assert await client.closed() == b""
         assert logged(mesh.last()) == ('"- - -" 400 DPE http1.codec_error', 1)
+        assert mesh.last().bytes_sent == len(b"Bad Request")
 
 
 async def test_a_client_that_leaves_mid_request_releases_the_upstream_connection() -> None:

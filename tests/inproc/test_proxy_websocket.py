@@ -6,12 +6,13 @@ an ordinary response."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.inproc.upstreams import Backend, Mesh, RawClient, Seen, running_mesh, service
+from tests.inproc.upstreams import RESET, Backend, Mesh, RawClient, Seen, running_mesh, service
 
 APP = service("web", "app")
 ROUTES = """
@@ -26,6 +27,10 @@ spec:
   - route: [{destination: {host: web}}]
 """
 BIG = "x" * 300_000
+UPGRADE = (
+    b"GET /chat HTTP/1.1\r\nhost: example.com\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
+    b"sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
 
 
 class Echo:
@@ -114,3 +119,106 @@ async def test_an_upgrade_the_upstream_refuses_is_an_ordinary_response() -> None
         response = await client.response()
         assert (response.status, response.body) == (200, b"app")
         assert await client.closed() == b""
+
+
+async def test_a_route_timeout_ends_at_the_101_not_with_the_socket() -> None:
+    app = Backend("app")
+    app.handler = Echo()
+    timed = ROUTES.replace(
+        "- route: [{destination: {host: web}}]", "- route: [{destination: {host: web}}]\n    timeout: 0.3s"
+    )
+    async with (
+        running_mesh(APP + timed, {"app": app}) as mesh,
+        mesh.session.ws_connect(mesh.gateway_url + "/chat", headers={"Host": "example.com"}) as socket,
+    ):
+        await asyncio.sleep(0.6)
+        await socket.send_str("still here")
+        assert await socket.receive_str(timeout=5) == "echo still here"
+
+
+async def test_what_a_client_sends_before_the_101_waits_in_its_socket_not_in_the_proxy() -> None:
+    async def slow_to_switch(request: web.BaseRequest, seen: Seen) -> web.StreamResponse:
+        await asyncio.sleep(1)
+        return await Echo()(request, seen)
+
+    app = Backend("app")
+    app.handler = slow_to_switch
+    async with running_mesh(APP + ROUTES, {"app": app}) as mesh:
+        _, writer = await asyncio.open_connection(*mesh.gateway.address)
+        writer.write(UPGRADE)
+        chunk = b"\x00" * 65536
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                for _ in range(1024):  # 64 MiB at most: more than every socket buffer on the way
+                    writer.write(chunk)
+                    await writer.drain()
+        held = [len(connection._early) for connection in mesh.gateway.connections]
+        assert held and max(held) <= 4 * 65536, held
+        writer.close()
+
+
+async def test_a_request_pipelined_before_an_upgrade_is_answered_then_the_upgrade_is_made() -> None:
+    app = Backend("app")
+    app.handler = Echo()
+    plain = Backend("plain")
+    routes = (
+        APP
+        + "---"
+        + service("other", "plain")
+        + ROUTES.replace(
+            "  - route: [{destination: {host: web}}]",
+            "  - match: [{uri: {exact: /first}}]\n    route: [{destination: {host: other}}]\n"
+            "  - route: [{destination: {host: web}}]",
+        )
+    )
+    async with running_mesh(routes, {"app": app, "plain": plain}) as mesh:
+        reader, writer = await asyncio.open_connection(*mesh.gateway.address)
+        writer.write(b"GET /first HTTP/1.1\r\nhost: example.com\r\n\r\n" + UPGRADE)
+        first = await reader.readuntil(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in first
+        await reader.readexactly(len(b"plain"))
+        switched = await reader.readuntil(b"\r\n\r\n")
+        assert switched.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        writer.close()
+
+
+async def test_only_websocket_upgrades_as_in_istio() -> None:
+    app = Backend("app")
+    async with running_mesh(APP + ROUTES, {"app": app}) as mesh:
+        client = await RawClient.connect(mesh.gateway.address)
+        client.send(b"GET / HTTP/1.1\r\nhost: example.com\r\nconnection: upgrade\r\nupgrade: spdy/3\r\n\r\n")
+        response = await client.response()
+        assert (response.status, response.body) == (403, b"")
+        assert mesh.last().details == "upgrade_failed"
+        assert app.seen == []
+
+        client = await RawClient.connect(mesh.gateway.address)
+        client.send(
+            b"GET /h2c HTTP/1.1\r\nhost: example.com\r\nconnection: upgrade, http2-settings\r\nupgrade: h2c\r\n"
+            b"http2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+        )
+        response = await client.response()
+        assert (response.status, response.body, response.header(b"connection")) == (200, b"app", b"close")
+        assert app.seen[0].path == "/h2c"
+        assert "upgrade" not in app.seen[0].headers and "http2-settings" not in app.seen[0].headers
+
+
+async def test_a_101_to_a_plain_request_is_an_upstream_protocol_error() -> None:
+    async def switch_anyway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+        await asyncio.sleep(1)
+        writer.close()
+
+    server = await asyncio.start_server(switch_anyway, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        ports = {"app": port, "app_LABELS": "version: v1"}
+        async with running_mesh(
+            APP + ROUTES.replace("- route:", "- retries: {attempts: 0}\n    route:"), {}, ports=ports
+        ) as mesh:
+            answer = await mesh.get("/")
+            assert (answer.status, answer.body) == (503, RESET + b"protocol error")
+            assert mesh.last().flag_text == "UPE"
+    finally:
+        server.close()
