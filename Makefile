@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 	@$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-# The hot path compiled with mypyc, next to its sources; rebuilt when one of them changes.
+# The hot path compiled with mypyc, next to its sources. Rebuilt when any module of the
+# package changes: compiled code checks the types the other modules declare.
 NATIVE := build/native/.built
 native: $(NATIVE)
 
-$(NATIVE): $(STAMP) tools/native.py $(shell $(PYTHON) tools/native.py --list)
+$(NATIVE): $(STAMP) tools/native.py $(shell find minimesh -name '*.py')
 	@$(BIN)/python tools/native.py || echo "==> the hot path runs as plain Python (slower, same behaviour)"
 	@mkdir -p $(dir $(NATIVE)) && touch $(NATIVE)
 

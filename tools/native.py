@@ -85,13 +85,9 @@ def hidden_imports() -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--list", action="store_true", help="print the modules that are compiled")
     action.add_argument("--remove", action="store_true", help="delete the compiled modules")
     action.add_argument("--hidden-imports", action="store_true", help="print PyInstaller --hidden-import flags")
     args = parser.parse_args()
-    if args.list:
-        print(" ".join(HOT_PATH))
-        return 0
     if args.remove:
         remove()
         return 0
