@@ -32,7 +32,7 @@ up() {
     fi
     step "waiting for $URL"
     for _ in $(seq 1 90); do
-        if curl -fsS -o /dev/null "$URL" 2>/dev/null; then
+        if curl -fsS "$URL" 2>/dev/null | grep -q 'Reviews served by:'; then  # the apps behind it answer too
             cat <<MSG
 
 bookinfo is up behind minimesh:  $URL

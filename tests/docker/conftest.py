@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,9 +152,10 @@ def wait_ready(admin: int, process: subprocess.Popen[str], log: Path, timeout: f
     raise AssertionError(f"minimesh up was not ready within {timeout} s: {log.read_text()[-3000:]}")
 
 
-def wait_serving(url: str, log: Path, timeout: float = 60) -> None:
+def wait_serving(url: str, log: Callable[[], str], timeout: float = 60) -> None:
     """Until bookinfo's apps listen (they start a second or two after their containers; the
-    compose file has no health checks, so nothing else says when they are ready)."""
+    compose file has no health checks, so nothing else says when they are ready). `log`
+    gives the daemon's log for the failure message."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -164,7 +165,7 @@ def wait_serving(url: str, log: Path, timeout: float = 60) -> None:
         except OSError:
             pass
         time.sleep(0.3)
-    raise AssertionError(f"{url} did not serve bookinfo within {timeout} s: {log.read_text()[-3000:]}")
+    raise AssertionError(f"{url} did not serve bookinfo within {timeout} s: {log()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def mesh(bookinfo: Compose, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=folder)
     try:
         wait_ready(admin, process, log)
-        wait_serving(f"http://127.0.0.1:{gateway}/productpage", log)
+        wait_serving(f"http://127.0.0.1:{gateway}/productpage", log.read_text)
         yield Mesh(process, config, gateway, admin, log)
     finally:
         process.send_signal(signal.SIGTERM)

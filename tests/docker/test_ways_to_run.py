@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.conftest import BOOKINFO, ROOT
-from tests.docker.conftest import Compose, free_port
+from tests.docker.conftest import Compose, free_port, wait_serving
 
 DAEMON_FRAGMENT = ROOT / "compose" / "minimesh.yml"
 
@@ -58,9 +58,10 @@ def test_the_daemon_as_a_compose_service(images: None, tmp_path: Path) -> None:
     compose = Compose(f"mmsvc{os.getpid()}", files=(BOOKINFO / "docker-compose.yml", DAEMON_FRAGMENT))
     try:
         compose.run("up", "-d")
-        page = wait_for(f"http://127.0.0.1:{gateway}/productpage", 90)
-        assert "Reviews served by:" in page
-        assert "Sorry" not in page
+        url = f"http://127.0.0.1:{gateway}/productpage"
+        wait_for(url, 90)
+        wait_serving(url, lambda: compose.run("logs", "--tail", "60", "minimesh", check=False).stdout)
+        assert "Sorry" not in get(url)
         dump = get(f"http://127.0.0.1:{admin}/config_dump")
         assert "minimesh" in dump and '"generation"' in dump
         assert capture_rules_left(), "the daemon in its container captures the bookinfo containers"
