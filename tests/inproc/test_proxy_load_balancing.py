@@ -8,7 +8,7 @@ from collections import Counter
 
 from aiohttp import web
 
-from tests.inproc.upstreams import Backend, Mesh, RawClient, Reply, Seen, running_mesh, service, web_route
+from tests.inproc.upstreams import Backend, Mesh, RawClient, Reply, Seen, gateway_http, running_mesh, service, web_route
 
 NAMES = ("a", "b", "c")
 
@@ -146,16 +146,8 @@ spec:
   - name: all
     labels: {app: web}
     trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
-  - route: [{destination: {host: web, subset: all}}]
 """
+        + gateway_http("- route: [{destination: {host: web, subset: all}}]")
     )
     parts = backends(*NAMES)
     parts["a"].reply = Reply(body=b"a")
