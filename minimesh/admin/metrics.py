@@ -68,12 +68,15 @@ def service_parts(host: str) -> tuple[str, str]:
 
 
 def labels_of(listener: Listener, destination: Workload | None, service: str, status: int, flags: str) -> Labels:
-    """The labels of `istio_requests_total` and friends for one kind of request."""
-    source = peer(listener.workload, gateway=listener.kind == "gateway")
+    """The labels of `istio_requests_total` and friends for one kind of request. A server
+    sidecar (inbound) reports as `destination`; its caller is unknown, as in Istio without
+    peer metadata, while the calling sidecar reports the same request as `source`."""
+    inbound = listener.kind == "inbound"
+    source = peer(None if inbound else listener.workload, gateway=listener.kind == "gateway")
     target = peer(destination)
     name, namespace = service_parts(service) if service else (UNKNOWN, UNKNOWN)
     return (
-        ("reporter", "source"),
+        ("reporter", "destination" if inbound else "source"),
         ("source_workload", source["workload"]),
         ("source_canonical_service", source["canonical_service"]),
         ("source_canonical_revision", source["canonical_revision"]),

@@ -72,6 +72,12 @@ def response_code_details(exchange: Exchange) -> str:
     return "-"
 
 
+def source_workload(exchange: Exchange) -> str | None:
+    """Who sent the request: the listener's own workload; unknown at a server sidecar."""
+    listener = exchange.listener
+    return None if listener.kind == "inbound" else listener.name
+
+
 def _ms(seconds: float | None) -> int | None:
     return None if seconds is None else int(seconds * 1000)
 
@@ -105,7 +111,7 @@ def fields(exchange: Exchange) -> dict[str, Any]:
         "downstream_remote_address": exchange.downstream or None,
         "requested_server_name": None,
         "route_name": exchange.route or None,
-        "source_workload": listener.name,
+        "source_workload": source_workload(exchange),
         "destination_workload": destination.workload.name if destination and destination.workload else None,
     }
 
@@ -124,7 +130,7 @@ def text_line(exchange: Exchange) -> str:
         f'"{exchange.forwarded_for or "-"}" "{exchange.user_agent or "-"}" "{exchange.request_id}" '
         f'"{exchange.authority or "-"}" "{exchange.upstream_host or "-"}" {exchange.cluster or "-"} - '
         f"{f'{listener.address}:{listener.port}' if listener.address else '-'} {exchange.downstream or '-'} - "
-        f"{exchange.route or '-'} {listener.name} "
+        f"{exchange.route or '-'} {source_workload(exchange) or '-'} "
         + (destination.workload.name if destination and destination.workload else "-")
     )
 

@@ -43,6 +43,21 @@ def test_productpage_shows_the_book_and_reviews_through_the_gateway(mesh: Mesh) 
     assert stars(html) == "none"
 
 
+def test_both_sidecars_report_a_call_as_istio_does(mesh: Mesh, bookinfo: Compose) -> None:
+    page(mesh)
+    with urllib.request.urlopen(f"http://127.0.0.1:{mesh.admin}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    series = [dict(re.findall(r'(\w+)="([^"]*)"', line)) for line in text.splitlines()]
+    details = "details.default.svc.cluster.local"
+    calls = {
+        (labels["reporter"], labels["source_workload"], labels["destination_workload"])
+        for labels in series
+        if labels.get("destination_service") == details and labels.get("response_code") == "200"
+    }
+    productpage, details_workload = bookinfo.container("productpage"), bookinfo.container("details")
+    assert calls == {("source", productpage, details_workload), ("destination", "unknown", details_workload)}
+
+
 def test_all_v1_sends_every_request_to_reviews_v1(mesh: Mesh, bookinfo: Compose) -> None:
     mesh.apply(VARIANTS / "virtual-service-all-v1.yaml")
     served = {SERVED_BY.search(page(mesh)).group(1) for _ in range(12)}  # type: ignore[union-attr]
