@@ -137,11 +137,7 @@ def _headers(values: list[str] | None) -> list[tuple[str, str]]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    loaded = load_paths(_files(args))
-    for problem in loaded.problems:
-        if problem.severity == "error":
-            print(problem, file=sys.stderr)
-    mesh = loaded.raise_errors()
+    mesh = load_paths(_files(args)).raise_errors()
     workloads = list(workloads_of(mesh))
     if args.workloads:
         workloads += workloads_of(load_paths([args.workloads]).raise_errors())

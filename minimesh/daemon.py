@@ -313,8 +313,10 @@ class Daemon:
                 compiled = await asyncio.to_thread(
                     compile_config, self.options.paths, generation, self.discovered.workloads, self.layers.layers()
                 )
-                self._swap(compiled)
-                self.scoped = await self._scoped(generation)
+                scoped = await self._scoped(generation)
+                self._swap(compiled.snapshot)
+                self.scoped = scoped
+                self.config = ConfigState(compiled.sources, time.time())
         except ConfigError as exc:
             lines = tuple(str(p) for p in exc.problems)
             for line in lines:
@@ -330,9 +332,8 @@ class Daemon:
         took = (time.monotonic() - began) * 1000
         log.info("minimesh: reloaded: generation %d live in %.0f ms", generation, took)
 
-    def _swap(self, compiled: Compiled) -> None:
+    def _swap(self, snapshot: Snapshot) -> None:
         """Put the new snapshot in force, with the listeners that read it, in one loop step."""
-        snapshot = compiled.snapshot
         self.current.swap(snapshot)
         if self.gateway is not None and self.gateway.listener.gateways != snapshot.ingress_gateways:
             self.gateway.listener = replace(self.gateway.listener, gateways=snapshot.ingress_gateways)
@@ -341,7 +342,6 @@ class Daemon:
             workload = wanted.get(port)
             if workload is not None and serving.listener.workload != workload:
                 serving.listener = replace(serving.listener, workload=workload)
-        self.config = ConfigState(compiled.sources, time.time())
         self._configure_access_log(snapshot)
 
     async def _reconcile_sidecars(self, snapshot: Snapshot) -> None:
@@ -392,8 +392,9 @@ class Daemon:
             except ConfigError:
                 self.layers = previous
                 raise
-            self._swap(compiled)
+            self._swap(compiled.snapshot)
             self.scoped = scoped
+            self.config = ConfigState(compiled.sources, time.time())
         self._layers_changed.set()
         await self._reconcile_sidecars(compiled.snapshot)
         await self._reconcile_capture()
@@ -477,7 +478,7 @@ class Daemon:
             mesh = snapshot.mesh
             workloads = (*workloads_of(mesh), *self.discovered.workloads)
             compiled = await asyncio.to_thread(compile_snapshot, mesh, workloads, generation=snapshot.generation + 1)
-            self._swap(Compiled(compiled, self.config.sources, ()))
+            self._swap(compiled)
             if self.scoped:
                 self.scoped = {
                     scope: await asyncio.to_thread(
