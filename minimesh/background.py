@@ -13,14 +13,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from minimesh.admin.client import is_ready
+from minimesh.admin.client import POLL_INTERVAL, is_ready
 
 STATE_DIR = Path(".minimesh")
 PID_FILE = STATE_DIR / "minimesh.pid"
 LOG_FILE = STATE_DIR / "minimesh.log"
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
-POLL_INTERVAL = 0.1
 TAIL_LINES = 20
 
 

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 
 from minimesh.config.source import Document
 
-SCOPE_HEADER = "x-minimesh-test"
-
 
 @dataclass(frozen=True, slots=True)
 class Overlay:

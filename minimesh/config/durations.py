@@ -25,7 +25,8 @@ _NOT_DIGITS = re.compile(r"[^.0-9]*")
 _LIMIT = 1 << 63
 
 
-def _show(text: str) -> str:
+def show(text: str) -> str:
+    """`text` quoted for an error message, cut at 60 characters."""
     shown = text if len(text) <= 60 else text[:57] + "..."
     return f"'{shown}'" if shown.isprintable() and "'" not in shown else repr(shown)
 
@@ -48,7 +49,7 @@ def duration_nanos(text: str) -> int:
     """Nanoseconds in `text`, exactly as Go's time.ParseDuration computes them; ValueError else."""
 
     def invalid() -> NoReturn:
-        raise ValueError(f"invalid duration {_show(text)}; {HINT}")
+        raise ValueError(f"invalid duration {show(text)}; {HINT}")
 
     rest, negative = text, text[:1] == "-"
     if text[:1] in ("-", "+"):

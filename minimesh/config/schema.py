@@ -26,7 +26,7 @@ from celpy import celtypes
 from celpy.celparser import CELParseError
 
 from minimesh.config import own_schemas
-from minimesh.config.durations import duration_nanos
+from minimesh.config.durations import duration_nanos, show
 from minimesh.config.own_schemas import Schema
 from minimesh.config.source import FieldPath
 
@@ -244,7 +244,7 @@ def _check_object_meta(meta: Any, kind: str, out: _Findings) -> None:
             out.add(SchemaIssue(("metadata", "name"), problem))
     if isinstance(namespace, str) and not _is_dns_label(namespace):
         message = (
-            f"invalid namespace {_show(namespace)}: use at most 63 lowercase letters, digits or '-', "
+            f"invalid namespace {show(namespace)}: use at most 63 lowercase letters, digits or '-', "
             "starting and ending with a letter or digit"
         )
         out.add(SchemaIssue(("metadata", "namespace"), message))
@@ -256,7 +256,7 @@ def _check_object_meta(meta: Any, kind: str, out: _Findings) -> None:
                 out.add(SchemaIssue(path, _qualified_name_message("label key", key), at_key=True))
             if isinstance(value, str) and not _is_label_value(value):
                 message = (
-                    f"invalid label value {_show(value)}: use at most 63 letters, digits, '-', '_' or '.', "
+                    f"invalid label value {show(value)}: use at most 63 letters, digits, '-', '_' or '.', "
                     "starting and ending with a letter or digit, or leave it empty"
                 )
                 out.add(SchemaIssue(path, message))
@@ -276,7 +276,7 @@ def _subdomain_problem(name: str) -> str:
     if len(name) <= 253 and _DNS_SUBDOMAIN.fullmatch(name):
         return ""
     return (
-        f"invalid name {_show(name)}: use at most 253 lowercase letters, digits, '-' or '.', "
+        f"invalid name {show(name)}: use at most 253 lowercase letters, digits, '-' or '.', "
         "starting and ending with a letter or digit"
     )
 
@@ -285,7 +285,7 @@ def _service_name_problem(name: str) -> str:
     if len(name) <= 63 and _DNS1035_LABEL.fullmatch(name):
         return ""
     return (
-        f"invalid Service name {_show(name)}: use at most 63 lowercase letters, digits or '-', "
+        f"invalid Service name {show(name)}: use at most 63 lowercase letters, digits or '-', "
         "starting with a letter and ending with a letter or digit"
     )
 
@@ -309,7 +309,7 @@ def _is_label_value(value: str) -> bool:
 
 def _qualified_name_message(what: str, key: str) -> str:
     return (
-        f"invalid {what} {_show(key)}: use an optional DNS prefix and '/', then at most 63 letters, "
+        f"invalid {what} {show(key)}: use an optional DNS prefix and '/', then at most 63 letters, "
         "digits, '-', '_' or '.', starting and ending with a letter or digit"
     )
 
@@ -501,14 +501,14 @@ def _check_string(value: str, schema: Schema, path: FieldPath, out: _Findings) -
     low, high = schema.get("minLength"), schema.get("maxLength")
     if low is not None and len(value) < low:
         message = "must not be empty" if low == 1 else f"must be at least {_plural(low, 'character')} long"
-        out.add(SchemaIssue(path, f"{message}, got {_show(value)}"))
+        out.add(SchemaIssue(path, f"{message}, got {show(value)}"))
         return
     if high is not None and len(value) > high:
         out.add(SchemaIssue(path, f"must be at most {_plural(high, 'character')} long, got {len(value)}"))
         return
     pattern = schema.get("pattern")
     if pattern is not None and re2.search(pattern, value) is None:
-        out.add(SchemaIssue(path, f"must match the pattern {pattern}, got {_show(value)}"))
+        out.add(SchemaIssue(path, f"must match the pattern {pattern}, got {show(value)}"))
     problem = _format_problem(value, schema.get("format"))
     if problem:
         out.add(SchemaIssue(path, problem))
@@ -524,12 +524,12 @@ def _format_problem(value: str, fmt: str | None) -> str:
                 return ""
         except ValueError:
             pass
-        return f"must be an RFC 3339 date-time such as 2024-01-31T12:00:00Z, got {_show(value)}"
+        return f"must be an RFC 3339 date-time such as 2024-01-31T12:00:00Z, got {show(value)}"
     if fmt == "byte":
         try:
             base64.b64decode(value, validate=True)
         except binascii.Error:
-            return f"must be base64-encoded data, got {_show(value)}"
+            return f"must be base64-encoded data, got {show(value)}"
     return ""
 
 
@@ -557,7 +557,7 @@ def _check_enum(value: Any, schema: Schema, path: FieldPath, out: _Findings) -> 
     if allowed is None or any(_same(value, choice) for choice in allowed):
         return
     listed = ", ".join(str(choice) for choice in allowed)
-    message = f"must be one of {listed}, got {_show(value) if isinstance(value, str) else _describe(value)}"
+    message = f"must be one of {listed}, got {show(value) if isinstance(value, str) else _describe(value)}"
     if isinstance(value, str):
         texts = {str(choice).upper(): str(choice) for choice in allowed}
         close = difflib.get_close_matches(value.upper(), list(texts), n=1)
@@ -800,10 +800,10 @@ def _cel_int(value: Any) -> Any:
     """CEL `int()`: strings as Go's strconv.ParseInt reads them (no spaces, no underscores)."""
     if isinstance(value, str):
         if not _GO_INT.fullmatch(value):
-            _fail(f"{_show(value)} is not an integer")
+            _fail(f"{show(value)} is not an integer")
         number = int(value)
         if not _INT64[0] <= number <= _INT64[1]:
-            _fail(f"{_show(value)} does not fit in 64 bits")
+            _fail(f"{show(value)} does not fit in 64 bits")
         return celtypes.IntType(number)
     return celtypes.IntType(value)
 
@@ -813,7 +813,7 @@ def _cel_substring(text: Any, start: Any, end: Any = None) -> Any:
     length = len(text)
     stop = length if end is None else int(end)
     if not 0 <= int(start) <= stop <= length:
-        _fail(f"{_show(str(text))} has no characters {int(start)} to {stop}")
+        _fail(f"{show(str(text))} has no characters {int(start)} to {stop}")
     return celtypes.StringType(text[int(start) : stop])
 
 
@@ -841,7 +841,7 @@ def _cel_url(text: Any) -> _URL:
         _go_unescape(fragment, host=False)
         return _URL(_go_parse_url(before, via_request=False))
     except ValueError as exc:
-        _fail(f"{_show(raw)} is not a valid URL ({exc})")
+        _fail(f"{show(raw)} is not a valid URL ({exc})")
 
 
 def _cel_get_scheme(url: Any) -> Any:
@@ -955,17 +955,12 @@ def _describe(value: Any) -> str:
     if isinstance(value, int | float):
         return f"{'integer' if isinstance(value, int) else 'number'} {_number(value)}"
     if isinstance(value, str):
-        return f"string {_show(value)}"
+        return f"string {show(value)}"
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
         return "a list"
     return type(value).__name__
-
-
-def _show(text: str) -> str:
-    shown = text if len(text) <= 60 else text[:57] + "..."
-    return f"'{shown}'" if shown.isprintable() and "'" not in shown else repr(shown)
 
 
 def _number(value: float) -> str:

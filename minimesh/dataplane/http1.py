@@ -153,6 +153,14 @@ def outbox(loop: asyncio.AbstractEventLoop) -> Outbox:
     return box
 
 
+def first_header(headers: HeaderList, name: bytes) -> bytes | None:
+    """The value of the first header called `name` (lower-case), if any."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 class BodyTooLarge(Exception):
     """A body that had to be buffered (for a retry or a mirror) outgrew its bound."""
 
@@ -173,14 +181,6 @@ class Body:
         self._on_drain = on_drain
         self.error: BaseException | None = None
         self.received = 0
-
-    @classmethod
-    def of(cls, data: bytes) -> Body:
-        body = cls()
-        if data:
-            body.feed(data)
-        body.finish()
-        return body
 
     @property
     def buffered(self) -> int:
@@ -284,10 +284,7 @@ class Request:
         """The `Upgrade` protocol (`websocket`) when the request asks to switch protocols."""
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return first_header(self.headers, name)
 
     @property
     def has_body(self) -> bool:
@@ -467,7 +464,6 @@ class Downstream(asyncio.Protocol):
         self.peer: tuple[str, int] = ("", 0)
         self.peer_text = ":0"
         """`host:port` of the peer, as the access log and x-forwarded-for write it."""
-        self.local: tuple[str, int] = ("", 0)
         self.extra: dict[str, Any] = {}
 
     def socket(self) -> Any:
@@ -479,10 +475,8 @@ class Downstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's subclasses
         peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
         self.peer_text = f"{self.peer[0]}:{self.peer[1]}"
-        self.local = (str(local[0]), int(local[1])) if isinstance(local, tuple) else ("", 0)
         self._set_deadline(self._limits.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -779,10 +773,7 @@ class UpstreamResponse:
         self.keep_alive = True
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return first_header(self.headers, name)
 
     @property
     def length(self) -> int | None:

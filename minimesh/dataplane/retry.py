@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from minimesh.dataplane.upstream import GATEWAY_ERRORS
 from minimesh.routing.snapshot import RetryPolicy
 
-GATEWAY_STATUSES = frozenset({502, 503, 504})
 RETRIABLE_4XX = frozenset({409})
 FAILURES_RETRIED_BY = {
     "5xx": frozenset({"UF", "UC", "UT"}),
@@ -37,7 +37,7 @@ class RetryDecider:
         on = set(policy.retry_on)
         statuses: set[int] = set()
         if "gateway-error" in on:
-            statuses |= GATEWAY_STATUSES
+            statuses |= GATEWAY_ERRORS
         if "retriable-4xx" in on:
             statuses |= RETRIABLE_4XX
         if "retriable-status-codes" in on:

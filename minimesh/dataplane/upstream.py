@@ -52,7 +52,6 @@ OVERFLOW = LocalReply(503, RESET_BEFORE_HEADERS + b"overflow", "UO", ((b"x-envoy
 UPSTREAM_TIMEOUT = LocalReply(504, b"upstream request timeout", "UT")
 PROTOCOL_ERROR = LocalReply(503, RESET_BEFORE_HEADERS + b"protocol error", "UPE")
 UPGRADE_FAILED = LocalReply(403, b"", "")
-RBAC_DENIED = LocalReply(403, b"RBAC: access denied", "RBAC")
 BLACK_HOLE = LocalReply(502, b"", "")
 
 
@@ -83,7 +82,6 @@ class HostState:
         "connections",
         "consecutive_5xx",
         "consecutive_gateway",
-        "ejected_at",
         "ejected_until",
         "failures",
         "idle",
@@ -104,7 +102,6 @@ class HostState:
         self.consecutive_5xx = 0
         self.consecutive_gateway = 0
         self.times_ejected = 0
-        self.ejected_at: float | None = None
         self.ejected_until: float | None = None
         self.successes = 0
         self.failures = 0
@@ -182,7 +179,6 @@ class ClusterState:
                 continue
             if now >= state.ejected_until:
                 state.ejected_until = None
-                state.ejected_at = None
                 state.consecutive_5xx = state.consecutive_gateway = 0
                 continue
             out.append(endpoint)
@@ -225,9 +221,7 @@ class ClusterState:
         if ejected > 0 and 100.0 * (ejected + 1) / total > detection.max_ejection_percent:
             return
         state.times_ejected += 1
-        now = self.clock()
-        state.ejected_at = now
-        state.ejected_until = now + min(detection.base_ejection_time * state.times_ejected, MAX_EJECTION_TIME)
+        state.ejected_until = self.clock() + min(detection.base_ejection_time * state.times_ejected, MAX_EJECTION_TIME)
 
     # ---- circuit breaking
 

@@ -539,10 +539,6 @@ class Forward:
         return self.target.cluster
 
     @property
-    def policy(self) -> Policy:
-        return self.target.cluster.policy
-
-    @property
     def timeout(self) -> float | None:
         return self.route.timeout
 
@@ -553,14 +549,6 @@ class Forward:
     @property
     def fault(self) -> m.HTTPFaultInjection | None:
         return self.route.fault
-
-    @property
-    def cors(self) -> m.CorsPolicy | None:
-        return self.route.cors
-
-    @property
-    def rewrite(self) -> m.HTTPRewrite | None:
-        return self.route.rewrite
 
     @property
     def request_headers(self) -> m.HeaderOperations:

@@ -206,11 +206,6 @@ def remove_rules(path: str) -> bool:
     return found
 
 
-def has_rules(path: str) -> bool:
-    result = _iptables(path, ["iptables-save", "-t", "nat"])
-    return OUTPUT_CHAIN in result.stdout or INBOUND_CHAIN in result.stdout
-
-
 def owners(path: str) -> set[int]:
     """The pids of the daemons whose rules are in the namespace (from the rules' comments)."""
     found = set()
