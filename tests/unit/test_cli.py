@@ -177,3 +177,10 @@ def test_validate_compose_checks_the_compose_file(tmp_path: Path) -> None:
     bad = minimesh("validate", "-f", str(BOOKINFO), "--compose", str(broken))
     assert bad.returncode == 1
     assert bad.stdout.count("error: instances of service 'reviews' must answer to it") == 3
+
+
+def test_explain_on_a_broken_config_says_each_error_once() -> None:
+    result = minimesh("explain", "-f", "tests/data/typo.yaml", "GET", "http://reviews:9080/")
+    assert result.returncode == 1
+    assert result.stderr.count("unknown field 'weigth'") == 1, result.stderr
+    assert result.stderr.startswith("minimesh: error: tests/data/typo.yaml:13:7: error: unknown field 'weigth'")
