@@ -30,7 +30,7 @@ from minimesh.config.source import expand
 from minimesh.daemon import Options, serve
 from minimesh.dataplane.capture.manager import scrub_left_rules
 from minimesh.dataplane.capture.netns import netns_unavailable
-from minimesh.errors import MinimeshError, Problem
+from minimesh.errors import ConfigError, MinimeshError, Problem
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
 from minimesh.routing.compile import compile_snapshot
@@ -264,7 +264,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             raise UsageError("apply needs -f FILE (or --reset)")
         files, problems = expand(args.files)
         if problems:
-            raise UsageError(str(problems[0]))
+            raise ConfigError(problems)
         requests = [("POST", f"/apply?source={quote(str(f))}", f.read_bytes(), str(f)) for f in files]
     for method, path, body, name in requests:
         try:

@@ -184,3 +184,9 @@ def test_explain_on_a_broken_config_says_each_error_once() -> None:
     assert result.returncode == 1
     assert result.stderr.count("unknown field 'weigth'") == 1, result.stderr
     assert result.stderr.startswith("minimesh: error: tests/data/typo.yaml:13:7: error: unknown field 'weigth'")
+
+
+def test_apply_of_a_missing_file_is_invalid_not_a_usage_error() -> None:
+    result = minimesh("apply", "--admin", "http://127.0.0.1:9", "-f", "tests/data/no-such.yaml")
+    assert result.returncode == 1
+    assert "no such file or folder 'tests/data/no-such.yaml'" in result.stderr
