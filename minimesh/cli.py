@@ -38,7 +38,7 @@ from minimesh.routing.match import trace
 from minimesh.routing.offline import placeholders
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import Forward, NoRoute, Outcome, Snapshot
-from minimesh.routing.verify import run_route_tests, summarize
+from minimesh.routing.verify import Got, run_route_tests, summarize
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -153,22 +153,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for step in steps:
         print(f"  {step.what:<{width}}  {step.verdict:<5}  {step.detail}")
     got = summarize(outcome)
-    flag = _flag(outcome)
+    flag = _flag(outcome, got)
     destination = f"{got.host} subset {got.subset or '-'} port {got.port}" if got.host else "none"
     print(f"result: route {got.route or '-'}; destination {destination}; status {got.status}; flag {flag}")
     return EXIT_OK
 
 
-def _flag(outcome: Outcome) -> str:
+def _flag(outcome: Outcome, got: Got) -> str:
+    """The access-log flag Envoy would write, from the decision and its summary."""
     if isinstance(outcome, NoRoute):
         return outcome.flag
     if isinstance(outcome, Forward):
-        fault = outcome.fault
-        if fault is not None and fault.abort is not None and (fault.abort.percentage or 0) >= 100:
+        if got.fault == "abort":
             return "FI"
         if not outcome.cluster.endpoints:
             return "UH (no endpoints known offline)"
-        if fault is not None and fault.delay is not None and (fault.delay.percentage or 0) >= 100:
+        if got.fault == "delay":
             return "DI"
     return "-"
 

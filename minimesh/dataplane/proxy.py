@@ -765,18 +765,16 @@ class Proxy:
             if failure is not None:
                 host.in_flight -= 1
                 state.record(cluster, endpoint, 504 if failure.reply is UPSTREAM_TIMEOUT else 503)
-                if not decider.retries_failure(failure.reply.flag):
-                    raise failure
-                if attempt > decider.attempts or not state.admit_retry(pool):
-                    exchange.flags.append("URX" if attempt > decider.attempts else "UO")
+                if not decider.retries_failure(failure.reply.flag) or self._no_retry(
+                    attempt, decider, state, pool, exchange
+                ):
                     raise failure
             else:
                 exchange.upstream_time = time.monotonic() - sent
                 state.record(cluster, endpoint, response.status)
-                if not decider.retries_status(response.status):
-                    return response, endpoint
-                if attempt > decider.attempts or not state.admit_retry(pool):
-                    exchange.flags.append("URX" if attempt > decider.attempts else "UO")
+                if not decider.retries_status(response.status) or self._no_retry(
+                    attempt, decider, state, pool, exchange
+                ):
                     return response, endpoint
                 host.in_flight -= 1
                 response.conn.close()
@@ -787,6 +785,20 @@ class Proxy:
             except asyncio.CancelledError:
                 state.retry_done()
                 raise
+
+    @staticmethod
+    def _no_retry(
+        attempt: int, decider: RetryDecider, state: ClusterState, pool: m.ConnectionPool, exchange: Exchange
+    ) -> bool:
+        """Whether a retriable attempt ends the retries: they are used up (`URX`), or
+        `maxRetries` is reached across the cluster (`UO`); else one retry is counted in."""
+        if attempt > decider.attempts:
+            exchange.flags.append("URX")
+            return True
+        if not state.admit_retry(pool):
+            exchange.flags.append("UO")
+            return True
+        return False
 
     def _pick(self, cluster: Cluster, state: ClusterState, view: RequestView, tried: list[Endpoint]) -> Endpoint | None:
         """An endpoint that is not ejected, avoiding the ones already tried while others

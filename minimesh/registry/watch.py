@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from minimesh.config.labels import SERVICE_LABEL
@@ -38,7 +38,6 @@ class Discovered:
 
     workloads: tuple[Workload, ...] = ()
     skipped: tuple[Skipped, ...] = ()
-    starting: tuple[str, ...] = field(default=())
 
 
 Publish = Callable[[Discovered], None]
@@ -100,10 +99,9 @@ class DockerWatcher:
         return all(labels.get(key) == value for key, _, value in (item.partition("=") for item in self.labels))
 
     def discovered(self) -> Discovered:
-        """The workloads of the ready containers; starting ones and bad labels are kept aside."""
+        """The workloads of the ready containers; bad labels are kept aside."""
         workloads: list[Workload] = []
         skipped: list[Skipped] = []
-        starting: list[str] = []
         for record in self.records.values():
             if not (record.get("State") or {}).get("Running"):
                 continue
@@ -112,9 +110,7 @@ class DockerWatcher:
                 skipped.append(found)
             elif found is not None and ready(record):
                 workloads.append(found)
-            elif found is not None:
-                starting.append(found.name)
-        return Discovered(tuple(sorted(workloads, key=lambda w: w.name)), tuple(skipped), tuple(sorted(starting)))
+        return Discovered(tuple(sorted(workloads, key=lambda w: w.name)), tuple(skipped))
 
     def _events(self) -> Iterator[Mapping[str, Any]]:
         """Events from just before the containers were listed on: a container that started
