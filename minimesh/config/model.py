@@ -7,6 +7,7 @@ regexes compiled, Istio's defaults applied) so nothing downstream touches raw YA
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from minimesh.errors import Location
@@ -19,7 +20,7 @@ def labels_of(mapping: dict[str, str] | None) -> Labels:
     return tuple(sorted((mapping or {}).items()))
 
 
-def labels_match(selector: Labels, labels: dict[str, str]) -> bool:
+def labels_match(selector: Labels, labels: Mapping[str, str]) -> bool:
     """Kubernetes `matchLabels`: every selector pair is present in `labels`."""
     return all(labels.get(key) == value for key, value in selector)
 

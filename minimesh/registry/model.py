@@ -6,7 +6,8 @@ routing.compile turns them into endpoints of services.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from minimesh.config.labels import ServicePortSpec
 from minimesh.config.model import Labels
@@ -28,10 +29,11 @@ class Workload:
     sidecar_port: int | None = None
     netns: str | None = None
     origin: str = "WorkloadEntry"
+    label_map: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    """`labels` as a mapping, made once: sidecar routing reads it on every request."""
 
-    @property
-    def label_map(self) -> dict[str, str]:
-        return dict(self.labels)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label_map", dict(self.labels))
 
     @property
     def identity(self) -> str:

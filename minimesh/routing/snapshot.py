@@ -175,7 +175,7 @@ class Facts:
         path: str,
         port: int,
         gateway: str,
-        labels: dict[str, str] | None,
+        labels: Mapping[str, str] | None,
         namespace: str | None,
     ) -> None:
         self.request = request
