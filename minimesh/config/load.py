@@ -379,7 +379,8 @@ def _http_route(r: _Reader, path: FieldPath, index: int) -> m.HTTPRoute:
     )
 
 
-def _tcp_route(r: _Reader, path: FieldPath, index: int) -> m.TCPRoute:
+def _tcp_route(r: _Reader, path: FieldPath, index: int, *, tls: bool = False) -> m.TCPRoute:
+    """A `tcp[]` or a `tls[]` rule: the same match attributes, and `sniHosts` for `tls[]`."""
     matches = tuple(
         m.L4MatchAttributes(
             destination_subnets=r.strings((*item, "destinationSubnets")),
@@ -387,6 +388,7 @@ def _tcp_route(r: _Reader, path: FieldPath, index: int) -> m.TCPRoute:
             source_labels=r.labels((*item, "sourceLabels")) or (),
             gateways=r.strings((*item, "gateways")),
             source_namespace=r.text((*item, "sourceNamespace")),
+            sni_hosts=tuple(h.lower() for h in r.strings((*item, "sniHosts"))) if tls else (),
         )
         for item in r.items((*path, "match"))
     )
@@ -403,6 +405,7 @@ def build_virtual_service(r: _Reader) -> m.VirtualService:
         gateways=r.strings(("spec", "gateways")),
         http=tuple(_http_route(r, item, i) for i, item in enumerate(r.items(("spec", "http")))),
         tcp=tuple(_tcp_route(r, item, i) for i, item in enumerate(r.items(("spec", "tcp")))),
+        tls=tuple(_tcp_route(r, item, i, tls=True) for i, item in enumerate(r.items(("spec", "tls")))),
         export_to=r.strings(("spec", "exportTo")),
     )
 

@@ -224,10 +224,14 @@ class L4MatchAttributes:
     source_labels: Labels = ()
     gateways: tuple[str, ...] = ()
     source_namespace: str | None = None
+    sni_hosts: tuple[str, ...] = ()
+    """`tls[].match[].sniHosts`; always empty in a `tcp[]` match."""
 
 
 @dataclass(frozen=True, slots=True)
 class TCPRoute:
+    """One `tcp[]` rule, or one `tls[]` rule (whose matches carry `sniHosts`)."""
+
     index: int
     location: Location
     match: tuple[L4MatchAttributes, ...] = ()
@@ -241,6 +245,7 @@ class VirtualService:
     gateways: tuple[str, ...] = ()
     http: tuple[HTTPRoute, ...] = ()
     tcp: tuple[TCPRoute, ...] = ()
+    tls: tuple[TCPRoute, ...] = ()
     export_to: tuple[str, ...] = ()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from minimesh.config import model as m
 from minimesh.config.labels import (
     PORT_LABEL,
-    PROTOCOLS,
     SERVICE_LABEL,
     SIDECAR_PORT_ANNOTATION,
     ServicePortSpec,
@@ -27,7 +26,7 @@ def _service_ports(entry: m.WorkloadEntry, labels: dict[str, str]) -> tuple[Serv
         except ValueError:
             return ()
     if SERVICE_LABEL in labels:
-        return tuple(ServicePortSpec(port, name if name in PROTOCOLS else "http") for name, port in entry.ports)
+        return tuple(ServicePortSpec(port, name) for name, port in entry.ports)
     return ()
 
 

@@ -12,7 +12,15 @@ from http import HTTPStatus
 from types import MappingProxyType
 
 from minimesh.config import model as m
-from minimesh.config.labels import FAULT_FIRST_ANNOTATION, parse_fault_first
+from minimesh.config.labels import (
+    DETECTED,
+    FAULT_FIRST_ANNOTATION,
+    HTTP_PROTOCOLS,
+    OPAQUE_PROTOCOLS,
+    TLS_PROTOCOLS,
+    parse_fault_first,
+    port_protocol,
+)
 from minimesh.registry.model import Workload
 from minimesh.registry.static import from_workload_entry
 from minimesh.routing.request import RequestView
@@ -22,11 +30,13 @@ from minimesh.routing.snapshot import (
     Binding,
     Cluster,
     CompiledVirtualService,
+    ConnectionRoute,
     Destination,
     Endpoint,
     Facts,
     GatewaysTest,
     GatewayTable,
+    L4Match,
     MatchBlock,
     MeshService,
     MirrorPolicy,
@@ -49,22 +59,8 @@ from minimesh.routing.snapshot import (
 CLUSTER_DOMAIN = "svc.cluster.local"
 ROOT_NAMESPACE = "istio-system"
 
-PROTOCOLS = {
-    "http": "HTTP",
-    "http2": "HTTP2",
-    "grpc": "GRPC",
-    "grpc-web": "GRPC-WEB",
-    "https": "HTTPS",
-    "tls": "TLS",
-    "tcp": "TCP",
-    "udp": "UDP",
-    "mongo": "MONGO",
-    "mysql": "MYSQL",
-    "redis": "REDIS",
-}
-"""Istio's port-name prefixes → protocol; an unnamed port is sniffed, which routes HTTP as HTTP."""
-
 HTTP_SERVER_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
+SNIFFED_PROTOCOLS = frozenset({*HTTP_PROTOCOLS, DETECTED})
 TLS_SERVER_PROTOCOLS = frozenset({"HTTPS"})
 
 SIMPLE_LB = {None: "LEAST_REQUEST", "UNSPECIFIED": "LEAST_REQUEST", "LEAST_CONN": "LEAST_REQUEST"}
@@ -109,11 +105,6 @@ def gateway_ref(name: str, namespace: str) -> str:
 # ---------------------------------------------------------------- services and endpoints
 
 
-def _protocol(name: str, app_protocol: str | None = None) -> str:
-    key = (app_protocol or name.split("-")[0]).lower()
-    return PROTOCOLS.get(key, "HTTP")
-
-
 def _doc_target(workload: Workload, port: m.ServicePort) -> int | None:
     """The port a workload serves a Service port on: a named targetPort, else the workload's
     port of the service port's name (WorkloadEntry `ports`), else targetPort, else the port."""
@@ -135,7 +126,7 @@ class _ServiceDraft:
 
     def build(self) -> MeshService:
         if self.doc is not None and self.doc.ports:
-            ports = tuple(ServicePort(p.port, p.name, _protocol(p.name, p.app_protocol)) for p in self.doc.ports)
+            ports = tuple(ServicePort(p.port, p.name, port_protocol(p.name, p.app_protocol)) for p in self.doc.ports)
             endpoints = {
                 sp.port: tuple(
                     Endpoint(w, w.address, target, w.labels)
@@ -149,7 +140,8 @@ class _ServiceDraft:
             declared: dict[int, ServicePort] = {}
             for w in self.members:
                 for spec in w.service_ports:
-                    declared.setdefault(spec.number, ServicePort(spec.number, spec.protocol, _protocol(spec.protocol)))
+                    port = ServicePort(spec.number, spec.protocol, port_protocol(spec.protocol))
+                    declared.setdefault(spec.number, port)
             ports = tuple(declared.values())
             endpoints = {
                 number: tuple(
@@ -207,7 +199,7 @@ def _entry_endpoints(
 def _entry_services(mesh: m.Mesh, workloads: tuple[Workload, ...]) -> list[MeshService]:
     found = []
     for entry in mesh.service_entries:
-        ports = tuple(ServicePort(p.number, p.name, p.protocol or "HTTP") for p in entry.ports)
+        ports = tuple(ServicePort(p.number, p.name, port_protocol(p.protocol)) for p in entry.ports)
         for raw in entry.hosts:
             host = fqdn(raw, entry.meta.namespace)
             endpoints = {p.number: _entry_endpoints(entry, host, p, workloads) for p in entry.ports}
@@ -461,6 +453,26 @@ def _match_block(index: int, match: m.HTTPMatchRequest, namespace: str) -> Match
     return MatchBlock(index, tuple(tests), tuple(static), prefix)
 
 
+def _l4_match(index: int, match: m.L4MatchAttributes, namespace: str) -> L4Match:
+    return L4Match(
+        index=index,
+        port=match.port,
+        subnets=tuple(ipaddress.ip_network(s, strict=False) for s in match.destination_subnets if _is_network(s)),
+        labels=match.source_labels,
+        namespace=match.source_namespace,
+        gateways=frozenset(gateway_ref(g, namespace) for g in match.gateways),
+        sni_hosts=match.sni_hosts,
+    )
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_internal(name: str) -> bool:
     return name.startswith(":") or name == "host"
 
@@ -556,6 +568,18 @@ class _Compiler:
             fault_first=fault_first if faulty else None,
         )
 
+    def connection_route(self, vs: m.VirtualService, rule: m.TCPRoute, kind: str) -> ConnectionRoute:
+        """A `tcp[]` or `tls[]` rule (`kind`): its matches and weighted destinations."""
+        namespace = vs.meta.namespace
+        destinations = tuple(self.destination(d.destination, d.weight, namespace) for d in rule.route)
+        return ConnectionRoute(
+            ref=f"{resource_ref(vs.meta)}#{kind}[{rule.index}]",
+            location=rule.location,
+            matches=tuple(_l4_match(i, match, namespace) for i, match in enumerate(rule.match)),
+            destinations=destinations,
+            weights=tuple(d.weight for d in destinations),
+        )
+
     def virtual_service(self, vs: m.VirtualService, order: int) -> CompiledVirtualService:
         namespace = vs.meta.namespace
         gateways = frozenset(gateway_ref(g, namespace) for g in vs.gateways) or frozenset({MESH})
@@ -568,6 +592,8 @@ class _Compiler:
             routes=tuple(self.route(vs, rule, fault_first) for rule in vs.http),
             order=order,
             source=vs,
+            tcp=tuple(self.connection_route(vs, rule, "tcp") for rule in vs.tcp),
+            tls=tuple(self.connection_route(vs, rule, "tls") for rule in vs.tls),
         )
 
     def default_route(self, svc: MeshService, port: ServicePort) -> Route:
@@ -708,6 +734,8 @@ def compile_snapshot(mesh: m.Mesh, workloads: Iterable[Workload], *, generation:
     }
     in_mesh = tuple(vs for vs in virtual_services if MESH in vs.gateways and vs.routes)
     mesh_hosts = {host: ranked for host in services if (ranked := _ranked(host, in_mesh))}
+    with_connections = tuple(vs for vs in virtual_services if MESH in vs.gateways and (vs.tcp or vs.tls))
+    connection_hosts = {host: ranked for host in services if (ranked := _ranked(host, with_connections))}
     gateways = {f"{g.meta.namespace}/{g.meta.name}": g for g in mesh.gateways}
     by_scope: dict[tuple[tuple[str, ...], bool], GatewayTable] = {}
     tables = {}
@@ -738,4 +766,63 @@ def compile_snapshot(mesh: m.Mesh, workloads: Iterable[Workload], *, generation:
         default_routes=MappingProxyType(default_routes),
         gateway_tables=MappingProxyType(tables),
         gateway_aliases=MappingProxyType(aliases),
+        connection_hosts=MappingProxyType(connection_hosts),
+        addresses=MappingProxyType(_addresses(services, mesh)),
+        port_services=MappingProxyType(_port_services(services, mesh)),
+        sniffed_ports=frozenset(
+            p.number for svc in services.values() for p in svc.ports if p.protocol in SNIFFED_PROTOCOLS
+        ),
+        inbound_protocols=MappingProxyType(_inbound_protocols(services)),
     )
+
+
+# ---------------------------------------------------------------- where connections go
+
+
+def _addresses(services: Mapping[str, MeshService], mesh: m.Mesh) -> dict[tuple[str, int], MeshService]:
+    """(IP, port) → service: each endpoint's address on the service port (what an app dials,
+    Docker having no service VIP) and on the port the endpoint serves, then ServiceEntry
+    addresses; the first service to claim a pair keeps it."""
+    found: dict[tuple[str, int], MeshService] = {}
+    for svc in services.values():
+        for port in svc.ports:
+            for endpoint in svc.endpoints.get(port.number, ()):
+                if _is_ip(endpoint.address):
+                    found.setdefault((endpoint.address, port.number), svc)
+                    found.setdefault((endpoint.address, endpoint.port), svc)
+    for entry in mesh.service_entries:
+        for raw in entry.hosts:
+            claimed = services.get(fqdn(raw, entry.meta.namespace))
+            if claimed is None:
+                continue
+            for address in entry.addresses:
+                if _is_ip(address):
+                    for port in claimed.ports:
+                        found.setdefault((address, port.number), claimed)
+    return found
+
+
+def _port_services(services: Mapping[str, MeshService], mesh: m.Mesh) -> dict[int, tuple[MeshService, ...]]:
+    """ServiceEntry ports without `addresses`: reached on any address of that port."""
+    found: dict[int, list[MeshService]] = {}
+    for entry in mesh.service_entries:
+        if entry.addresses:
+            continue
+        for raw in entry.hosts:
+            entry_service = services.get(fqdn(raw, entry.meta.namespace))
+            if entry_service is None or entry_service.origin != resource_ref(entry.meta):
+                continue
+            for port in entry_service.ports:
+                if port.protocol in OPAQUE_PROTOCOLS or port.protocol in TLS_PROTOCOLS:
+                    found.setdefault(port.number, []).append(entry_service)
+    return {port: tuple(svcs) for port, svcs in found.items()}
+
+
+def _inbound_protocols(services: Mapping[str, MeshService]) -> dict[tuple[str, int], str]:
+    found: dict[tuple[str, int], str] = {}
+    for svc in services.values():
+        for port in svc.ports:
+            for endpoint in svc.endpoints.get(port.number, ()):
+                if endpoint.workload is not None:
+                    found.setdefault((endpoint.workload.name, endpoint.port), port.protocol)
+    return found

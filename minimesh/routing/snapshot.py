@@ -6,12 +6,14 @@ Built once per config generation by `compile.py`; read by every request, never c
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
 from minimesh.config import model as m
 from minimesh.config.durations import format_duration
+from minimesh.config.labels import DETECTED
 from minimesh.errors import Location
 from minimesh.registry.model import Workload
 from minimesh.routing.request import RequestView
@@ -44,7 +46,12 @@ class Endpoint:
 class ServicePort:
     number: int
     name: str = ""
-    protocol: str = "HTTP"
+    protocol: str = DETECTED
+
+    @property
+    def declared(self) -> bool:
+        """Did the port name its protocol, or is it sniffed from the client's first bytes?"""
+        return self.protocol != DETECTED
 
     def __str__(self) -> str:
         return f"{self.number}/{self.protocol}" + (f" ({self.name})" if self.name else "")
@@ -431,9 +438,102 @@ class Route:
         return f"<Route {self.ref} blocks={len(self.blocks)} destinations={len(self.destinations)}>"
 
 
+class ConnectionFacts:
+    """What `tcp[]` and `tls[]` match conditions read of one connection: where it was headed
+    (`address`, `port`), the SNI it offered, and its source. Made per connection: a plain class."""
+
+    __slots__ = ("address", "gateway", "labels", "namespace", "port", "sni")
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        sni: str | None,
+        gateway: str,
+        labels: Mapping[str, str] | None,
+        namespace: str | None,
+    ) -> None:
+        self.address = address
+        self.port = port
+        self.sni = sni
+        self.gateway = gateway
+        self.labels = labels
+        self.namespace = namespace
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class L4Match:
+    """One `match` entry of a `tcp[]` or `tls[]` rule; every condition it sets must hold. As
+    for HTTP, match-level `gateways` decide alone (source labels then do not apply)."""
+
+    index: int
+    port: int | None = None
+    subnets: tuple[Network, ...] = ()
+    labels: m.Labels = ()
+    namespace: str | None = None
+    gateways: frozenset[str] = frozenset()
+    sni_hosts: tuple[str, ...] = ()
+
+    def failure(self, facts: ConnectionFacts) -> str | None:
+        """Why the connection fails this match, None when it holds."""
+        if self.port is not None and facts.port != self.port:
+            return f"port {self.port} — connection is to port {facts.port}"
+        if self.subnets and not _in_subnets(facts.address, self.subnets):
+            return f"destinationSubnets {self.subnet_text} — connection is to {facts.address or 'a name'}"
+        if self.sni_hosts and not any(host_covers(h, facts.sni or "") for h in self.sni_hosts):
+            return f"sniHosts {','.join(self.sni_hosts)} — connection offers SNI {facts.sni or 'none'}"
+        if self.gateways:
+            return None if facts.gateway in self.gateways else f"gateways — connection is at {facts.gateway}"
+        if self.labels or self.namespace:
+            if facts.labels is None or not m.labels_match(self.labels, facts.labels):
+                return f"sourceLabels {','.join(f'{k}={v}' for k, v in self.labels)} — source does not carry them"
+            if self.namespace is not None and self.namespace != facts.namespace:
+                return f"sourceNamespace {self.namespace} — source is in {facts.namespace}"
+        return None
+
+    @property
+    def subnet_text(self) -> str:
+        return ",".join(str(n) for n in self.subnets)
+
+    def describe(self) -> str:
+        parts = [f"port {self.port}"] if self.port is not None else []
+        parts += [f"destinationSubnets {self.subnet_text}"] if self.subnets else []
+        parts += [f"sniHosts {','.join(self.sni_hosts)}"] if self.sni_hosts else []
+        parts += ["gateways " + ",".join(sorted(self.gateways))] if self.gateways else []
+        parts += ["sourceLabels " + ",".join(f"{k}={v}" for k, v in self.labels)] if self.labels else []
+        return " and ".join(parts) or "anything"
+
+
+def _in_subnets(address: str, subnets: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in subnet for subnet in subnets)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRoute:
+    """One compiled `tcp[]` or `tls[]` rule: its matches (none: every connection) and its
+    weighted destinations, one chosen per connection."""
+
+    ref: str
+    location: Location | None
+    matches: tuple[L4Match, ...]
+    destinations: tuple[Destination, ...]
+    weights: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        return f"<ConnectionRoute {self.ref} matches={len(self.matches)} destinations={len(self.destinations)}>"
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledVirtualService:
-    """A VirtualService with resolved hosts and gateways and its compiled rules, in order."""
+    """A VirtualService with resolved hosts and gateways and its compiled rules, in order:
+    `routes` from `http[]`, `tcp` and `tls` from its connection rules."""
 
     ref: str
     meta: m.Meta
@@ -442,6 +542,8 @@ class CompiledVirtualService:
     routes: tuple[Route, ...]
     order: int
     source: m.VirtualService = field(repr=False)
+    tcp: tuple[ConnectionRoute, ...] = ()
+    tls: tuple[ConnectionRoute, ...] = ()
 
     def exists_for(self, facts: Facts) -> bool:
         """Does any rule exist for this proxy and port (a rule with no match, or a match block
@@ -632,6 +734,25 @@ class BlackHole:
 
 Outcome = Forward | Redirect | DirectResponse | NoRoute | PassThrough | BlackHole
 
+
+class Connect:
+    """Proxy a connection to `cluster` (Envoy's tcp_proxy), under `route_ref` (`default`
+    when no rule claimed it). Made per connection, so a plain class (see `Facts`)."""
+
+    __slots__ = ("cluster", "draw", "route", "route_ref")
+
+    def __init__(self, route_ref: str, cluster: Cluster, route: ConnectionRoute | None, draw: Draw | None) -> None:
+        self.route_ref = route_ref
+        self.cluster = cluster
+        self.route = route
+        self.draw = draw
+
+    def __repr__(self) -> str:
+        return f"<Connect {self.route_ref} → {self.cluster.name} endpoints={len(self.cluster.endpoints)}>"
+
+
+ConnectionOutcome = Connect | PassThrough | BlackHole
+
 Verdict = Literal["match", "miss", "info"]
 
 
@@ -669,6 +790,19 @@ class Snapshot:
     default_routes: Mapping[tuple[str, int], Route] = field(repr=False)
     gateway_tables: Mapping[tuple[str, bool], GatewayTable] = field(repr=False)
     gateway_aliases: Mapping[str, str] = field(repr=False)
+    connection_hosts: Mapping[str, tuple[CompiledVirtualService, ...]] = field(repr=False)
+    """Per service host, the sidecar's VirtualServices with `tcp[]` or `tls[]` rules, ranked."""
+    addresses: Mapping[tuple[str, int], MeshService] = field(repr=False)
+    """(IP, port) → the service a connection to it reaches: endpoint addresses on the service's
+    ports (there is no service VIP on Docker), and ServiceEntry `addresses`."""
+    port_services: Mapping[int, tuple[MeshService, ...]] = field(repr=False)
+    """ServiceEntry ports reached on any address (no `addresses`, as Istio's 0.0.0.0:PORT
+    listeners): a TCP one claims the port, TLS ones are told apart by SNI."""
+    sniffed_ports: frozenset[int] = field(repr=False)
+    """Ports some service serves HTTP or leaves to detection: a connection to an unknown
+    address there is sniffed (HTTP goes through `http[]` by its Host header)."""
+    inbound_protocols: Mapping[tuple[str, int], str] = field(repr=False)
+    """(workload name, port it listens on) → that port's protocol, for its inbound sidecar."""
 
     def gateways_selecting(self, labels: m.Labels | Mapping[str, str]) -> tuple[str, ...]:
         """The Gateways (`namespace/name`) whose selector picks a workload with `labels`."""
