@@ -172,6 +172,7 @@ class Daemon:
             self.upstreams,
             rng=random.Random(options.seed),
             observers=(self.metrics, self.access_log),
+            openers=(self.metrics.opened,),
             debug_headers=options.debug_headers,
         )
         self.gateway: Serving | None = None

@@ -1,5 +1,6 @@
 """Istio's standard metrics: an `Exchange` observer that aggregates per label set (one dict
-lookup and a few adds per request) and renders Prometheus text and Envoy-style counters on scrape.
+lookup and a few adds per request, one series per TCP connection's labels) and renders
+Prometheus text and Envoy-style counters on scrape.
 """
 
 from __future__ import annotations
@@ -67,15 +68,18 @@ def service_parts(host: str) -> tuple[str, str]:
     return host, UNKNOWN
 
 
-def labels_of(listener: Listener, destination: Workload | None, service: str, status: int, flags: str) -> Labels:
-    """The labels of `istio_requests_total` and friends for one kind of request. A server
+def labels_of(
+    listener: Listener, destination: Workload | None, service: str, status: int, flags: str, *, tcp: bool = False
+) -> Labels:
+    """The labels of `istio_requests_total` and friends for one kind of request, or of the
+    `istio_tcp_*` families for a TCP connection (`tcp`: no response code). A server
     sidecar (inbound) reports as `destination`; its caller is unknown, as in Istio without
     peer metadata, while the calling sidecar reports the same request as `source`."""
     inbound = listener.kind == "inbound"
     source = peer(None if inbound else listener.workload, gateway=listener.kind == "gateway")
     target = peer(destination)
     name, namespace = service_parts(service) if service else (UNKNOWN, UNKNOWN)
-    return (
+    labels = (
         ("reporter", "destination" if inbound else "source"),
         ("source_workload", source["workload"]),
         ("source_canonical_service", source["canonical_service"]),
@@ -96,12 +100,18 @@ def labels_of(listener: Listener, destination: Workload | None, service: str, st
         ("destination_service_name", name),
         ("destination_service_namespace", namespace),
         ("destination_cluster", target["cluster"]),
-        ("request_protocol", "http"),
+        ("request_protocol", "tcp" if tcp else "http"),
         ("response_code", str(status)),
         ("grpc_response_status", ""),
         ("response_flags", flags),
         ("connection_security_policy", UNKNOWN),
     )
+    if tcp:
+        return tuple(label for label in labels if label[0] not in HTTP_ONLY_LABELS)
+    return labels
+
+
+HTTP_ONLY_LABELS = frozenset({"response_code", "grpc_response_status"})
 
 
 def _escape(value: str) -> str:
@@ -149,6 +159,27 @@ class Series:
         self.response_bytes = Histogram()
 
 
+class TcpSeries:
+    """The `istio_tcp_*` counters of one label set."""
+
+    __slots__ = ("closed", "labels", "opened", "received", "sent")
+
+    def __init__(self, labels: str) -> None:
+        self.labels = labels
+        self.opened = 0
+        self.closed = 0
+        self.sent = 0
+        self.received = 0
+
+
+TCP_COUNTERS = (
+    ("istio_tcp_connections_opened_total", "opened", "Count of TCP connections opened."),
+    ("istio_tcp_connections_closed_total", "closed", "Count of TCP connections closed."),
+    ("istio_tcp_sent_bytes_total", "sent", "Bytes sent back to the client over TCP connections."),
+    ("istio_tcp_received_bytes_total", "received", "Bytes received from the client over TCP connections."),
+)
+
+
 HISTOGRAMS = (
     ("istio_request_duration_milliseconds", "duration", "Duration of requests, in milliseconds."),
     ("istio_request_bytes", "request_bytes", "Sizes of request bodies, in bytes."),
@@ -169,10 +200,17 @@ class Metrics:
         self._by_key: dict[Key, tuple[Listener, Workload | None, Series]] = {}
         """Each entry keeps its listener and workload alive, so their ids are not reused meanwhile."""
         self._by_labels: dict[str, Series] = {}
+        self._tcp: dict[str, TcpSeries] = {}
         self.upstream: dict[str, dict[str, int]] = {}
         """Per cluster: `upstream_rq_total` and `upstream_rq_2xx`... of the responses upstreams gave."""
 
     def __call__(self, exchange: Exchange) -> None:
+        if exchange.tcp:
+            connection = self._tcp_series(exchange)
+            connection.closed += 1
+            connection.sent += exchange.bytes_sent
+            connection.received += exchange.bytes_received
+            return
         destination = exchange.destination
         workload = destination.workload if destination is not None else None
         listener = exchange.listener
@@ -199,6 +237,21 @@ class Metrics:
             group = STATUS_CLASSES[min(exchange.status // 100, 5)]
             counts[group] = counts.get(group, 0) + 1
 
+    def opened(self, exchange: Exchange) -> None:
+        """A TCP connection was routed: `istio_tcp_connections_opened_total` counts it."""
+        self._tcp_series(exchange).opened += 1
+
+    def _tcp_series(self, exchange: Exchange) -> TcpSeries:
+        destination = exchange.destination
+        workload = destination.workload if destination is not None else None
+        service = exchange.destination_service or (exchange.sni or exchange.upstream_host.rpartition(":")[0])
+        labels = labels_of(exchange.listener, workload, service, 0, exchange.flag_text, tcp=True)
+        text = render_labels(labels)
+        series = self._tcp.get(text)
+        if series is None:
+            series = self._tcp[text] = TcpSeries(text)
+        return series
+
     def _series(self, listener: Listener, workload: Workload | None, service: str, status: int, flags: str) -> Series:
         """The series of a label set seen first under this key (an authority counts by its host)."""
         text = render_labels(labels_of(listener, workload, split_authority(service)[0], status, flags))
@@ -220,12 +273,9 @@ class Metrics:
             for s in series:
                 histogram: Histogram = getattr(s, attribute)
                 lines.extend(histogram.lines(name, s.labels))
-        lines += [
-            "# HELP istio_tcp_connections_opened_total Count of TCP connections opened.",
-            "# TYPE istio_tcp_connections_opened_total counter",
-            "# HELP istio_tcp_connections_closed_total Count of TCP connections closed.",
-            "# TYPE istio_tcp_connections_closed_total counter",
-        ]
+        for name, attribute, text in TCP_COUNTERS:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+            lines += [f"{name}{{{c.labels}}} {getattr(c, attribute)}" for c in self._tcp.values()]
         return "\n".join(lines) + "\n"
 
     def cluster_stats(self, names: Iterable[str]) -> Iterator[tuple[str, int]]:

@@ -1,5 +1,7 @@
-"""The access log, an `Exchange` observer: one line per request in Istio's default format (TEXT
-or JSON) plus the source and destination workload, buffered and written once per loop tick.
+"""The access log, an `Exchange` observer: one line per request (or per TCP connection, in
+Envoy's TCP form: `"- - -" 0 FLAGS`, bytes each way, upstream host and cluster, SNI) in
+Istio's default format (TEXT or JSON) plus the source and destination workload, buffered and
+written once per loop tick.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ start_time = _StartTimes()
 
 
 def response_code_details(exchange: Exchange) -> str:
-    """Why the response is what it is, in Envoy's words."""
+    """Why the response is what it is, in Envoy's words (a TCP connection has none)."""
+    if exchange.tcp:
+        return "-"
     if exchange.details:
         return exchange.details
     for flag in exchange.flags:
@@ -109,8 +113,8 @@ def fields(exchange: Exchange) -> dict[str, Any]:
         "upstream_local_address": None,
         "downstream_local_address": f"{listener.address}:{listener.port}" if listener.address else None,
         "downstream_remote_address": exchange.downstream or None,
-        "requested_server_name": None,
-        "route_name": exchange.route or None,
+        "requested_server_name": exchange.sni or None,
+        "route_name": None if exchange.tcp else exchange.route or None,
         "source_workload": source_workload(exchange),
         "destination_workload": destination.workload.name if destination and destination.workload else None,
     }
@@ -129,8 +133,8 @@ def text_line(exchange: Exchange) -> str:
         f"{'-' if upstream_time is None else int(upstream_time * 1000)} "
         f'"{exchange.forwarded_for or "-"}" "{exchange.user_agent or "-"}" "{exchange.request_id}" '
         f'"{exchange.authority or "-"}" "{exchange.upstream_host or "-"}" {exchange.cluster or "-"} - '
-        f"{f'{listener.address}:{listener.port}' if listener.address else '-'} {exchange.downstream or '-'} - "
-        f"{exchange.route or '-'} {source_workload(exchange) or '-'} "
+        f"{f'{listener.address}:{listener.port}' if listener.address else '-'} {exchange.downstream or '-'} "
+        f"{exchange.sni or '-'} {'-' if exchange.tcp else exchange.route or '-'} {source_workload(exchange) or '-'} "
         + (destination.workload.name if destination and destination.workload else "-")
     )
 

@@ -121,13 +121,14 @@ def inbound_cluster_name(workload: Workload, port: int) -> str:
 
 
 class Exchange:
-    """One request's path through the proxy: what the access log and metrics read.
+    """One request's (or one TCP connection's) path through the proxy: what the access log
+    and metrics read.
     (A plain class: made per request, and a compiled `__init__` is ten times a dataclass's.)"""
 
     __slots__ = (
         "attempts", "authority", "began", "bytes_received", "bytes_sent", "cluster", "destination",
         "destination_service", "details", "downstream", "duration", "flags", "forwarded_for", "listener", "method",
-        "original", "path", "protocol", "request_id", "route", "started", "status", "upstream_host",
+        "original", "path", "protocol", "request_id", "route", "sni", "started", "status", "tcp", "upstream_host",
         "upstream_time", "user_agent",
     )  # fmt: skip
 
@@ -171,6 +172,11 @@ class Exchange:
         self.original: tuple[str, int] | None = None
         self.details = ""
         """Envoy's %RESPONSE_CODE_DETAILS% when the flags do not imply it."""
+        self.tcp = False
+        """A connection proxied as bytes (tcp_proxy), not an HTTP request: `bytes_received`
+        went upstream, `bytes_sent` came back, and there is no status."""
+        self.sni = ""
+        """The server name a TLS connection offered (%REQUESTED_SERVER_NAME%)."""
 
     @property
     def flag_text(self) -> str:
@@ -355,6 +361,7 @@ class Proxy:
         *,
         rng: random.Random | None = None,
         observers: tuple[Observer, ...] = (),
+        openers: tuple[Observer, ...] = (),
         debug_headers: bool = False,
     ) -> None:
         self.current = current
@@ -365,6 +372,8 @@ class Proxy:
         self.scoped: Mapping[str, Snapshot] = {}
         """Snapshots of scoped overlays: a request with `x-minimesh-test: SCOPE` is served by one."""
         self.observers = observers
+        self.openers = openers
+        """Told of each TCP connection once it is routed (`observers` are told when it closes)."""
         self.debug_headers = debug_headers
         self.mirrors: set[asyncio.Task[None]] = set()
         self._deciders: _ByIdentity[RetryPolicy, RetryDecider] = _ByIdentity(RetryDecider.of)
@@ -536,6 +545,11 @@ class Proxy:
         view: RequestView,
     ) -> None:
         """The server side of a sidecar: hand the request to the app on 127.0.0.1 in its namespace."""
+        cluster = self.inbound_cluster(workload, port, dial)
+        await self._forward_to(cluster, None, request, responder, exchange, view, NO_RETRY, None, [])
+
+    def inbound_cluster(self, workload: Workload, port: int, dial: Dial | None) -> Cluster:
+        """The cluster of `workload`'s app on `port`, reached through `dial` (from inside its namespace)."""
         key = (workload.name, port)
         cluster = self._inbound_clusters.get(key)
         if cluster is None or cluster.endpoints[0].workload != workload:
@@ -547,7 +561,7 @@ class Proxy:
             )  # fmt: skip
             self._inbound_clusters[key] = cluster
         self.upstreams.state(cluster, dial)
-        await self._forward_to(cluster, None, request, responder, exchange, view, NO_RETRY, None, [])
+        return cluster
 
     def forget_workload(self, workload: Workload) -> None:
         """A workload left the mesh: drop its inbound clusters and their connections."""

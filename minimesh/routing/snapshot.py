@@ -68,6 +68,8 @@ class MeshService:
     endpoints: Mapping[int, tuple[Endpoint, ...]] = field(repr=False)
     origin: str = ""
     external: bool = False
+    resolution: str = ""
+    """A ServiceEntry's `resolution` (NONE, STATIC, DNS); "" for a Kubernetes-style service."""
 
     def port(self, number: int) -> ServicePort | None:
         return next((p for p in self.ports if p.number == number), None)
@@ -155,9 +157,12 @@ class Cluster:
     port: int
     endpoints: tuple[Endpoint, ...]
     policy: Policy = Policy()
-    protocol: str = "HTTP"
+    protocol: str = DETECTED
     selector: m.Labels = ()
     problem: str = ""
+    original_destination: bool = False
+    """A ServiceEntry of resolution NONE: a connection goes where it was headed (Envoy's
+    ORIGINAL_DST cluster), its endpoints only name the host."""
 
     def __repr__(self) -> str:
         lb = self.policy.load_balancer.simple or "CONSISTENT_HASH"
