@@ -177,9 +177,10 @@ class TcpProxy:
             return
         snapshot = self.proxy.current.get()
         source = listener.workload
-        service = service_at(snapshot, address, port, sni)
+        reached = service_at(snapshot, address, port, sni)
+        service, service_port = reached if reached is not None else (None, port)
         labels, namespace = (source.label_map, source.namespace) if source is not None else (None, None)
-        facts = ConnectionFacts(address, port, sni, MESH, labels, namespace)
+        facts = ConnectionFacts(address, service_port, sni, MESH, labels, namespace)
         outcome = decide_connection(snapshot, service, facts, self.proxy.rng)
         if isinstance(outcome, BlackHole):
             exchange.cluster = BLACK_HOLE

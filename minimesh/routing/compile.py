@@ -204,7 +204,9 @@ def _entry_services(mesh: m.Mesh, workloads: tuple[Workload, ...]) -> list[MeshS
             host = fqdn(raw, entry.meta.namespace)
             endpoints = {p.number: _entry_endpoints(entry, host, p, workloads) for p in entry.ports}
             origin, external = resource_ref(entry.meta), entry.location != "MESH_INTERNAL"
-            found.append(MeshService(host, host, entry.meta.namespace, ports, endpoints, origin, external))
+            found.append(
+                MeshService(host, host, entry.meta.namespace, ports, endpoints, origin, external, entry.resolution)
+            )
     return found
 
 
@@ -780,17 +782,17 @@ def compile_snapshot(mesh: m.Mesh, workloads: Iterable[Workload], *, generation:
 # ---------------------------------------------------------------- where connections go
 
 
-def _addresses(services: Mapping[str, MeshService], mesh: m.Mesh) -> dict[tuple[str, int], MeshService]:
-    """(IP, port) → service: each endpoint's address on the service port (what an app dials,
-    Docker having no service VIP) and on the port the endpoint serves, then ServiceEntry
-    addresses; the first service to claim a pair keeps it."""
-    found: dict[tuple[str, int], MeshService] = {}
+def _addresses(services: Mapping[str, MeshService], mesh: m.Mesh) -> dict[tuple[str, int], tuple[MeshService, int]]:
+    """(IP, port) → the service and its port: each endpoint's address on the service port
+    (what an app dials, Docker having no service VIP) and on the port the endpoint serves,
+    then ServiceEntry addresses; the first service to claim a pair keeps it."""
+    found: dict[tuple[str, int], tuple[MeshService, int]] = {}
     for svc in services.values():
         for port in svc.ports:
             for endpoint in svc.endpoints.get(port.number, ()):
                 if _is_ip(endpoint.address):
-                    found.setdefault((endpoint.address, port.number), svc)
-                    found.setdefault((endpoint.address, endpoint.port), svc)
+                    found.setdefault((endpoint.address, port.number), (svc, port.number))
+                    found.setdefault((endpoint.address, endpoint.port), (svc, port.number))
     for entry in mesh.service_entries:
         for raw in entry.hosts:
             claimed = services.get(fqdn(raw, entry.meta.namespace))
@@ -799,7 +801,7 @@ def _addresses(services: Mapping[str, MeshService], mesh: m.Mesh) -> dict[tuple[
             for address in entry.addresses:
                 if _is_ip(address):
                     for port in claimed.ports:
-                        found.setdefault((address, port.number), claimed)
+                        found.setdefault((address, port.number), (claimed, port.number))
     return found
 
 

@@ -46,6 +46,10 @@ class Plan:
     protocol: str = DETECTED
 
 
+Reached = tuple[MeshService, int]
+"""A service and the service port a connection reaches (an endpoint may listen on another)."""
+
+
 def handling_of(protocol: str) -> Handling:
     """How a port of `protocol` is served. HTTP/2 and gRPC go as bytes until minimesh speaks
     HTTP/2 (gRPC-Web is HTTP/1)."""
@@ -63,11 +67,10 @@ def plan(snapshot: Snapshot, address: str, port: int) -> Plan:
     its protocol; a ServiceEntry port open on every address likewise; an unknown address is
     sniffed where some service serves HTTP (its Host may name a service), else it follows
     `outboundTrafficPolicy`: passed through unread, or sniffed to be refused as Envoy would."""
-    service = snapshot.addresses.get((address, port))
-    if service is not None:
-        declared = service.port(port)
-        protocol = declared.protocol if declared is not None else DETECTED
-        return Plan(handling_of(protocol), service, protocol)
+    reached = snapshot.addresses.get((address, port))
+    if reached is not None:
+        protocol = _port_protocol(*reached)
+        return Plan(handling_of(protocol), reached[0], protocol)
     wide = snapshot.port_services.get(port)
     if wide:
         protocol = _port_protocol(wide[0], port)
@@ -90,20 +93,21 @@ def _port_protocol(service: MeshService, port: int) -> str:
     return found.protocol if found is not None else DETECTED
 
 
-def service_at(snapshot: Snapshot, address: str, port: int, sni: str | None) -> MeshService | None:
-    """The service a connection reaches: by its destination address, else by the SNI it
-    offers among the services open on that port (TLS ServiceEntries), else the TCP
-    ServiceEntry that claims the port on every address."""
-    service = snapshot.addresses.get((address, port))
-    if service is not None:
-        return service
+def service_at(snapshot: Snapshot, address: str, port: int, sni: str | None) -> Reached | None:
+    """The service (and service port) a connection reaches: by its destination address,
+    else by the SNI it offers among the services open on that port (TLS ServiceEntries),
+    else the TCP ServiceEntry that claims the port on every address."""
+    reached = snapshot.addresses.get((address, port))
+    if reached is not None:
+        return reached
     wide = snapshot.port_services.get(port, ())
     if sni is not None:
         for candidate in wide:
             if _port_protocol(candidate, port) in TLS_PROTOCOLS and host_covers(candidate.host, sni):
-                return candidate
+                return candidate, port
         return None
-    return next((s for s in wide if _port_protocol(s, port) not in TLS_PROTOCOLS), None)
+    found = next((s for s in wide if _port_protocol(s, port) not in TLS_PROTOCOLS), None)
+    return (found, port) if found is not None else None
 
 
 def decide_connection(
@@ -112,7 +116,8 @@ def decide_connection(
     facts: ConnectionFacts,
     rng: random.Random,
 ) -> ConnectionOutcome:
-    """Where a TCP or TLS connection to `service` (None: outside the registry) goes."""
+    """Where a TCP or TLS connection to `service` (None: outside the registry) goes;
+    `facts.port` is the service port it reached."""
     return _decide(snapshot, service, facts, rng, None)
 
 

@@ -797,9 +797,9 @@ class Snapshot:
     gateway_aliases: Mapping[str, str] = field(repr=False)
     connection_hosts: Mapping[str, tuple[CompiledVirtualService, ...]] = field(repr=False)
     """Per service host, the sidecar's VirtualServices with `tcp[]` or `tls[]` rules, ranked."""
-    addresses: Mapping[tuple[str, int], MeshService] = field(repr=False)
-    """(IP, port) → the service a connection to it reaches: endpoint addresses on the service's
-    ports (there is no service VIP on Docker), and ServiceEntry `addresses`."""
+    addresses: Mapping[tuple[str, int], tuple[MeshService, int]] = field(repr=False)
+    """(IP, port) → the service a connection to it reaches and the service port: endpoint
+    addresses (there is no service VIP on Docker), and ServiceEntry `addresses`."""
     port_services: Mapping[int, tuple[MeshService, ...]] = field(repr=False)
     """ServiceEntry ports reached on any address (no `addresses`, as Istio's 0.0.0.0:PORT
     listeners): a TCP one claims the port, TLS ones are told apart by SNI."""
