@@ -319,15 +319,30 @@ def _http_match(r: _Reader, path: FieldPath) -> m.HTTPMatchRequest:
     )
 
 
-def _redirect(r: _Reader, path: FieldPath) -> m.HTTPRedirect:
-    return m.HTTPRedirect(
+def _redirect(r: _Reader, path: FieldPath, matches: tuple[m.HTTPMatchRequest, ...]) -> m.HTTPRedirect:
+    """A redirect, refused where Istio's validation refuses it: `uri` with `prefixRewrite`, or
+    `prefixRewrite` on a rule that matches a uri other than by prefix."""
+    redirect = m.HTTPRedirect(
         uri=r.text((*path, "uri")),
+        prefix_rewrite=r.text((*path, "prefixRewrite")) or None,
         authority=r.text((*path, "authority")),
         port=r.integer((*path, "port")),
         derive_port=r.text((*path, "derivePort")),
         scheme=r.text((*path, "scheme")),
         redirect_code=r.integer((*path, "redirectCode")) or 301,
     )
+    if redirect.prefix_rewrite is None:
+        return redirect
+    if redirect.uri:
+        r.error(path, "a redirect takes only one of uri and prefixRewrite; remove one")
+    for i, match in enumerate(matches):
+        if match.uri is not None and match.uri.kind != "prefix":
+            message = (
+                f"redirect.prefixRewrite replaces the matched prefix, but match[{i}] matches the uri by "
+                f"{match.uri.kind}; use uri.prefix or redirect.uri"
+            )
+            r.error((*path[:-1], "match", i, "uri"), message)
+    return redirect
 
 
 def _rewrite(r: _Reader, path: FieldPath) -> m.HTTPRewrite:
@@ -361,13 +376,14 @@ def _http_route(r: _Reader, path: FieldPath, index: int) -> m.HTTPRoute:
         mirrors.append(m.Mirror(_destination(r, (*path, "mirror")), legacy))
     for item in r.items((*path, "mirrors")):
         mirrors.append(m.Mirror(_destination(r, (*item, "destination")), r.percent((*item, "percentage"))))
+    matches = tuple(_http_match(r, item) for item in r.items((*path, "match")))
     return m.HTTPRoute(
         index=index,
         location=r.document.where(path),
         name=r.text((*path, "name"), "") or "",
-        match=tuple(_http_match(r, item) for item in r.items((*path, "match"))),
+        match=matches,
         route=_weighted(r, (*path, "route")),
-        redirect=_redirect(r, (*path, "redirect")) if r.has((*path, "redirect")) else None,
+        redirect=_redirect(r, (*path, "redirect"), matches) if r.has((*path, "redirect")) else None,
         direct_response=(_direct_response(r, (*path, "directResponse")) if r.has((*path, "directResponse")) else None),
         rewrite=_rewrite(r, (*path, "rewrite")) if r.has((*path, "rewrite")) else None,
         timeout=r.duration((*path, "timeout")),

@@ -123,6 +123,7 @@ class RouteDestination:
 @dataclass(frozen=True, slots=True)
 class HTTPRedirect:
     uri: str | None = None
+    prefix_rewrite: str | None = None
     authority: str | None = None
     port: int | None = None
     derive_port: str | None = None

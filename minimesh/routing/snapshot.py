@@ -571,27 +571,34 @@ class Forward:
 
 
 def rewrite_path(rewrite: m.HTTPRewrite | None, prefix: str | None, path: str) -> str:
-    """Envoy's `regex_rewrite` (on the path, query kept) or `prefix_rewrite` (the matched
-    prefix; an exact or regex match counts its whole path as the prefix)."""
+    """Envoy's `regex_rewrite` (on the path, query kept) or `prefix_rewrite`."""
     if rewrite is None:
         return path
-    head, sep, query = path.partition("?")
     if rewrite.uri_regex is not None:
+        head, sep, query = path.partition("?")
         return rewrite.uri_regex.match.sub(rewrite.uri_regex.rewrite, head) + sep + query
     if rewrite.uri is None:
         return path
-    matched = len(head) if prefix is None else len(prefix)
-    return rewrite.uri + path[matched:]
+    return replace_prefix(rewrite.uri, prefix, path)
+
+
+def replace_prefix(replacement: str, prefix: str | None, path: str) -> str:
+    """Envoy's prefix rewrite: `replacement` in place of the prefix the rule matched, the rest
+    of the path and its query kept; an exact or regex match counts its whole path as matched."""
+    matched = len(path.partition("?")[0]) if prefix is None else len(prefix)
+    return replacement + path[matched:]
 
 
 @dataclass(frozen=True, slots=True)
 class Redirect:
-    """Answer with a redirect; `route` is None for a Gateway server's `httpsRedirect`."""
+    """Answer with a redirect; `route` is None for a Gateway server's `httpsRedirect`.
+    `listener` is the port the rule was built for (a Gateway server's, a service's)."""
 
     route_ref: str
     route: Route | None
     status: int
     location: str
+    listener: int = 0
 
 
 @dataclass(frozen=True, slots=True)

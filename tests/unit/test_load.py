@@ -238,3 +238,33 @@ def test_yaml_merge_keys_merge_and_explicit_keys_win() -> None:
     assert documents[0].body["other"] == {"a": 1, "b": 3}
     _, duplicate = parse_text("m:\n  a: 1\n  a: 2\n", "x.yaml")
     assert [str(p) for p in duplicate] == ["x.yaml:3:3: error: duplicate key 'a'"]
+
+
+def test_redirect_prefix_rewrite_is_read_and_not_warned_about() -> None:
+    loaded = load(VS_HEAD + "  - match: [{uri: {prefix: /foo/}}]\n    redirect: {prefixRewrite: /new/}\n")
+    assert loaded.problems == ()
+    assert loaded.mesh.virtual_services[0].http[0].redirect == m.HTTPRedirect(prefix_rewrite="/new/")
+
+
+@pytest.mark.parametrize(
+    ("http", "expected"),
+    [
+        (
+            "  - redirect: {uri: /old, prefixRewrite: /new}\n",
+            "mesh.yaml:8:15: error: a redirect takes only one of uri and prefixRewrite; remove one "
+            "(VirtualService/reviews http[0].redirect)",
+        ),
+        (
+            "  - match: [{uri: {prefix: /a}}, {uri: {exact: /b}}]\n    redirect: {prefixRewrite: /new}\n",
+            "mesh.yaml:8:40: error: redirect.prefixRewrite replaces the matched prefix, but match[1] matches the uri "
+            "by exact; use uri.prefix or redirect.uri (VirtualService/reviews http[0].match[1].uri)",
+        ),
+    ],
+)
+def test_redirect_prefix_rewrite_is_refused_where_istio_refuses_it(http: str, expected: str) -> None:
+    assert lines(load(VS_HEAD + http)) == [expected]
+
+
+def test_a_prefix_rewrite_on_a_rule_without_uri_matches_is_valid() -> None:
+    loaded = load(VS_HEAD + "  - match: [{headers: {x-foo: {exact: bar}}}]\n    redirect: {prefixRewrite: /bar}\n")
+    assert lines(loaded) == []

@@ -591,6 +591,99 @@ def test_rewrites_replace_what_the_rule_matched(match: str, rewrite: str, path: 
     assert outcome.rewritten(path, "reviews") == (expected, "reviews")
 
 
+REDIRECT_PORTS = """\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - {port: {number: 80, name: http, protocol: HTTP}, hosts: [b.example.com]}
+  - {port: {number: 85, name: http-alt, protocol: HTTP}, hosts: [c.example.com]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [b.example.com, c.example.com]
+  gateways: [gw]
+  http:
+  - match: [{uri: {prefix: /foo}}]
+    redirect: {derivePort: FROM_REQUEST_PORT}
+  - match: [{uri: {prefix: /tls}}]
+    redirect: {derivePort: FROM_REQUEST_PORT, scheme: https}
+  - match: [{uri: {prefix: /set}}]
+    redirect: {port: 80}
+  - match: [{uri: {prefix: /old/}}]
+    redirect: {prefixRewrite: /new/}
+  - match: [{uri: {prefix: /v1}}]
+    redirect: {prefixRewrite: /v2, derivePort: FROM_REQUEST_PORT}
+  - redirect: {prefixRewrite: /all/}
+"""
+
+
+def at_gateway(authority: str, path: str) -> RequestView:
+    """A request as the gateway listener hands it to routing: on minimesh's own port 8080."""
+    return RequestView("GET", path, authority, {}, "http", 8080, None, "default/gw", "127.0.0.1:40000")
+
+
+@pytest.mark.parametrize(
+    ("authority", "path", "location"),
+    [
+        # Istio's "redirect request port" cases: the server's port, 80 left out, a Host port kept as sent
+        ("b.example.com", "/foo", "http://b.example.com/foo"),
+        ("b.example.com:80", "/foo", "http://b.example.com:80/foo"),
+        ("c.example.com", "/foo", "http://c.example.com:85/foo"),
+        ("c.example.com:85", "/foo", "http://c.example.com:85/foo"),
+        ("c.example.com:8080", "/foo", "http://c.example.com:85/foo"),
+        # Istio's "redirect port and scheme": the scheme changes, so 80 is no default and stays
+        ("b.example.com", "/tls", "https://b.example.com:80/tls"),
+        ("c.example.com:8080", "/tls?a=1", "https://c.example.com:85/tls?a=1"),
+        # port 80 with http is Istio's "no port": the Host header decides
+        ("c.example.com", "/set", "http://c.example.com/set"),
+        ("c.example.com:8080", "/set", "http://c.example.com:8080/set"),
+        # prefixRewrite: the matched prefix replaced, the rest and the query kept
+        ("b.example.com", "/old/page?x=1", "http://b.example.com/new/page?x=1"),
+        ("c.example.com", "/v1/x", "http://c.example.com:85/v2/x"),
+        ("b.example.com", "/other", "http://b.example.com/all/other"),
+    ],
+)
+def test_gateway_redirects_derive_the_port_from_the_server_as_istio_does(
+    authority: str, path: str, location: str
+) -> None:
+    outcome = decide(snapshot(REDIRECT_PORTS), at_gateway(authority, path), RNG)
+    assert isinstance(outcome, Redirect)
+    assert (outcome.status, outcome.location) == (301, location)
+
+
+def test_explain_says_where_a_redirect_port_came_from() -> None:
+    snap = snapshot(REDIRECT_PORTS)
+    _, steps = trace(snap, request("http://c.example.com/foo", gateway="gw", source=None), RNG)
+    assert str(steps[-1]) == (
+        "redirect info: 301 to http://c.example.com:85/foo "
+        "(derivePort FROM_REQUEST_PORT: port 85 of the Gateway server the request matched)"
+    )
+    _, steps = trace(snap, request("http://b.example.com:80/foo", gateway="gw", source=None), RNG)
+    assert steps[-1].detail == (
+        "301 to http://b.example.com:80/foo (derivePort FROM_REQUEST_PORT: port 80 of the Gateway server the "
+        "request matched, left out as the default port of http; the Host header's own port stays)"
+    )
+
+
+def test_a_sidecar_redirect_derives_the_port_the_request_was_sent_to() -> None:
+    text = """\
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: site}
+        spec:
+          hosts: [www.example.com]
+          http: [{match: [{uri: {exact: /foo}}], redirect: {derivePort: FROM_REQUEST_PORT, scheme: https}}]
+        """
+    outcome = decide(bookinfo(text), request("http://www.example.com/foo"), RNG)
+    assert isinstance(outcome, Redirect) and outcome.location == "https://www.example.com:80/foo"
+    assert outcome.listener == 80
+
+
 def test_a_scheme_change_drops_the_old_default_port() -> None:
     text = """\
         apiVersion: networking.istio.io/v1
