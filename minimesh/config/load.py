@@ -151,7 +151,13 @@ def _meta(r: _Reader) -> m.Meta:
     )
 
 
-def _string_match(r: _Reader, path: FieldPath) -> m.StringMatch | None:
+ANY_VALUE = "*"
+"""`regex: "*"` under `withoutHeaders`: no RE2 regex but Istio's "any value", which its
+validation lets through and its translation turns into a present match."""
+
+
+def _string_match(r: _Reader, path: FieldPath, *, star_is_present: bool = False) -> m.StringMatch | None:
+    """A StringMatch; None for a present match (`{}`, or `regex: "*"` where `star_is_present`)."""
     value = r.raw(path)
     if not isinstance(value, dict) or not value:
         return None
@@ -160,17 +166,24 @@ def _string_match(r: _Reader, path: FieldPath) -> m.StringMatch | None:
             text = r.text((*path, kind)) or ""
             if kind != "regex":
                 return m.StringMatch(kind, text)
+            if star_is_present and text == ANY_VALUE:
+                return None
             pattern = r.regex((*path, kind))
             return m.StringMatch(kind, text, pattern) if pattern else None
     return None
 
 
-def _match_map(r: _Reader, path: FieldPath, *, lower: bool = True) -> tuple[tuple[str, m.StringMatch | None], ...]:
+def _match_map(
+    r: _Reader, path: FieldPath, *, lower: bool = True, star_is_present: bool = False
+) -> tuple[tuple[str, m.StringMatch | None], ...]:
     """Header matches (names lower-cased, as HTTP compares them) or query parameters (as written)."""
     value = r.raw(path)
     if not isinstance(value, dict):
         return ()
-    return tuple((str(name).lower() if lower else str(name), _string_match(r, (*path, name))) for name in value)
+    return tuple(
+        (str(name).lower() if lower else str(name), _string_match(r, (*path, name), star_is_present=star_is_present))
+        for name in value
+    )
 
 
 def _destination(r: _Reader, path: FieldPath) -> m.Destination:
@@ -309,7 +322,7 @@ def _http_match(r: _Reader, path: FieldPath) -> m.HTTPMatchRequest:
         method=_string_match(r, (*path, "method")),
         authority=_string_match(r, (*path, "authority")),
         headers=_match_map(r, (*path, "headers")),
-        without_headers=_match_map(r, (*path, "withoutHeaders")),
+        without_headers=_match_map(r, (*path, "withoutHeaders"), star_is_present=True),
         query_params=_match_map(r, (*path, "queryParams"), lower=False),
         port=r.integer((*path, "port")),
         source_labels=r.labels((*path, "sourceLabels")) or (),

@@ -268,3 +268,17 @@ def test_redirect_prefix_rewrite_is_refused_where_istio_refuses_it(http: str, ex
 def test_a_prefix_rewrite_on_a_rule_without_uri_matches_is_valid() -> None:
     loaded = load(VS_HEAD + "  - match: [{headers: {x-foo: {exact: bar}}}]\n    redirect: {prefixRewrite: /bar}\n")
     assert lines(loaded) == []
+
+
+def test_without_headers_regex_star_is_a_present_match() -> None:
+    loaded = load(
+        VS_HEAD + "  - match: [{withoutHeaders: {x-canary: {regex: '*'}}}]\n    route: [{destination: {host: r}}]\n"
+    )
+    assert loaded.problems == ()
+    assert loaded.mesh.virtual_services[0].http[0].match[0].without_headers == (("x-canary", None),)
+
+
+def test_headers_regex_star_is_still_refused() -> None:
+    loaded = load(VS_HEAD + "  - match: [{headers: {x-canary: {regex: '*'}}}]\n    route: [{destination: {host: r}}]\n")
+    assert [p.field for p in loaded.errors] == ["http[0].match[0].headers.x-canary.regex"]
+    assert "does not compile" in loaded.errors[0].message
