@@ -32,6 +32,7 @@ from minimesh.routing.snapshot import (
     TraceStep,
     host_covers,
     replace_prefix,
+    specificity,
 )
 
 Steps = list[TraceStep] | None
@@ -194,15 +195,17 @@ def _at_gateway(snapshot: Snapshot, request: RequestView, rng: random.Random, st
     table = snapshot.gateway_tables[(name, tls)]
     host, _ = split_authority(request.authority)
     bound = _gateway_bindings(table, host, request)
+    if not tls and table.https_redirects:
+        secured = _requires_tls(table, host, bound)
+        if secured is not None:
+            if steps is not None:
+                detail = f"{', '.join(table.gateways)}: virtual host {secured} has httpsRedirect"
+                steps.append(TraceStep("gateway", "info", detail))
+            return Redirect("", None, 301, f"https://{request.authority}{request.path}")
     if not bound:
         return NoRoute(_unbound_reason(table, host, tls))
     if steps is not None:
         steps.append(TraceStep("gateway", "info", f"{', '.join(table.gateways)}: virtual host {bound[0][0].domain}"))
-    if not tls:
-        for binding, _ in bound:
-            if binding.https_redirect:
-                location = redirect_location(m.HTTPRedirect(scheme="https"), request, bound[0][1].port, "/")
-                return Redirect("", None, 301, location)
     for binding, facts in bound:
         vs = binding.virtual_service
         if steps is not None:
@@ -232,6 +235,15 @@ def _gateway_bindings(table: GatewayTable, host: str, request: RequestView) -> t
         if bound:
             return bound
     return ()
+
+
+def _requires_tls(table: GatewayTable, host: str, bound: tuple[tuple[Binding, Facts], ...]) -> str | None:
+    """The virtual host Envoy picks for `host` if it requires TLS: the most specific
+    `httpsRedirect` domain covering `host`, unless a bound domain is more specific still."""
+    domain = next((d for d in table.https_redirects if host_covers(d, host)), None)
+    if domain is not None and (not bound or specificity(domain) <= specificity(bound[0][0].domain)):
+        return domain
+    return None
 
 
 def _unbound_reason(table: GatewayTable, host: str, tls: bool) -> str:

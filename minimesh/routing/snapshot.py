@@ -460,12 +460,6 @@ class Binding:
     virtual_service: CompiledVirtualService
     gateway: str
     server: m.Server
-    https_redirect: bool = field(init=False, repr=False, compare=False)
-    """The server answers plain HTTP with a redirect to HTTPS (`tls.httpsRedirect`)."""
-
-    def __post_init__(self) -> None:
-        tls = self.server.tls
-        object.__setattr__(self, "https_redirect", tls is not None and tls.https_redirect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,6 +473,10 @@ class GatewayTable:
     exact: Mapping[str, tuple[Binding, ...]]
     wildcards: tuple[tuple[str, tuple[Binding, ...]], ...]
     servers: tuple[tuple[str, m.Server], ...]
+    https_redirects: tuple[str, ...] = ()
+    """The virtual hosts that answer plain HTTP with 301 to https, most specific first: the
+    hosts of servers with `tls.httpsRedirect` (VirtualService bound or not) and the domains
+    bound under them."""
     anonymous_exact: Mapping[str, tuple[Binding, ...]] = field(default_factory=dict, repr=False)
     anonymous_wildcards: tuple[tuple[str, tuple[Binding, ...]], ...] = field(default=(), repr=False)
     """`exact` and `wildcards` as a request with no source workload (every request at an

@@ -342,6 +342,72 @@ def test_https_redirect_on_a_plain_server() -> None:
     assert (outcome.status, outcome.location) == (301, "https://bookinfo.com/productpage?u=1")
 
 
+HTTPS_ONLY = """\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - {port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}
+  - {port: {number: 80, name: http-secure, protocol: HTTP}, hosts: [secure.example.com, "ops/*.admin.example.com"],
+     tls: {httpsRedirect: true}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: ["*", api.admin.example.com, secure.example.com]
+  gateways: [gw]
+  http: [{route: [{destination: {host: productpage}}]}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("authority", "location"),
+    [
+        # Envoy's require_tls: https://, then the Host header and the path as sent
+        ("secure.example.com", "https://secure.example.com/p?q=1"),
+        ("secure.example.com:8080", "https://secure.example.com:8080/p?q=1"),
+        # no VirtualService for *.admin.example.com, and it is more specific than "*"
+        ("x.admin.example.com", "https://x.admin.example.com/p?q=1"),
+        # an exact virtual host (not bound under the redirect server: ops/ only) beats the wildcard
+        ("api.admin.example.com", None),
+        ("shop.example.com", None),
+    ],
+)
+def test_https_redirect_servers_answer_301_with_or_without_a_virtual_service(
+    authority: str, location: str | None
+) -> None:
+    outcome = decide(bookinfo(HTTPS_ONLY), at_gateway(authority, "/p?q=1"), RNG)
+    if location is None:
+        assert forward(outcome).cluster.short == "productpage"
+    else:
+        assert isinstance(outcome, Redirect)
+        assert (outcome.status, outcome.location, outcome.route) == (301, location, None)
+
+
+def test_an_https_redirect_server_alone_redirects_and_explain_says_why() -> None:
+    text = """\
+        apiVersion: networking.istio.io/v1
+        kind: Gateway
+        metadata: {name: gw}
+        spec:
+          selector: {istio: ingressgateway}
+          servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [shop.example.com], tls: {httpsRedirect: true}}]
+        """
+    snap = snapshot(text)
+    outcome, steps = trace(snap, request("http://shop.example.com/cart", gateway="gw", source=None), RNG)
+    assert isinstance(outcome, Redirect) and outcome.location == "https://shop.example.com/cart"
+    assert [str(s) for s in steps] == [
+        "gateway info: default/gw: virtual host shop.example.com has httpsRedirect",
+        "redirect info: 301 to https://shop.example.com/cart "
+        "(the server's httpsRedirect: https, the Host header and path as sent)",
+    ]
+    elsewhere = decide(snap, request("http://other.example.com/cart", gateway="gw", source=None), RNG)
+    assert isinstance(elsewhere, NoRoute) and "admits host" in elsewhere.reason
+
+
 # ---------------------------------------------------------------- every match field
 
 MATCHES: list[tuple[str, str, dict[str, str], str, bool]] = [
