@@ -448,6 +448,10 @@ def _load_balancer(r: _Reader, path: FieldPath) -> m.LoadBalancer:
             http_cookie_name=r.text((*ch, "httpCookie", "name")),
             http_cookie_path=r.text((*ch, "httpCookie", "path")),
             http_cookie_ttl=r.duration((*ch, "httpCookie", "ttl")),
+            http_cookie_attributes=tuple(
+                (r.text((*item, "name"), "") or "", r.text((*item, "value"), "") or "")
+                for item in r.items((*ch, "httpCookie", "attributes"))
+            ),
             use_source_ip=r.flag((*ch, "useSourceIp")),
             http_query_parameter_name=r.text((*ch, "httpQueryParameterName")),
         )

@@ -254,6 +254,8 @@ class ConsistentHash:
     http_cookie_name: str | None = None
     http_cookie_path: str | None = None
     http_cookie_ttl: float | None = None
+    http_cookie_attributes: tuple[tuple[str, str], ...] = ()
+    """Extra `Set-Cookie` attributes as (name, value); an empty value writes the name alone."""
     use_source_ip: bool = False
     http_query_parameter_name: str | None = None
 

@@ -10,12 +10,13 @@ import random
 
 from minimesh.config import model as m
 from minimesh.config.durations import format_duration
-from minimesh.routing.pick import choose_weighted
+from minimesh.routing.pick import RingHash, choose_weighted, hash_key, request_cookie
 from minimesh.routing.request import DEFAULT_PORTS, RequestView, split_authority
 from minimesh.routing.snapshot import (
     MESH,
     Binding,
     BlackHole,
+    Cluster,
     CompiledVirtualService,
     DirectResponse,
     Draw,
@@ -351,6 +352,28 @@ def _redirect_detail(outcome: Redirect, request: RequestView) -> str:
     return f"{text} ({chosen})"
 
 
+def _affinity(cluster: Cluster, request: RequestView) -> str | None:
+    """How a cluster that hashes on a cookie places `request`: by the cookie it carries, else
+    by a new one the proxy sets (with a ttl), else at random."""
+    consistent = cluster.policy.load_balancer.consistent_hash
+    name = consistent.http_cookie_name if consistent is not None else None
+    if consistent is None or not name:
+        return None
+    value = request_cookie(request, name)
+    if value is not None:
+        endpoint = RingHash(cluster.endpoints, random.Random(0)).pick(key=hash_key(consistent, request))
+        return f"cookie {name}={value} hashes to {endpoint or 'no endpoint'}: every request carrying it goes there"
+    cookie = cluster.policy.cookie
+    if cookie is None:
+        return f"request has no cookie {name} and httpCookie sets no ttl, so none is set: a random endpoint"
+    example = cookie.header("VALUE").decode("latin-1")
+    return (
+        f"request has no cookie {name}: the proxy makes a VALUE from the client connection (16 hex digits), "
+        f"sends the request to the endpoint it hashes to and answers with Set-Cookie: {example}; "
+        "requests carrying it stick to that endpoint"
+    )
+
+
 def _describe_forward(forward: Forward, request: RequestView) -> list[TraceStep]:
     route = forward.route
     cluster = forward.cluster
@@ -365,6 +388,9 @@ def _describe_forward(forward: Forward, request: RequestView) -> list[TraceStep]
     problem = f"; {cluster.problem}" if cluster.problem else ""
     steps.append(TraceStep("cluster", "info", f"{cluster.name}: {subset}; endpoints {endpoints}{problem}"))
     steps.append(TraceStep("policy", "info", cluster.policy.describe()))
+    affinity = _affinity(cluster, request)
+    if affinity is not None:
+        steps.append(TraceStep("affinity", "info", affinity))
     faulty = "off: the route injects a fault"
     timeout = format_duration(route.timeout) if route.timeout is not None else (faulty if route.fault else "none")
     steps.append(TraceStep("timeout", "info", timeout))

@@ -76,10 +76,39 @@ UNLIMITED = m.ConnectionPool()
 
 
 @dataclass(frozen=True, slots=True)
+class CookieAffinity:
+    """Consistent hashing on a cookie with a `ttl`: a request without the cookie is given one,
+    as Envoy's cookie hash policy does, `NAME="VALUE"; Max-Age=TTL; Path=PATH; ATTRIBUTES;
+    HttpOnly` (Max-Age in whole seconds, left out for a ttl under one second: a session cookie;
+    Path left out when none is set). `suffix` is everything after the value, made once."""
+
+    name: str
+    suffix: str
+
+    @classmethod
+    def of(cls, consistent: m.ConsistentHash | None) -> CookieAffinity | None:
+        if consistent is None or not consistent.http_cookie_name or consistent.http_cookie_ttl is None:
+            return None
+        parts = []
+        if int(consistent.http_cookie_ttl):
+            parts.append(f"Max-Age={int(consistent.http_cookie_ttl)}")
+        if consistent.http_cookie_path:
+            parts.append(f"Path={consistent.http_cookie_path}")
+        parts += [f"{name}={value}" if value else name for name, value in consistent.http_cookie_attributes]
+        parts.append("HttpOnly")
+        return cls(consistent.http_cookie_name, "".join(f"; {part}" for part in parts))
+
+    def header(self, value: str) -> bytes:
+        """The `Set-Cookie` value that gives a client the cookie `value`."""
+        return f'{self.name}="{value}"{self.suffix}'.encode("latin-1")
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """The DestinationRule policy in force for one cluster, merged as Istio merges it.
 
-    `tls` None means Istio's auto mTLS; `origin` says which levels it came from.
+    `tls` None means Istio's auto mTLS; `origin` says which levels it came from; `cookie` is
+    the cookie the proxy sets for affinity, if the load balancer asks for one.
     """
 
     load_balancer: m.LoadBalancer = DEFAULT_LOAD_BALANCER
@@ -87,6 +116,10 @@ class Policy:
     outlier_detection: m.OutlierDetection | None = None
     tls: m.ClientTLS | None = None
     origin: str = "defaults"
+    cookie: CookieAffinity | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cookie", CookieAffinity.of(self.load_balancer.consistent_hash))
 
     def describe(self) -> str:
         lb = self.load_balancer
@@ -98,9 +131,12 @@ class Policy:
 
 
 def _hash_source(consistent: m.ConsistentHash) -> str:
+    cookie = consistent.http_cookie_name
+    if cookie and consistent.http_cookie_ttl is not None:
+        cookie += f" (set when missing, ttl {format_duration(consistent.http_cookie_ttl)})"
     pairs = {
         "header": consistent.http_header_name,
-        "cookie": consistent.http_cookie_name,
+        "cookie": cookie,
         "source ip": "yes" if consistent.use_source_ip else None,
         "query": consistent.http_query_parameter_name,
     }

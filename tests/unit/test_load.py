@@ -282,3 +282,27 @@ def test_headers_regex_star_is_still_refused() -> None:
     loaded = load(VS_HEAD + "  - match: [{headers: {x-canary: {regex: '*'}}}]\n    route: [{destination: {host: r}}]\n")
     assert [p.field for p in loaded.errors] == ["http[0].match[0].headers.x-canary.regex"]
     assert "does not compile" in loaded.errors[0].message
+
+
+def test_cookie_attributes_are_read() -> None:
+    text = """\
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: web}
+        spec:
+          host: web
+          trafficPolicy:
+            loadBalancer:
+              consistentHash:
+                httpCookie: {name: s, ttl: 1h, path: /, attributes: [{name: SameSite, value: Lax}, {name: Secure}]}
+        """
+    loaded = load(text)
+    assert loaded.problems == ()
+    policy = loaded.mesh.destination_rules[0].traffic_policy
+    assert policy is not None and policy.load_balancer is not None
+    assert policy.load_balancer.consistent_hash == m.ConsistentHash(
+        http_cookie_name="s",
+        http_cookie_path="/",
+        http_cookie_ttl=3600.0,
+        http_cookie_attributes=(("SameSite", "Lax"), ("Secure", "")),
+    )

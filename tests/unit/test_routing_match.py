@@ -14,6 +14,7 @@ from minimesh.config.model import Mesh
 from minimesh.registry.model import Workload
 from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.match import decide, trace
+from minimesh.routing.pick import RingHash
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import (
     BlackHole,
@@ -933,3 +934,38 @@ def test_random_requests_never_raise(
     outcome, steps = trace(SNAPSHOTS[snapshot_index], view, random.Random(0))
     assert isinstance(outcome, Forward | Redirect | DirectResponse | NoRoute | PassThrough | BlackHole)
     assert steps
+
+
+STICKY = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: user, ttl: 1h, path: /}}}}
+"""
+
+
+def test_explain_shows_the_cookie_decision() -> None:
+    snap = snapshot(STICKY)
+    outcome, steps = trace(snap, request("http://reviews:9080/"), RNG)
+    details = {s.what: s.detail for s in steps}
+    assert details["policy"].startswith("lb consistent hash cookie user (set when missing, ttl 3600s)")
+    assert details["affinity"] == (
+        "request has no cookie user: the proxy makes a VALUE from the client connection (16 hex digits), sends "
+        'the request to the endpoint it hashes to and answers with Set-Cookie: user="VALUE"; Max-Age=3600; Path=/; '
+        "HttpOnly; requests carrying it stick to that endpoint"
+    )
+    cluster = forward(outcome).cluster
+    chosen = RingHash(cluster.endpoints, random.Random(0)).pick(key="abc")
+    _, steps = trace(snap, request("http://reviews:9080/", {"cookie": 'user="abc"'}), RNG)
+    details = {s.what: s.detail for s in steps}
+    assert details["affinity"] == f"cookie user=abc hashes to {chosen}: every request carrying it goes there"
+
+
+def test_explain_says_no_cookie_is_set_without_a_ttl() -> None:
+    snap = snapshot(STICKY.replace(", ttl: 1h", ""))
+    _, steps = trace(snap, request("http://reviews:9080/"), RNG)
+    assert {s.what: s.detail for s in steps}["affinity"] == (
+        "request has no cookie user and httpCookie sets no ttl, so none is set: a random endpoint"
+    )
