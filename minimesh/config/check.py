@@ -187,6 +187,7 @@ def lint_authorization(mesh: m.Mesh, findings: _Findings) -> None:
 
 
 def lint_gateway_hosts(mesh: m.Mesh, findings: _Findings) -> None:
+    """A server host no VirtualService binds gets 404, unless the server redirects to HTTPS."""
     for gateway in mesh.gateways:
         bound = [
             vs
@@ -196,6 +197,8 @@ def lint_gateway_hosts(mesh: m.Mesh, findings: _Findings) -> None:
             )
         ]
         for i, server in enumerate(gateway.servers):
+            if server.tls is not None and server.tls.https_redirect:
+                continue
             for j, host in enumerate(server.hosts):
                 name = host.partition("/")[2] if "/" in host else host
                 if not any(_hosts_overlap(name, h) for vs in bound for h in vs.hosts):

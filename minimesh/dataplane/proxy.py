@@ -48,7 +48,7 @@ from minimesh.dataplane.upstream import (
 )
 from minimesh.registry.model import Workload
 from minimesh.routing.match import decide
-from minimesh.routing.pick import hash_key
+from minimesh.routing.pick import hash_key, set_cookie
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import (
     NO_OPERATIONS,
@@ -436,7 +436,7 @@ class Proxy:
             listener.port if gateway else original[1] if original else None,
             listener.workload,
             (listener.gateways or ("",))[0] if gateway else "mesh",
-            peer.rpartition(":")[0],
+            peer,
         )
         try:
             if request.upgrade is not None and not self._upgrade_allowed(request, responder, exchange):
@@ -683,7 +683,9 @@ class Proxy:
                     response.conn.close()
                     raise UpstreamFailure(PROTOCOL_ERROR, endpoint)
                 return response
-            await self._respond(response, responder, exchange, outcome, cors_headers)
+            affinity = cluster.policy.cookie
+            cookie = None if affinity is None else set_cookie(affinity, view)
+            await self._respond(response, responder, exchange, outcome, cors_headers, cookie)
             return None
         finally:
             host.in_flight -= 1
@@ -844,10 +846,15 @@ class Proxy:
         exchange: Exchange,
         outcome: Forward | None,
         cors_headers: HeaderList,
+        cookie: bytes | None,
     ) -> None:
+        """Pass the upstream's response on; `cookie` is an affinity `Set-Cookie` to add, which
+        the route's response header operations may drop as Envoy's would."""
         ops = self._response_ops.get(outcome.response_headers if outcome is not None else NO_OPERATIONS)
         drop = ops.drop
         headers = [(name, value) for name, value in response.headers if name not in drop]
+        if cookie is not None and b"set-cookie" not in drop:
+            headers.append((b"set-cookie", cookie))
         headers += ops.add
         if response.header(b"date") is None:
             headers.append((b"date", DATE.get()))

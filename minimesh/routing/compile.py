@@ -682,15 +682,23 @@ def _gateway_table(
     gateways: Mapping[str, m.Gateway],
     virtual_services: tuple[CompiledVirtualService, ...],
 ) -> GatewayTable:
-    """The virtual hosts of one gateway proxy: VirtualServices of one domain merge, in order."""
+    """The virtual hosts of one gateway proxy: VirtualServices of one domain merge, in order.
+    A plain server with `httpsRedirect` makes each of its hosts, and each domain bound under
+    it, a virtual host that requires TLS (Istio's `require_tls: ALL`)."""
     protocols = TLS_SERVER_PROTOCOLS if tls else HTTP_SERVER_PROTOCOLS
     servers = tuple((g, s) for g in scope for s in gateways[g].servers if s.port.protocol in protocols)
     domains: dict[str, list[Binding]] = {}
+    secured: set[str] = set()
     for gateway, server in servers:
+        redirects = not tls and server.tls is not None and server.tls.https_redirect
+        if redirects:
+            secured.update(_server_host(raw, gateway.split("/")[0])[1] for raw in server.hosts)
         for vs in virtual_services:
             if gateway not in vs.gateways or not vs.routes:
                 continue
             for binding in _bindings(gateway, server, vs):
+                if redirects:
+                    secured.add(binding.domain)
                 bound = domains.setdefault(binding.domain, [])
                 if all(b.virtual_service is not vs for b in bound):
                     bound.append(binding)
@@ -702,6 +710,7 @@ def _gateway_table(
         exact=exact,
         wildcards=tuple(wildcards),
         servers=servers,
+        https_redirects=tuple(sorted(secured, key=lambda d: (specificity(d), d))),
         anonymous_exact=MappingProxyType({d: live for d, b in exact.items() if (live := _anonymous(b))}),
         anonymous_wildcards=tuple((d, live) for d, b in wildcards if (live := _anonymous(b))),
     )

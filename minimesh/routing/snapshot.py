@@ -85,10 +85,39 @@ UNLIMITED = m.ConnectionPool()
 
 
 @dataclass(frozen=True, slots=True)
+class CookieAffinity:
+    """Consistent hashing on a cookie with a `ttl`: a request without the cookie is given one,
+    as Envoy's cookie hash policy does, `NAME="VALUE"; Max-Age=TTL; Path=PATH; ATTRIBUTES;
+    HttpOnly` (Max-Age in whole seconds, left out for a ttl under one second: a session cookie;
+    Path left out when none is set). `suffix` is everything after the value, made once."""
+
+    name: str
+    suffix: str
+
+    @classmethod
+    def of(cls, consistent: m.ConsistentHash | None) -> CookieAffinity | None:
+        if consistent is None or not consistent.http_cookie_name or consistent.http_cookie_ttl is None:
+            return None
+        parts = []
+        if int(consistent.http_cookie_ttl):
+            parts.append(f"Max-Age={int(consistent.http_cookie_ttl)}")
+        if consistent.http_cookie_path:
+            parts.append(f"Path={consistent.http_cookie_path}")
+        parts += [f"{name}={value}" if value else name for name, value in consistent.http_cookie_attributes]
+        parts.append("HttpOnly")
+        return cls(consistent.http_cookie_name, "".join(f"; {part}" for part in parts))
+
+    def header(self, value: str) -> bytes:
+        """The `Set-Cookie` value that gives a client the cookie `value`."""
+        return f'{self.name}="{value}"{self.suffix}'.encode("latin-1")
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """The DestinationRule policy in force for one cluster, merged as Istio merges it.
 
-    `tls` None means Istio's auto mTLS; `origin` says which levels it came from.
+    `tls` None means Istio's auto mTLS; `origin` says which levels it came from; `cookie` is
+    the cookie the proxy sets for affinity, if the load balancer asks for one.
     """
 
     load_balancer: m.LoadBalancer = DEFAULT_LOAD_BALANCER
@@ -96,6 +125,10 @@ class Policy:
     outlier_detection: m.OutlierDetection | None = None
     tls: m.ClientTLS | None = None
     origin: str = "defaults"
+    cookie: CookieAffinity | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cookie", CookieAffinity.of(self.load_balancer.consistent_hash))
 
     def describe(self) -> str:
         lb = self.load_balancer
@@ -107,9 +140,12 @@ class Policy:
 
 
 def _hash_source(consistent: m.ConsistentHash) -> str:
+    cookie = consistent.http_cookie_name
+    if cookie and consistent.http_cookie_ttl is not None:
+        cookie += f" (set when missing, ttl {format_duration(consistent.http_cookie_ttl)})"
     pairs = {
         "header": consistent.http_header_name,
-        "cookie": consistent.http_cookie_name,
+        "cookie": cookie,
         "source ip": "yes" if consistent.use_source_ip else None,
         "query": consistent.http_query_parameter_name,
     }
@@ -567,12 +603,6 @@ class Binding:
     virtual_service: CompiledVirtualService
     gateway: str
     server: m.Server
-    https_redirect: bool = field(init=False, repr=False, compare=False)
-    """The server answers plain HTTP with a redirect to HTTPS (`tls.httpsRedirect`)."""
-
-    def __post_init__(self) -> None:
-        tls = self.server.tls
-        object.__setattr__(self, "https_redirect", tls is not None and tls.https_redirect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,6 +616,10 @@ class GatewayTable:
     exact: Mapping[str, tuple[Binding, ...]]
     wildcards: tuple[tuple[str, tuple[Binding, ...]], ...]
     servers: tuple[tuple[str, m.Server], ...]
+    https_redirects: tuple[str, ...] = ()
+    """The virtual hosts that answer plain HTTP with 301 to https, most specific first: the
+    hosts of servers with `tls.httpsRedirect` (VirtualService bound or not) and the domains
+    bound under them."""
     anonymous_exact: Mapping[str, tuple[Binding, ...]] = field(default_factory=dict, repr=False)
     anonymous_wildcards: tuple[tuple[str, tuple[Binding, ...]], ...] = field(default=(), repr=False)
     """`exact` and `wildcards` as a request with no source workload (every request at an
@@ -678,27 +712,34 @@ class Forward:
 
 
 def rewrite_path(rewrite: m.HTTPRewrite | None, prefix: str | None, path: str) -> str:
-    """Envoy's `regex_rewrite` (on the path, query kept) or `prefix_rewrite` (the matched
-    prefix; an exact or regex match counts its whole path as the prefix)."""
+    """Envoy's `regex_rewrite` (on the path, query kept) or `prefix_rewrite`."""
     if rewrite is None:
         return path
-    head, sep, query = path.partition("?")
     if rewrite.uri_regex is not None:
+        head, sep, query = path.partition("?")
         return rewrite.uri_regex.match.sub(rewrite.uri_regex.rewrite, head) + sep + query
     if rewrite.uri is None:
         return path
-    matched = len(head) if prefix is None else len(prefix)
-    return rewrite.uri + path[matched:]
+    return replace_prefix(rewrite.uri, prefix, path)
+
+
+def replace_prefix(replacement: str, prefix: str | None, path: str) -> str:
+    """Envoy's prefix rewrite: `replacement` in place of the prefix the rule matched, the rest
+    of the path and its query kept; an exact or regex match counts its whole path as matched."""
+    matched = len(path.partition("?")[0]) if prefix is None else len(prefix)
+    return replacement + path[matched:]
 
 
 @dataclass(frozen=True, slots=True)
 class Redirect:
-    """Answer with a redirect; `route` is None for a Gateway server's `httpsRedirect`."""
+    """Answer with a redirect; `route` is None for a Gateway server's `httpsRedirect`.
+    `listener` is the port the rule was built for (a Gateway server's, a service's)."""
 
     route_ref: str
     route: Route | None
     status: int
     location: str
+    listener: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,14 @@ CASES = [
         ],
     ),
     (
+        "a Gateway host with httpsRedirect needs no VirtualService: it answers 301",
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n"
+        "  selector: {istio: ingressgateway}\n"
+        "  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [shop.example.com],\n"
+        "             tls: {httpsRedirect: true}}]\n",
+        [],
+    ),
+    (
         "two DestinationRules for one host",
         DR + DR.replace("name: reviews}", "name: reviews-2}"),
         [

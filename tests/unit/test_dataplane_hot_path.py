@@ -264,7 +264,7 @@ def test_the_precomputed_virtual_hosts_are_those_a_sourceless_request_finds(host
         assert table.anonymous(host) == reference_anonymous(table, host)
     found = snap.gateway_tables[("default/front", False)].anonymous(host)
     assert [f"{b.virtual_service.meta.name}@{b.server.port.number}" for b in found] == expected
-    assert all(b.https_redirect == (b.gateway == "default/back") for b in found)
+    assert snap.gateway_tables[("default/front", False)].https_redirects == ("admin.example.com",)
 
 
 # ---------------------------------------------------------------- the outbox
