@@ -29,8 +29,9 @@ from minimesh.config.source import Document, expand, parse_text
 from minimesh.dataplane.accesslog import AccessLog
 from minimesh.dataplane.capture.manager import NetnsCapture
 from minimesh.dataplane.current import Current
+from minimesh.dataplane.exchange import Listener
 from minimesh.dataplane.listeners import Serving
-from minimesh.dataplane.proxy import Listener, Proxy
+from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import Upstreams
 from minimesh.errors import ConfigError, Location, MinimeshError, Problem
 from minimesh.overlays import Layers, Overlay

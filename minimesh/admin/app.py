@@ -16,7 +16,7 @@ from aiohttp import web
 from minimesh.admin.metrics import Metrics
 from minimesh.config.durations import parse_duration
 from minimesh.dataplane.current import Current
-from minimesh.dataplane.proxy import Listener
+from minimesh.dataplane.exchange import Listener
 from minimesh.dataplane.upstream import ClusterState, Upstreams
 from minimesh.errors import ConfigError
 from minimesh.overlays import Layers

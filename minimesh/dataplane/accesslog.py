@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from minimesh.dataplane.proxy import Exchange
+from minimesh.dataplane.exchange import Exchange
 
 log = logging.getLogger("minimesh")
 

@@ -18,11 +18,13 @@ from typing import Any, Protocol, cast
 
 import httptools
 
+from minimesh.routing.headers import HOP_BY_HOP, HeaderList
+
 READ_HIGH_WATER = 1 << 20
 """Buffered body bytes past which a connection stops reading until they are consumed."""
 PIPELINE_DEPTH = 16
 
-HeaderList = list[tuple[bytes, bytes]]
+
 VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
@@ -50,9 +52,6 @@ REASONS = {
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout",
 }  # fmt: skip
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"upgrade", b"trailer"}
-)
 FRAMING_HEADERS = HOP_BY_HOP | {b"content-length"}
 """Headers a response head never passes on: the proxy frames each message itself."""
 

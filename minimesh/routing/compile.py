@@ -24,6 +24,7 @@ from minimesh.config.labels import (
 from minimesh.registry.model import Workload
 from minimesh.registry.static import from_workload_entry
 from minimesh.routing.request import RequestView
+from minimesh.routing.retry import RetryPolicy
 from minimesh.routing.snapshot import (
     INGRESS_LABELS,
     MESH,
@@ -42,7 +43,6 @@ from minimesh.routing.snapshot import (
     MirrorPolicy,
     Policy,
     PortTest,
-    RetryPolicy,
     Route,
     ServicePort,
     Snapshot,

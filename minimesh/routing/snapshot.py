@@ -16,7 +16,9 @@ from minimesh.config.durations import format_duration
 from minimesh.config.labels import DETECTED
 from minimesh.errors import Location
 from minimesh.registry.model import Workload
+from minimesh.routing.headers import Cors, RequestOps, ResponseOps
 from minimesh.routing.request import RequestView
+from minimesh.routing.retry import RetryDecider, RetryPolicy
 
 INGRESS_LABELS: m.Labels = (("istio", "ingressgateway"),)
 """The labels of the built-in ingress gateway: it serves every Gateway that selects them."""
@@ -387,22 +389,6 @@ class MatchBlock:
 
 
 @dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Envoy's retry policy as Istio builds it: `attempts` retries on `retry_on`."""
-
-    attempts: int
-    retry_on: tuple[str, ...]
-    retriable_status_codes: tuple[int, ...] = ()
-    per_try_timeout: float | None = None
-
-    def __str__(self) -> str:
-        on = ",".join(self.retry_on)
-        codes = f" codes {','.join(map(str, self.retriable_status_codes))}" if self.retriable_status_codes else ""
-        per_try = f" per try {format_duration(self.per_try_timeout)}" if self.per_try_timeout else ""
-        return f"{self.attempts} retries on {on}{codes}{per_try}"
-
-
-@dataclass(frozen=True, slots=True)
 class Target:
     """A route destination resolved on one port: the cluster, and the headers the route and
     the destination add or remove; `authority` is the Host rewrite, if any."""
@@ -411,6 +397,13 @@ class Target:
     request_headers: m.HeaderOperations = NO_OPERATIONS
     response_headers: m.HeaderOperations = NO_OPERATIONS
     authority: str | None = None
+    request_ops: RequestOps = field(init=False, repr=False, compare=False)
+    response_ops: ResponseOps = field(init=False, repr=False, compare=False)
+    """The header operations ready for the wire, compiled with the target."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "request_ops", RequestOps.of(self.request_headers))
+        object.__setattr__(self, "response_ops", ResponseOps.of(self.response_headers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,6 +467,20 @@ class Route:
     fault_first: int | None = None
     """From `minimesh.dev/fault-first: N`: the fault fires for exactly the first N requests
     (percentages ignored), counted by the data plane per route `ref`."""
+    retry: RetryDecider = field(init=False, repr=False, compare=False)
+    reply_ops: ResponseOps = field(init=False, repr=False, compare=False)
+    cors_headers: Cors | None = field(init=False, repr=False, compare=False)
+    mirror_clusters: tuple[Mirror, ...] | None = field(init=False, repr=False, compare=False)
+    """`retries`, `response_headers`, `cors` and `mirrors` compiled for the data plane (the
+    mirrors when their ports are fixed; else per request, see `Forward.mirrors`)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "retry", RetryDecider.of(self.retries))
+        object.__setattr__(self, "reply_ops", ResponseOps.of(self.response_headers))
+        object.__setattr__(self, "cors_headers", Cors.of(self.cors) if self.cors is not None else None)
+        fixed = all(p.destination.fixed is not None for p in self.mirrors)
+        mirrors = tuple(Mirror(p.destination.target(0).cluster, p.percentage) for p in self.mirrors) if fixed else None
+        object.__setattr__(self, "mirror_clusters", mirrors)
 
     def __repr__(self) -> str:
         return f"<Route {self.ref} blocks={len(self.blocks)} destinations={len(self.destinations)}>"
@@ -701,6 +708,9 @@ class Forward:
 
     @property
     def mirrors(self) -> tuple[Mirror, ...]:
+        fixed = self.route.mirror_clusters
+        if fixed is not None:
+            return fixed
         return tuple(Mirror(p.destination.target(self.port).cluster, p.percentage) for p in self.route.mirrors)
 
     def rewritten(self, path: str, authority: str) -> tuple[str, str]:

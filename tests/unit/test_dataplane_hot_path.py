@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from minimesh.admin.metrics import KEYS_KEPT, Metrics
 from minimesh.dataplane.accesslog import _StartTimes, fields, text_line
+from minimesh.dataplane.deadline import Deadline
+from minimesh.dataplane.exchange import Exchange, LazyHeaders, Listener, request_id
 from minimesh.dataplane.http1 import Outbox
-from minimesh.dataplane.proxy import Deadline, Exchange, LazyHeaders, Listener, request_id
 from minimesh.registry.model import Workload
 from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.request import RequestView

@@ -15,7 +15,8 @@ from minimesh.config.source import parse_text
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
 from minimesh.routing.compile import compile_snapshot, gateway_ref, retry_policy
-from minimesh.routing.snapshot import RetryPolicy, Snapshot
+from minimesh.routing.retry import RetryPolicy
+from minimesh.routing.snapshot import Snapshot
 from tests.conftest import BOOKINFO
 
 FQDN = "{}.default.svc.cluster.local"
