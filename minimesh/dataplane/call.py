@@ -9,9 +9,9 @@ import asyncio
 
 from minimesh.dataplane.deadline import Deadline
 from minimesh.dataplane.exchange import Exchange
-from minimesh.dataplane.http1 import HeaderList, Request, Responder
+from minimesh.dataplane.http1 import Request, Responder
 from minimesh.dataplane.upstream import LocalReply
-from minimesh.routing.headers import NO_RESPONSE_OPS, ResponseOps
+from minimesh.routing.headers import NO_RESPONSE_OPS, HeaderList, ResponseOps
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import Forward, Snapshot
 

@@ -6,8 +6,8 @@ header operations, Envoy's own headers, framing) and the upstream's response pas
 from __future__ import annotations
 
 from minimesh.dataplane.call import Call
-from minimesh.dataplane.http1 import DATE, Body, HeaderList, Request, UpstreamClosed, UpstreamResponse
-from minimesh.routing.headers import RequestOps, ResponseOps
+from minimesh.dataplane.http1 import DATE, Body, Request, UpstreamClosed, UpstreamResponse
+from minimesh.routing.headers import HeaderList, RequestOps, ResponseOps
 
 WHOLE_LIMIT = 1 << 16
 """A response body already complete and no longer than this goes out with its head in one write."""
