@@ -204,7 +204,9 @@ def _entry_services(mesh: m.Mesh, workloads: tuple[Workload, ...]) -> list[MeshS
             host = fqdn(raw, entry.meta.namespace)
             endpoints = {p.number: _entry_endpoints(entry, host, p, workloads) for p in entry.ports}
             origin, external = resource_ref(entry.meta), entry.location != "MESH_INTERNAL"
-            found.append(MeshService(host, host, entry.meta.namespace, ports, endpoints, origin, external))
+            found.append(
+                MeshService(host, host, entry.meta.namespace, ports, endpoints, origin, external, entry.resolution)
+            )
     return found
 
 
