@@ -21,6 +21,7 @@ from minimesh.routing.connection import (
     service_at,
     trace_connection,
 )
+from minimesh.routing.offline import placeholders
 from minimesh.routing.snapshot import (
     BlackHole,
     Connect,
@@ -372,3 +373,22 @@ def test_an_address_a_service_entry_lists_is_that_service_on_its_ports_only() ->
     assert service_at(snap, "192.0.2.10", 3307, None) is None
     assert host_of(service_at(snap, "198.51.100.99", 5432, None)) == "db.example.com"
     assert service_at(snap, "198.51.100.99", 443, None) is None
+
+
+def test_offline_placeholders_stand_in_for_hosts_tcp_and_tls_rules_route_to() -> None:
+    mesh = load_mesh(
+        """\
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: db}
+        spec:
+          hosts: [db.example.com]
+          tcp:
+          - route: [{destination: {host: mysqldb, port: {number: 3306}}}]
+          tls:
+          - match: [{sniHosts: [db.example.com]}]
+            route: [{destination: {host: tls-proxy}}]
+        """
+    )
+    found = {w.name: [spec.number for spec in w.service_ports] for w in placeholders(mesh, (), [7000])}
+    assert found == {"mysqldb-0": [80, 3306, 7000], "tls-proxy-0": [80, 7000]}
