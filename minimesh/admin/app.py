@@ -20,7 +20,7 @@ from minimesh.dataplane.exchange import Listener
 from minimesh.dataplane.upstream import ClusterState, Upstreams
 from minimesh.errors import ConfigError
 from minimesh.overlays import Layers
-from minimesh.routing.snapshot import Cluster, Snapshot
+from minimesh.routing.snapshot import Cluster, ServicePort, Snapshot
 
 log = logging.getLogger("minimesh")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -95,8 +95,9 @@ def config_dump(runtime: Runtime) -> dict[str, Any]:
     return dump
 
 
-def cluster_json(cluster: Cluster, state: ClusterState | None, now: float) -> dict[str, Any]:
-    """One cluster: its policy, each endpoint's health and load, and its circuit-breaker counters."""
+def cluster_json(cluster: Cluster, state: ClusterState | None, now: float, port: ServicePort | None) -> dict[str, Any]:
+    """One cluster: its service port's protocol (declared, or detected from the first bytes),
+    its policy, each endpoint's health and load, and its circuit-breaker counters."""
     endpoints = []
     for endpoint in cluster.endpoints:
         host = state.hosts.get((endpoint.address, endpoint.port)) if state else None
@@ -119,6 +120,8 @@ def cluster_json(cluster: Cluster, state: ClusterState | None, now: float) -> di
         "host": cluster.host,
         "port": cluster.port,
         "subset": cluster.subset,
+        "protocol": port.protocol if port is not None else None,
+        "protocolDeclared": port.declared if port is not None else None,
         "policy": cluster.policy.describe(),
         "problem": cluster.problem or None,
         "endpoints": endpoints,
@@ -171,7 +174,10 @@ class AdminApi:
         runtime = self.runtime
         now = runtime.upstreams.clock()
         states = runtime.upstreams.clusters
-        found = [cluster_json(c, states.get(c.name), now) for c in runtime.current.get().clusters.values()]
+        snapshot = runtime.current.get()
+        found = [
+            cluster_json(c, states.get(c.name), now, _service_port(snapshot, c)) for c in snapshot.clusters.values()
+        ]
         return web.json_response({"clusters": found}, dumps=_dumps)
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -237,6 +243,11 @@ class AdminApi:
         if await self.runtime.remove_overlay(request.match_info["id"]):
             return web.Response(status=204)
         return web.Response(status=404, text=f"no overlay {request.match_info['id']}\n")
+
+
+def _service_port(snapshot: Snapshot, cluster: Cluster) -> ServicePort | None:
+    service = snapshot.services.get(cluster.host)
+    return service.port(cluster.port) if service is not None else None
 
 
 def _problems(exc: ConfigError, *, with_file: bool) -> web.Response:

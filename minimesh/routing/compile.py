@@ -76,12 +76,13 @@ HTTP_STATUSES = frozenset(status.value for status in HTTPStatus)
 def fqdn(host: str, namespace: str) -> str:
     """Istio's ResolveShortnameToFQDN: a name without a dot is a service of `namespace`."""
     host = host.lower()
-    if host == "*" or "." in host or _is_ip(host):
+    if host == "*" or "." in host or is_ip(host):
         return host
     return f"{host}.{namespace}.{CLUSTER_DOMAIN}"
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """Is `text` an IP address (IPv6 with or without brackets), not a name?"""
     try:
         ipaddress.ip_address(text.strip("[]"))
     except ValueError:
@@ -799,7 +800,7 @@ def _addresses(services: Mapping[str, MeshService], mesh: m.Mesh) -> dict[tuple[
     for svc in services.values():
         for port in svc.ports:
             for endpoint in svc.endpoints.get(port.number, ()):
-                if _is_ip(endpoint.address):
+                if is_ip(endpoint.address):
                     found.setdefault((endpoint.address, port.number), (svc, port.number))
                     found.setdefault((endpoint.address, endpoint.port), (svc, port.number))
     for entry in mesh.service_entries:
@@ -808,7 +809,7 @@ def _addresses(services: Mapping[str, MeshService], mesh: m.Mesh) -> dict[tuple[
             if claimed is None:
                 continue
             for address in entry.addresses:
-                if _is_ip(address):
+                if is_ip(address):
                     for port in claimed.ports:
                         found.setdefault((address, port.number), (claimed, port.number))
     return found

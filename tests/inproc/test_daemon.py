@@ -367,7 +367,10 @@ async def test_status_and_wait(shop: Shop, start_daemon: StartDaemon) -> None:
     out = status.stdout
     assert "config generation 1" in out
     assert "last reload error: none" in out
-    assert f"reviews.default.svc.cluster.local:9080  127.0.0.1:{shop.ports['reviews_v1']} reviews-v1 healthy" in out
+    assert (
+        f"reviews.default.svc.cluster.local:9080  HTTP (declared)  127.0.0.1:{shop.ports['reviews_v1']} reviews-v1 healthy"
+        in out
+    )
     assert (
         f"productpage-v1.default  127.0.0.1  capture explicit sidecar (HTTP_PROXY=http://127.0.0.1:{shop.sidecar})"
         in out
