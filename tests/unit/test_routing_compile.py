@@ -444,5 +444,5 @@ def test_config_dump_is_plain_json_with_source_locations() -> None:
 
 def test_snapshot_repr_shows_its_state() -> None:
     assert (
-        repr(bookinfo()) == "<Snapshot generation=1 services=4 clusters=10 virtual_services=5 gateways=1 workloads=6>"
+        repr(bookinfo()) == "<Snapshot generation=1 services=4 clusters=11 virtual_services=5 gateways=1 workloads=6>"
     )
