@@ -72,9 +72,10 @@ async def attempts(
     tried: list[Endpoint] = []
     attempt_count = 0
     retrying = False
+    original = call.exchange.original if cluster.original_destination else None
     while True:
         attempt_count += 1
-        endpoint = pick(cluster, state, call.view, rng, tried)
+        endpoint = Endpoint(None, *original) if original is not None else pick(cluster, state, call.view, rng, tried)
         if endpoint is None:
             if retrying:
                 state.retry_done()

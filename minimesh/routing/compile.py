@@ -375,7 +375,7 @@ class _Clusters:
             policy=_merged_policy(rule, subset, port.number),
             protocol=port.protocol,
             selector=subset.labels if subset else (),
-            original_destination=svc.resolution == "NONE" and not any(e.workload for e in endpoints),
+            original_destination=svc.resolution in ("NONE", "DNS") and not any(e.workload for e in endpoints),
         )
 
     def get(self, host: str, subset: str | None, port: int) -> Cluster:

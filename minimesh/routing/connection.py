@@ -212,7 +212,7 @@ def describe_connection(outcome: ConnectionOutcome) -> list[TraceStep]:
         steps.append(TraceStep("split", "info", f"weights {weights} → drew {labels[outcome.draw.picked]}"))
     cluster = outcome.cluster
     if cluster.original_destination:
-        endpoints = "the connection's original destination (resolution NONE)"
+        endpoints = "the connection's original destination (resolution NONE or DNS)"
     else:
         endpoints = ", ".join(str(e) for e in cluster.endpoints) or "none (connection closed, UH)"
     problem = f"; {cluster.problem}" if cluster.problem else ""

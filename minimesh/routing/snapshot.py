@@ -199,8 +199,9 @@ class Cluster:
     selector: m.Labels = ()
     problem: str = ""
     original_destination: bool = False
-    """A ServiceEntry of resolution NONE: a connection goes where it was headed (Envoy's
-    ORIGINAL_DST cluster), its endpoints only name the host."""
+    """A ServiceEntry of resolution NONE or DNS whose endpoints only name the host: a captured
+    connection goes where it was headed (Envoy's ORIGINAL_DST cluster; for DNS, the address
+    the app resolved the host to, which is what a resolver beside it would answer)."""
 
     def __repr__(self) -> str:
         lb = self.policy.load_balancer.simple or "CONSISTENT_HASH"

@@ -367,7 +367,7 @@ def test_service_entry_resolutions_decide_where_a_connection_goes() -> None:
     assert not static.original_destination
     assert [(e.address, e.port) for e in static.endpoints] == [("198.51.100.7", 3306)]
     dns = connect(decide(snap, "203.0.113.9", 443, sni="api.example.com")).cluster
-    assert not dns.original_destination
+    assert dns.original_destination, "a captured connection goes to the address the app resolved"
     assert [(e.address, e.port) for e in dns.endpoints] == [("api.example.com", 443)]
     wildcard = connect(decide(snap, "203.0.113.9", 443, sni="a.example.org")).cluster
     assert wildcard.original_destination and wildcard.endpoints == ()
