@@ -309,9 +309,10 @@ class _Builder:
         self.problems.append(Problem(where, "error", message))
 
 
-def too_large(size: int, file: str) -> Problem:
-    """The problem of a file or body of `size` bytes, over MAX_DOCUMENT_BYTES."""
-    message = (f"{size} bytes is over the {MAX_DOCUMENT_BYTES >> 20} MiB limit of a Kubernetes request; "
+def too_large(size: int | None, file: str) -> Problem:
+    """The problem of a file or body of `size` bytes (None: not known, but more), over MAX_DOCUMENT_BYTES."""
+    took = f"{size} bytes is" if size is not None else "more than that is"
+    message = (f"{took} over the {MAX_DOCUMENT_BYTES >> 20} MiB limit of a Kubernetes request; "
                "split the documents across several files")  # fmt: skip
     return Problem(Location(file, 1, 1), "error", message)
 
