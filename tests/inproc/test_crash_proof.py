@@ -8,14 +8,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from yarl import URL
 
 from minimesh import daemon as daemon_module
+from minimesh.admin.app import build_app
 from minimesh.config.source import MAX_DOCUMENT_BYTES
 from minimesh.daemon import Daemon, Options, compile_config
 from minimesh.errors import ConfigError
@@ -221,3 +227,89 @@ async def test_no_background_task_ends_the_daemon(
     messages = [r.getMessage() for r in caplog.records if r.exc_info]
     assert sum("background task 'watch config files'" in m for m in messages) == 2
     assert sum("background task 'recompile for containers'" in m for m in messages) == 1
+
+
+# ---------------------------------------------------------------- fuzzing the admin API
+
+MESH = """\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: web}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews}
+spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+"""
+GOOD = b"""\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: entry}
+spec:
+  hosts: ["*"]
+  gateways: [web]
+  http: [{route: [{destination: {host: reviews, port: {number: 9080}}}]}]
+"""
+ROUTES = [("POST", "/apply"), ("POST", "/overlays")] * 4 + [
+    ("DELETE", "/apply"), ("DELETE", "/overlays/ov-1"), ("POST", "/logging"), ("GET", "/config_dump"),
+    ("PUT", "/apply"), ("GET", "/nowhere"),
+]  # fmt: skip
+QUERY = ["", "?ttl=1s", "?ttl=%ff", "?ttl=-1s", "?ttl=99999999999999999h", "?scope=%00", "?source=%ff%fe",
+         "?source=a%0Ab", "?level=%C3%28", "?level=debug", "?scope=s&ttl=0s", "?%zz=1"]  # fmt: skip
+TYPES = [None, "application/yaml", "application/json", "text/yaml; charset=UTF-8", "image/png", "text/plain",
+         "application/yaml; charset=klingon", "application/yaml; charset=", "multipart/form-data; boundary=x",
+         "a/b;;;=", "application/json; charset=utf-16"]  # fmt: skip
+
+
+def flip(data: bytes, rng: random.Random) -> bytes:
+    at = rng.randrange(len(data))
+    return data[:at] + bytes([rng.randrange(256)]) + data[at + 1 :]
+
+
+bodies = st.one_of(
+    st.sampled_from([h.data for h in HOSTILE if len(h.data) < 10_000]),
+    st.binary(max_size=300),
+    st.builds(flip, st.just(GOOD), st.randoms(use_true_random=False)),
+    st.just(GOOD),
+    st.just(b'{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": [}'),
+)
+
+
+def test_the_admin_api_answers_bad_input_with_4xx_never_5xx(tmp_path: Path) -> None:
+    (tmp_path / "mesh.yaml").write_text(MESH)
+    options = Options(paths=(str(tmp_path / "mesh.yaml"),))
+    loop = asyncio.new_event_loop()
+    daemon = Daemon(options, compile_config(options.paths, 1))
+    runner = web.AppRunner(build_app(daemon), access_log=None)
+    try:
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+        admin = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+        async def ask(method: str, url: str, content_type: str | None, body: bytes) -> tuple[int, str]:
+            headers = {} if content_type is None else {"content-type": content_type}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.request(
+                    method, URL(url, encoded=True), data=body, headers=headers, skip_auto_headers=["content-type"]
+                ) as answer,
+            ):
+                return answer.status, await answer.text(errors="replace")
+
+        @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.sampled_from(ROUTES), st.sampled_from(QUERY), st.sampled_from(TYPES), bodies)
+        def one(route: tuple[str, str], query: str, content_type: str | None, body: bytes) -> None:
+            method, path = route
+            status, text = loop.run_until_complete(ask(method, admin + path + query, content_type, body))
+            assert status < 500, (method, path, query, content_type, body[:200], status, text)
+            if status in (413, 415):
+                assert text.count("\n") == 1 and text.startswith("error: "), text
+
+        one()
+        assert daemon.internal_errors == 0
+    finally:
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
