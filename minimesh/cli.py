@@ -26,7 +26,7 @@ from minimesh.config.check import check_mesh
 from minimesh.config.compose import check_compose
 from minimesh.config.load import Loaded, load_paths
 from minimesh.config.model import Mesh
-from minimesh.config.source import expand
+from minimesh.config.source import MAX_DOCUMENT_BYTES, expand, too_large
 from minimesh.daemon import Options, serve
 from minimesh.dataplane.capture.manager import scrub_left_rules
 from minimesh.dataplane.capture.netns import netns_unavailable
@@ -285,6 +285,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if not args.files:
             raise UsageError("apply needs -f FILE (or --reset)")
         files, problems = expand(args.files)
+        problems += [too_large(f.stat().st_size, str(f)) for f in files if f.stat().st_size > MAX_DOCUMENT_BYTES]
         if problems:
             raise ConfigError(problems)
         requests = [("POST", f"/apply?source={quote(str(f))}", f.read_bytes(), str(f)) for f in files]

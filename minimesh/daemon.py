@@ -270,9 +270,14 @@ class Daemon:
         log.exception("minimesh: internal error %s (a bug in minimesh: please report it with this traceback)", what)
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """The loop's handler of what no task awaited (a connection's task that raised): a bug."""
-        self.internal_errors += 1
+        """The loop's handler of exceptions no task awaited (a connection's task that raised):
+        a bug, logged and counted. A network error, or a notice without an exception, is the
+        loop's to report as usual."""
         error = context.get("exception")
+        if error is None or isinstance(error, OSError):
+            loop.default_exception_handler(context)
+            return
+        self.internal_errors += 1
         log.error("minimesh: internal error: %s (a bug in minimesh: please report it with this traceback)",
                   context.get("message", "unhandled exception"), exc_info=error)  # fmt: skip
 

@@ -190,3 +190,14 @@ def test_apply_of_a_missing_file_is_invalid_not_a_usage_error() -> None:
     result = minimesh("apply", "--admin", "http://127.0.0.1:9", "-f", "tests/data/no-such.yaml")
     assert result.returncode == 1
     assert "no such file or folder 'tests/data/no-such.yaml'" in result.stderr
+
+
+def test_apply_refuses_a_file_over_3_mib_before_sending_it(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (3 * 1024 * 1024 + 1))
+    result = minimesh("apply", "--admin", "http://127.0.0.1:9", "-f", str(big))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"minimesh: error: {big}:1:1: error: 3145729 bytes is over the 3 MiB limit of a Kubernetes request; "
+        "split the documents across several files\n"
+    )
