@@ -286,17 +286,20 @@ class Daemon:
     ) -> None:
         """Run one background job of the daemon so that it never ends the TaskGroup: when it
         raises, the bug is logged and counted, and the job starts again (unless `restart` is
-        False), later each time it fails in a row, until the daemon stops."""
+        False; so does one that ends before the daemon stops), later each time it fails in a
+        row, until the daemon stops."""
         delay = RESTART_DELAY
         while not self._stopping.is_set():
             began = time.monotonic()
             try:
                 await job()
-                return
+                if not restart or self._stopping.is_set():
+                    return
+                log.error("minimesh: the background task '%s' ended while the daemon runs", name)
             except Exception:
                 self._bug(f"in the background task '{name}'")
-            if not restart:
-                return
+                if not restart:
+                    return
             if time.monotonic() - began >= RESTART_DELAY_MAX:
                 delay = RESTART_DELAY
             log.error("minimesh: restarting the background task '%s' in %.0f s", name, delay)
