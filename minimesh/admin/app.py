@@ -1,6 +1,6 @@
 """The admin API (`http://127.0.0.1:15000`): health, readiness, the config in force, clusters,
-stats, Prometheus metrics, the log level, `apply` and overlays. Every bad request gets a 4xx
-with one line saying what to send instead, never a 5xx.
+stats, Prometheus metrics, the log level, `apply` and overlays. A bad request gets a 4xx
+saying what is wrong (a config: one located line per problem), never a 5xx.
 """
 
 from __future__ import annotations

@@ -310,8 +310,8 @@ class _Builder:
 
 
 def too_large(size: int | None, file: str) -> Problem:
-    """The problem of a file or body of `size` bytes (None: not known, but more), over MAX_DOCUMENT_BYTES."""
-    took = f"{size} bytes is" if size is not None else "more than that is"
+    """The problem of a file or body of `size` bytes (None: a body of unknown length), over MAX_DOCUMENT_BYTES."""
+    took = f"{size} bytes is" if size is not None else "the body is"
     message = (f"{took} over the {MAX_DOCUMENT_BYTES >> 20} MiB limit of a Kubernetes request; "
                "split the documents across several files")  # fmt: skip
     return Problem(Location(file, 1, 1), "error", message)
