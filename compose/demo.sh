@@ -25,7 +25,7 @@ up() {
     step "starting bookinfo (compose project $PROJECT)"
     compose up -d --remove-orphans
     if [ "$(id -u)" = 0 ]; then
-        step "starting minimesh on this host (netns capture), watching $BOOKINFO/mesh.yaml"
+        step "starting minimesh on this host (netns capture), watching $BOOKINFO/mesh.yaml (or finding it running)"
         "$MINIMESH" up --detach -f "$BOOKINFO/mesh.yaml" --docker-label "com.docker.compose.project=$PROJECT"
     else
         step "not root: minimesh runs as the compose service 'minimesh' (compose/minimesh.yml)"

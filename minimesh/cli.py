@@ -26,7 +26,7 @@ from minimesh.config.check import check_mesh
 from minimesh.config.compose import check_compose
 from minimesh.config.load import Loaded, load_paths
 from minimesh.config.model import Mesh
-from minimesh.config.source import expand
+from minimesh.config.source import MAX_DOCUMENT_BYTES, expand, too_large
 from minimesh.daemon import Options, serve
 from minimesh.dataplane.capture.manager import scrub_left_rules
 from minimesh.dataplane.capture.netns import netns_unavailable
@@ -312,9 +312,31 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
-def _admin_of(args: argparse.Namespace) -> str:
+def _url_of(args: argparse.Namespace, port: int) -> str:
+    """Where a client on this machine reaches the daemon's `port`."""
     host = "127.0.0.1" if args.bind in ("0.0.0.0", "::", "") else args.bind
-    return f"http://[{host}]:{args.admin_port}" if ":" in host else f"http://{host}:{args.admin_port}"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _up_settings(args: argparse.Namespace) -> dict[str, str]:
+    """`up`'s settings as a detached daemon records them, defaults included and paths absolute,
+    so that the same daemon asked for twice is recognised however it was spelled."""
+
+    def flag(on: bool) -> str:
+        return "on" if on else "off"
+
+    return {
+        "-f": " ".join(str(Path(path).resolve()) for path in _files(args)),
+        "--gateway-port": str(args.gateway_port),
+        "--gateway-tls-port": str(args.gateway_tls_port),
+        "--admin-port": str(args.admin_port),
+        "--bind": args.bind,
+        "--capture": args.capture,
+        "--no-docker": flag(args.no_docker),
+        "--docker-label": " ".join(sorted(args.docker_label or ())),
+        "--debug-headers": flag(args.debug_headers),
+        "--seed": "" if args.seed is None else str(args.seed),
+    }
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -323,7 +345,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.detach:
         up_args = [arg for arg in args.argv if arg != "--detach"]
         up_args.remove("up")
-        return detach(up_args, _admin_of(args))
+        return detach(up_args, _up_settings(args), _url_of(args, args.admin_port), _url_of(args, args.gateway_port))
     log = _log_to_stderr()
     capture = args.capture
     if capture == "auto":
@@ -379,6 +401,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if not args.files:
             raise UsageError("apply needs -f FILE (or --reset)")
         files, problems = expand(args.files)
+        problems += [too_large(f.stat().st_size, str(f)) for f in files if f.stat().st_size > MAX_DOCUMENT_BYTES]
         if problems:
             raise ConfigError(problems)
         requests = [("POST", f"/apply?source={quote(str(f))}", f.read_bytes(), str(f)) for f in files]

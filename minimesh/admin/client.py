@@ -84,6 +84,9 @@ def status_lines(admin: str, dump: dict[str, Any], clusters: list[dict[str, Any]
         lines += [f"  {line}" for line in error]
     else:
         lines.append("last reload error: none")
+    if dump.get("internalErrors"):
+        lines.append(f"internal errors: {dump['internalErrors']} (bugs in minimesh; the daemon's log has their "
+                     "tracebacks: please report them)")  # fmt: skip
     lines.append("listeners:")
     by_workload: dict[str, str] = {}
     captured: set[str] = set()

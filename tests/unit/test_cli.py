@@ -285,3 +285,14 @@ def test_explain_a_connection_takes_no_method_and_needs_a_port(tmp_path: Path) -
         result = minimesh("explain", "-f", str(tmp_path), *args)
         assert result.returncode == 2, (args, result.stdout)
         assert result.stderr.startswith(f"minimesh: usage error: {error}"), result.stderr
+
+
+def test_apply_refuses_a_file_over_3_mib_before_sending_it(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (3 * 1024 * 1024 + 1))
+    result = minimesh("apply", "--admin", "http://127.0.0.1:9", "-f", str(big))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"minimesh: error: {big}:1:1: error: 3145729 bytes is over the 3 MiB limit of a Kubernetes request; "
+        "split the documents across several files\n"
+    )
