@@ -236,6 +236,65 @@ async def test_a_redirect_and_a_direct_response() -> None:
         assert (direct.status, direct.body) == (418, b"teapot")
 
 
+async def test_a_mirror_gets_a_copy_and_cors_answers_a_preflight() -> None:
+    app, copy = Backend("app"), Backend("copy")
+    rules = """
+    - corsPolicy: {allowOrigins: [{exact: "https://app.example.com"}], allowMethods: [POST]}
+      mirror: {host: shadow}
+      route: [{destination: {host: web}}]
+    """
+    yaml = APP + "---" + service("shadow", "copy") + gateway_http(rules)
+    async with running_mesh(yaml, {"app": app, "copy": copy}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            origin = {"origin": "https://app.example.com"}
+            preflight = await client.answer(
+                client.request("OPTIONS", "/orders", {**origin, "access-control-request-method": "POST"})
+            )
+            posted = await client.answer(client.request("POST", "/orders", origin, body=b"order"))
+        finally:
+            await client.close()
+        assert (preflight.status, preflight.headers["access-control-allow-origin"]) == (200, "https://app.example.com")
+        assert (posted.status, posted.headers["access-control-allow-origin"]) == (200, "https://app.example.com")
+        assert [s.method for s in app.seen] == ["POST"]
+        async with asyncio.timeout(10):
+            while not copy.seen:
+                await asyncio.sleep(0.01)
+        assert (copy.seen[0].headers["host"], copy.seen[0].body) == ("example.com-shadow", b"order")
+
+
+async def test_http2_max_requests_overflows_streams_past_the_limit() -> None:
+    release = asyncio.Event()
+    app = Backend("app")
+
+    async def held(request: web.BaseRequest, seen: Seen) -> web.StreamResponse:
+        await asyncio.wait_for(release.wait(), 10)
+        return web.Response(body=b"app")
+
+    app.handler = held
+    pool = """
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web}
+spec: {host: web, trafficPolicy: {connectionPool: {http: {http2MaxRequests: 2}}}}
+"""
+    async with running_mesh(APP + pool + web_route("retries: {attempts: 0}"), {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            first = [client.request("GET", f"/{n}") for n in range(2)]
+            await client.until(lambda: app.active == 2)
+            over = [await client.get(f"/over/{n}") for n in range(3)]
+            release.set()
+            admitted = [await client.answer(stream_id) for stream_id in first]
+        finally:
+            release.set()
+            await client.close()
+        assert {(a.status, a.headers["x-envoy-overloaded"]) for a in over} == {(503, "true")}
+        assert {a.status for a in admitted} == {200}
+        assert app.max_active == 2
+
+
 async def test_a_large_response_waits_for_the_clients_window() -> None:
     body = os.urandom(3 * 1024 * 1024 + 17)
     app = Backend("app", Reply(body=body))

@@ -578,7 +578,8 @@ class H2Client:
         self._flush()
 
     async def until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until `done()` holds, checking after everything the proxy sends."""
+        """Wait until `done()` holds, checking after everything the proxy sends (and every
+        10 ms, for conditions on other parties)."""
         async with asyncio.timeout(timeout):
             while not done():
                 if self.error is not None:
@@ -586,7 +587,8 @@ class H2Client:
                 if self.goaway:
                     raise ConnectionResetError("the proxy closed the connection")
                 self._changed.clear()
-                await self._changed.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 0.01)
 
     async def answer(self, stream_id: int) -> H2Answer:
         """The stream's whole response (or its reset)."""
