@@ -63,10 +63,10 @@ class Stream:
         "head_sent", "id", "request", "status", "task",
     )  # fmt: skip
 
-    def __init__(self, conn: Http2Downstream, stream_id: int, request: Request) -> None:
+    def __init__(self, conn: Http2Downstream, stream_id: int, method: bytes, path: bytes, headers: HeaderList) -> None:
         self._conn = conn
         self.id = stream_id
-        self.request = request
+        self.request = Request(method, path, headers, Body(self.consumed, conn.loop), VERSION)
         self._out: collections.deque[bytes] = collections.deque()
         self._out_size = 0
         self._end_pending = False
@@ -223,11 +223,17 @@ class Stream:
         self.closed = True
         self._out.clear()
         self._out_size = 0
+        if not self.request.body.complete and not reset:
+            self._conn.h2.reset_stream(self.id, ErrorCodes.NO_ERROR)
+        self.gone("the response ended before the request body")
+
+    def gone(self, why: str) -> None:
+        """The stream is over for the proxy: a request body still awaited fails with `why`,
+        and what of it was never read is handed back to the connection's window."""
+        self.closed = True
         body = self.request.body
         if not body.complete:
-            body.fail(ConnectionResetError("the response ended before the request body"))
-            if not reset:
-                self._conn.h2.reset_stream(self.id, ErrorCodes.NO_ERROR)
+            body.fail(ConnectionResetError(why))
         unread = body.received - self._acked
         if unread > 0:
             self._acked += unread
@@ -371,8 +377,7 @@ class Http2Downstream(asyncio.Protocol):
                 authority = value
         if authority:
             headers = [(b"host", authority), *(header for header in headers if header[0] != b"host")]
-        stream = Stream(self, stream_id, Request(method, path, headers, Body(None, self.loop), VERSION))
-        stream.request.body = Body(stream.consumed, self.loop)
+        stream = Stream(self, stream_id, method, path, headers)
         self._streams[stream_id] = stream
         if self._timer is not None:
             self._timer.cancel()
@@ -381,15 +386,10 @@ class Http2Downstream(asyncio.Protocol):
 
     def _gone(self, stream: Stream, why: str) -> None:
         """The client reset the stream or left: stop its proxying (`DC`)."""
-        stream.closed = True
-        body = stream.request.body
-        if not body.complete:
-            body.fail(ConnectionResetError(why))
+        stream.gone(why)
         task = stream.task
         if task is not None and not task.done():
             task.cancel()
-        self.stream_closed(stream)
-        stream.wake()
 
     def _pump_all(self) -> None:
         for stream in list(self._streams.values()):
@@ -446,13 +446,16 @@ class Http2Downstream(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        """GOAWAY, then close: the streams still open are cancelled when the connection goes."""
+        """GOAWAY, then close; the streams still open are cancelled (h2 sends nothing more
+        once either side sent GOAWAY)."""
         if self.closing:
             return
         self.closing = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for stream in list(self._streams.values()):
+            self._gone(stream, "the connection is closing")
         if self._transport is not None and not self._transport.is_closing():
             with contextlib.suppress(ProtocolError):  # h2 already sent one (a protocol error, the client's GOAWAY)
                 self.h2.close_connection()

@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
+from typing import Any
 
 from aiohttp import web
 
 from minimesh.dataplane.accesslog import text_line
 from minimesh.dataplane.current import Current
 from minimesh.dataplane.exchange import Exchange, Listener
+from minimesh.dataplane.http1 import Downstream
+from minimesh.dataplane.http2 import Http2Downstream
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Proxy
+from minimesh.dataplane.sniff import H2_PREFACE
 from minimesh.dataplane.upstream import Upstreams
 from tests.inproc.test_proxy_tcp import SOURCE, Target
 from tests.inproc.upstreams import (
@@ -62,6 +66,67 @@ async def test_curl_with_prior_knowledge_and_http1_share_the_gateway_port() -> N
         answer = await mesh.get("/again")
         assert (answer.status, answer.body) == (200, b"app")
         assert mesh.last().protocol == "HTTP/1.1"
+
+
+class Wire(asyncio.Transport):
+    """A transport fed by hand, byte by byte if need be; it keeps what the proxy writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol: asyncio.BaseProtocol | None = None
+        self.written = bytearray()
+        self.closed = False
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_the_first_bytes_decide_the_version_even_one_at_a_time() -> None:
+    app = Backend("app")
+    async with running_mesh(APP + web_route(), {"app": app}) as mesh:
+        http1, http2 = Wire(), Wire()
+        for wire, first, rest in (
+            (http1, b"P", b"OST / HTTP/1.1\r\nhost: example.com\r\ncontent-length: 0\r\n\r\n"),
+            (http2, H2_PREFACE[:5], H2_PREFACE[5:]),
+        ):
+            protocol = mesh.gateway._protocol()
+            wire.set_protocol(protocol)
+            protocol.connection_made(wire)
+            protocol.data_received(first)
+            assert wire.protocol is protocol, "undecided"
+            protocol.data_received(rest)
+        assert isinstance(http1.protocol, Downstream)
+        assert isinstance(http2.protocol, Http2Downstream)
+        assert http2.written[3] == 0x04, "the server's SETTINGS frame"
+        async with asyncio.timeout(10):
+            while not http1.written.endswith(b"\r\n\r\napp"):
+                await asyncio.sleep(0.01)
+        assert http1.written.startswith(b"HTTP/1.1 200 OK\r\n")
+        for wire in (http1, http2):
+            wire.get_protocol().connection_lost(None)
+        assert not mesh.gateway.connections
 
 
 REVIEWS = (
