@@ -777,6 +777,8 @@ class PassThrough:
     host: str
     port: int
     cluster: str = "PassthroughCluster"
+    route_ref: str = "allow_any"
+    """The route Istio's sidecar logs for HTTP to a host outside the registry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -787,6 +789,8 @@ class BlackHole:
     port: int
     status: int = 502
     cluster: str = "BlackHoleCluster"
+    route_ref: str = "block_all"
+    """The route Istio's sidecar logs for HTTP it blocks under REGISTRY_ONLY."""
 
 
 Outcome = Forward | Redirect | DirectResponse | NoRoute | PassThrough | BlackHole

@@ -279,7 +279,7 @@ spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
             await mesh.exchange_count(2)
         blocked, http = mesh.exchanges
         assert (blocked.tcp, blocked.cluster, blocked.flag_text) == (True, "BlackHoleCluster", "UH")
-        assert (http.tcp, http.status, http.cluster) == (False, 502, "BlackHoleCluster")
+        assert (http.tcp, http.status, http.cluster, http.route) == (False, 502, "BlackHoleCluster", "block_all")
         assert outside.connections == 0
     finally:
         await outside.close()
