@@ -478,3 +478,25 @@ async def test_the_inbound_side_relays_a_tcp_port_to_the_app(echoes: dict[str, L
         await proxy.close()
     assert dialled == [("127.0.0.1", app.port)]
     assert exchanges[0].cluster == f"inbound|{app.port}||tcp-echo-v1.default"
+
+
+async def test_an_idle_connection_is_closed_and_an_active_one_is_not(
+    echoes: dict[str, LineServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Istio's idle timeout (an hour, shortened here): a connection with no byte either way
+    for that long is closed; one that keeps talking stays open across several periods."""
+    monkeypatch.setattr("minimesh.dataplane.tcp.IDLE_TIMEOUT", 0.2)
+    values: dict[str, int | str] = {"v1": echoes["v1"].port}
+    async with tcp_mesh(tcp_service("tcp-echo", "v1"), values) as mesh:
+        active_reader, active_writer = await mesh.open("127.0.0.1", echoes["v1"].port)
+        idle_reader, _ = await mesh.open("127.0.0.1", echoes["v1"].port)
+        assert await ask(active_reader, active_writer, b"0\n") == b"one 0\n"
+        closed = asyncio.ensure_future(closed_at_once(idle_reader))
+        talked = 1
+        while not closed.done():
+            assert await ask(active_reader, active_writer, b"%d\n" % talked) == b"one %d\n" % talked
+            talked += 1
+            await asyncio.sleep(0.05)
+        assert closed.result()
+        assert await ask(active_reader, active_writer, b"still\n") == b"one still\n"
+        active_writer.close()
