@@ -46,8 +46,8 @@ PATIENCE = 30.0
 so it fails the test and never measures speed."""
 
 
-async def until(condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = PATIENCE) -> None:
-    """Wait until `condition` (a predicate, plain or async) holds; fail naming `what` if it never does."""
+async def until(condition: Callable[[], object], what: str, timeout: float = PATIENCE) -> None:
+    """Wait until `condition` (a predicate, plain or async) is true; fail naming `what` if it never is."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
