@@ -276,19 +276,6 @@ def placeholders(backends: Mapping[str, Backend], ports: Mapping[str, int] | Non
 # ---------------------------------------------------------------- the mesh under test
 
 
-class FakeClock:
-    """Time that moves only when a test says so (outlier ejections)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A response as a client saw it; header names lower-case (`names`: each as often as sent)."""

@@ -23,8 +23,8 @@ from minimesh.registry.model import Workload
 from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import Binding, Endpoint, Facts, GatewayTable, host_covers
+from tests.clocks import on_virtual_time
 from tests.unit.test_routing_compile import load_mesh
-from tests.unit.virtual_time import on_virtual_time
 
 # ---------------------------------------------------------------- request ids
 

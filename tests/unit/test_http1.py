@@ -26,7 +26,7 @@ from minimesh.dataplane.http1 import (
     UpstreamConnection,
     local_reply_bytes,
 )
-from tests.unit.virtual_time import on_virtual_time, settle
+from tests.clocks import on_virtual_time, settle
 
 
 class Wire(asyncio.Transport):

@@ -1,6 +1,7 @@
-"""An asyncio event loop on virtual time, for unit tests of timers (deadlines, header and idle
-timeouts): time stands still while anything can run and jumps to the next timer when nothing
-can, so a test of a 300 s timeout takes no time and never races the machine it runs on."""
+"""Time a test controls. `FakeClock` moves only when the test says (for code handed a clock,
+such as outlier ejections); `VirtualTimeLoop` is an asyncio loop on virtual time, for timers
+(deadlines, header and idle timeouts): it stands still while anything can run and jumps to the
+next timer when nothing can, so a 300 s timeout takes no time and never races the machine."""
 
 from __future__ import annotations
 
@@ -9,6 +10,19 @@ import functools
 import selectors
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+
+class FakeClock:
+    """Time that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class _Jumping(selectors.DefaultSelector):
