@@ -59,12 +59,14 @@ demo-down:
 	@bash compose/demo.sh down
 
 # Gateway throughput and latency against nginx and the bare upstream, reload latency and a
-# py-spy profile (DESIGN.md §5); prints a table, writes bench/results.json, ~2 minutes.
+# py-spy profile, then containers: HTTP and TCP (redis-benchmark, bulk) through the sidecars
+# against nginx `stream` (DESIGN.md §5); prints tables, writes bench/results.json, ~4 minutes.
 bench: venv native
 	@test -x $(BIN)/py-spy || { echo "==> installing py-spy into $(VENV) for the profile"; \
 		$(BIN)/pip install --quiet py-spy || echo "==> py-spy could not be installed: no profile this time" >&2; }
 	@$(BIN)/python bench/run.py
 	@$(BIN)/python bench/docker.py
+	@$(BIN)/python bench/tcp.py
 
 clean: pure
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache

@@ -101,21 +101,22 @@ def unavailable() -> str:
     return ""
 
 
-def ensure_images() -> None:
-    if docker("images", "-q", IMAGE) and docker("images", "-q", SLEEPER):
+def ensure_images(*images: str) -> None:
+    if all(docker("images", "-q", image) for image in images or (IMAGE, SLEEPER)):
         return
     say("==> building the images first (make images)")
     subprocess.run(["bash", "compose/images.sh"], cwd=ROOT, check=True)
 
 
 class Daemon:
-    """`minimesh up --capture netns` watching only this bench's containers."""
+    """`minimesh up --capture netns` watching only this bench's containers, serving `mesh`;
+    `prefix` goes before the command (taskset, to pin it to a core)."""
 
-    def __init__(self, workdir: Path) -> None:
-        (workdir / "mesh.yaml").write_text(MESH)
+    def __init__(self, workdir: Path, mesh: str = MESH, prefix: tuple[str, ...] = ()) -> None:
+        (workdir / "mesh.yaml").write_text(mesh)
         self.admin = 15999
         self.log = (workdir / "daemon.log").open("w")
-        command = [str(ROOT / ".venv" / "bin" / "minimesh"), "up", "--capture", "netns", "-f", str(workdir),
+        command = [*prefix, str(ROOT / ".venv" / "bin" / "minimesh"), "up", "--capture", "netns", "-f", str(workdir),
                    "--gateway-port", "18999", "--admin-port", str(self.admin), "--docker-label",
                    f"minimesh.bench={TAG}"]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

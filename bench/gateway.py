@@ -15,8 +15,9 @@ import signal
 
 from minimesh.config.load import load_paths
 from minimesh.dataplane.current import Current
+from minimesh.dataplane.exchange import Listener
 from minimesh.dataplane.listeners import Serving
-from minimesh.dataplane.proxy import Listener, Proxy
+from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import Upstreams
 from minimesh.registry.static import workloads_of
 from minimesh.routing.compile import compile_snapshot

@@ -25,7 +25,7 @@ up() {
     step "starting bookinfo (compose project $PROJECT)"
     compose up -d --remove-orphans
     if [ "$(id -u)" = 0 ]; then
-        step "starting minimesh on this host (netns capture), watching $BOOKINFO/mesh.yaml"
+        step "starting minimesh on this host (netns capture), watching $BOOKINFO/mesh.yaml (or finding it running)"
         "$MINIMESH" up --detach -f "$BOOKINFO/mesh.yaml" --docker-label "com.docker.compose.project=$PROJECT"
     else
         step "not root: minimesh runs as the compose service 'minimesh' (compose/minimesh.yml)"
@@ -42,6 +42,7 @@ Try next:
   $MINIMESH status                          # services, endpoints, capture, config generation
   $MINIMESH apply -f $BOOKINFO/variants/virtual-service-reviews-jason-v2.yaml   # jason gets reviews v2
   curl -s -b user=jason $URL | grep -o 'color="[a-z]*"' | head -1               # black stars
+  $MINIMESH apply -f $BOOKINFO/variants/virtual-service-ratings-mysql.yaml      # stars read from MariaDB
   $MINIMESH apply --reset                   # back to $BOOKINFO/mesh.yaml (edit it: changes are live)
   make demo-down                            # removes everything this started
 MSG

@@ -26,18 +26,30 @@ from minimesh.config.check import check_mesh
 from minimesh.config.compose import check_compose
 from minimesh.config.load import Loaded, load_paths
 from minimesh.config.model import Mesh
-from minimesh.config.source import expand
+from minimesh.config.source import MAX_DOCUMENT_BYTES, expand, too_large
 from minimesh.daemon import Options, serve
 from minimesh.dataplane.capture.manager import scrub_left_rules
 from minimesh.dataplane.capture.netns import netns_unavailable
 from minimesh.errors import ConfigError, MinimeshError, Problem
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
-from minimesh.routing.compile import compile_snapshot
+from minimesh.routing.compile import compile_snapshot, is_ip
+from minimesh.routing.connection import Handling, Reached, handling_of, plan, service_at, trace_connection
 from minimesh.routing.match import trace
 from minimesh.routing.offline import placeholders
 from minimesh.routing.request import RequestView
-from minimesh.routing.snapshot import Forward, NoRoute, Outcome, Snapshot
+from minimesh.routing.snapshot import (
+    MESH,
+    BlackHole,
+    Connect,
+    ConnectionFacts,
+    Forward,
+    MeshService,
+    NoRoute,
+    Outcome,
+    Snapshot,
+    TraceStep,
+)
 from minimesh.routing.verify import Got, run_route_tests, summarize
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -136,12 +148,37 @@ def _headers(values: list[str] | None) -> list[tuple[str, str]]:
     return headers
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+CONNECTION_SCHEMES = ("tcp", "tls")
+NO_ENDPOINTS = "UH (no endpoints known offline)"
+HANDLING: dict[Handling, str] = {
+    "http": "is served as HTTP: each request goes by http[] rules, never tcp[] or tls[] "
+    "(explain METHOD http://HOST:PORT/PATH)",
+    "tcp": "is proxied as bytes from the start (a server-first protocol works)",
+    "tls": "is read up to the TLS ClientHello for its SNI, then passed through unterminated",
+    "detect": "declares no protocol: the client's first bytes decide (HTTP goes by http[] rules, "
+    "TLS by tls[], anything else by tcp[])",
+    "passthrough": "is no service's port: the connection goes out as addressed, unread",
+}
+"""What a sidecar does with a connection by the handling of its destination port."""
+
+
+def _explain_snapshot(args: argparse.Namespace, ports: Iterable[int]) -> Snapshot:
+    """The snapshot `explain` decides by: the config, `--workloads`, and placeholders that
+    expose `ports` (see `offline_snapshot`)."""
     mesh = load_paths(_files(args)).raise_errors()
     workloads = list(workloads_of(mesh))
     if args.workloads:
         workloads += workloads_of(load_paths([args.workloads]).raise_errors())
-    snapshot = offline_snapshot(mesh, workloads, [_request_port(args.url)])
+    return offline_snapshot(mesh, workloads, ports)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    scheme = args.url.partition("://")[0].lower() if "://" in args.url else ""
+    if scheme in CONNECTION_SCHEMES:
+        return _explain_connection(args, scheme)
+    if args.method is None:
+        raise UsageError(f"explain takes METHOD URL, or tcp://HOST:PORT or tls://SNI:PORT; got only '{args.url}'")
+    snapshot = _explain_snapshot(args, [_request_port(args.url)])
     gateway = args.gateway or "mesh"
     if gateway != "mesh" and "/" not in gateway:
         gateway = f"default/{gateway}"
@@ -149,9 +186,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                                 gateway=gateway)  # fmt: skip
     outcome, steps = trace(snapshot, view, random.Random(args.seed))
     print(f"request: {view.method} {view.scheme}://{view.authority}{view.path} at {gateway}")
-    width = max((len(step.what) for step in steps), default=0)
-    for step in steps:
-        print(f"  {step.what:<{width}}  {step.verdict:<5}  {step.detail}")
+    _print_steps(steps)
     got = summarize(outcome)
     flag = _flag(outcome, got)
     destination = f"{got.host} subset {got.subset or '-'} port {got.port}" if got.host else "none"
@@ -167,10 +202,91 @@ def _flag(outcome: Outcome, got: Got) -> str:
         if got.fault == "abort":
             return "FI"
         if not outcome.cluster.endpoints:
-            return "UH (no endpoints known offline)"
+            return NO_ENDPOINTS
         if got.fault == "delay":
             return "DI"
     return "-"
+
+
+def _connection_url(url: str) -> tuple[str, int]:
+    """HOST and PORT of `tcp://HOST:PORT` or `tls://SNI:PORT`."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(f"cannot read URL '{url}': {exc}") from exc
+    if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
+        raise UsageError(f"'{url}' is not {parts.scheme}://HOST:PORT, e.g. {parts.scheme}://mysqldb:3306")
+    return parts.hostname, port
+
+
+def _connection_service(snapshot: Snapshot, host: str, port: int, sni: str | None, namespace: str) -> Reached | None:
+    """The service (and service port) a connection reaches, as its sidecar finds it: by
+    address (an IP), by the SNI it offers, else by the service name the client resolved."""
+    if sni is None and is_ip(host):
+        return service_at(snapshot, host, port, None)
+    reached = service_at(snapshot, host, port, sni) if sni is not None else None
+    named = snapshot.service_for(host, namespace)
+    return reached or ((named, port) if named is not None else None)
+
+
+def _served(snapshot: Snapshot, host: str, port: int, service: MeshService | None) -> tuple[Handling, str] | None:
+    """How the sidecar serves the destination port before any rule, and the port's protocol;
+    None for a name that is no service port (the decision says what happens)."""
+    if is_ip(host):
+        served = plan(snapshot, host, port)
+        return served.handling, served.protocol
+    found = service.port(port) if service is not None else None
+    return (handling_of(found.protocol), found.protocol) if found is not None else None
+
+
+def _explain_connection(args: argparse.Namespace, scheme: str) -> int:
+    """`explain tcp://HOST:PORT` / `tls://SNI:PORT`: where a sidecar sends one connection.
+    HOST is a service name or an address; for tls:// it is the SNI the client offers."""
+    if args.method is not None:
+        raise UsageError(f"a {scheme}:// connection takes no METHOD: minimesh explain {args.url}")
+    if args.header or args.gateway:
+        raise UsageError(f"-H and --gateway are for HTTP requests; a {scheme}:// connection is decided at its sidecar")
+    host, port = _connection_url(args.url)
+    sni = host if scheme == "tls" else None
+    if sni is not None and is_ip(sni):
+        raise UsageError(f"tls:// takes the SNI name a client offers, not an address: tls://NAME:{port}")
+    snapshot = _explain_snapshot(args, [] if is_ip(host) else [port])
+    source = _source(args.source_labels)
+    namespace = source.namespace if source is not None else "default"
+    reached = _connection_service(snapshot, host, port, sni, namespace)
+    service, service_port = reached if reached is not None else (None, port)
+    print(f"connection: {scheme}://{host}:{port} at {MESH}")
+    served = _served(snapshot, host, port, service)
+    listener = []
+    if served is not None:
+        handling, protocol = served
+        text = HANDLING[handling].replace("HOST:PORT", f"{host}:{port}")
+        listener.append(
+            TraceStep("listener", "miss" if handling == "http" else "info", f"port {port}/{protocol} {text}")
+        )
+        if handling == "http":
+            _print_steps(listener)
+            print(f"result: HTTP, routed per request; explain METHOD http://{host}:{port}/PATH")
+            return EXIT_OK
+    labels, source_namespace = (source.label_map, source.namespace) if source is not None else (None, None)
+    facts = ConnectionFacts(host, service_port, sni, MESH, labels, source_namespace)
+    outcome, steps = trace_connection(snapshot, service, facts, random.Random(args.seed))
+    _print_steps([*listener, *steps])
+    if isinstance(outcome, Connect):
+        cluster = outcome.cluster
+        flag = "-" if cluster.endpoints or cluster.original_destination else NO_ENDPOINTS
+        print(f"result: route {outcome.route_ref}; cluster {cluster.name}; flag {flag}")
+    else:
+        flag = "UH" if isinstance(outcome, BlackHole) else "-"
+        print(f"result: route -; cluster {outcome.cluster}; flag {flag}")
+    return EXIT_OK
+
+
+def _print_steps(steps: Sequence[TraceStep]) -> None:
+    width = max((len(step.what) for step in steps), default=0)
+    for step in steps:
+        print(f"  {step.what:<{width}}  {step.verdict:<5}  {step.detail}")
 
 
 def _log_to_stderr() -> logging.Logger:
@@ -196,9 +312,31 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
-def _admin_of(args: argparse.Namespace) -> str:
+def _url_of(args: argparse.Namespace, port: int) -> str:
+    """Where a client on this machine reaches the daemon's `port`."""
     host = "127.0.0.1" if args.bind in ("0.0.0.0", "::", "") else args.bind
-    return f"http://[{host}]:{args.admin_port}" if ":" in host else f"http://{host}:{args.admin_port}"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _up_settings(args: argparse.Namespace) -> dict[str, str]:
+    """`up`'s settings as a detached daemon records them, defaults included and paths absolute,
+    so that the same daemon asked for twice is recognised however it was spelled."""
+
+    def flag(on: bool) -> str:
+        return "on" if on else "off"
+
+    return {
+        "-f": " ".join(str(Path(path).resolve()) for path in _files(args)),
+        "--gateway-port": str(args.gateway_port),
+        "--gateway-tls-port": str(args.gateway_tls_port),
+        "--admin-port": str(args.admin_port),
+        "--bind": args.bind,
+        "--capture": args.capture,
+        "--no-docker": flag(args.no_docker),
+        "--docker-label": " ".join(sorted(args.docker_label or ())),
+        "--debug-headers": flag(args.debug_headers),
+        "--seed": "" if args.seed is None else str(args.seed),
+    }
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -207,7 +345,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.detach:
         up_args = [arg for arg in args.argv if arg != "--detach"]
         up_args.remove("up")
-        return detach(up_args, _admin_of(args))
+        return detach(up_args, _up_settings(args), _url_of(args, args.admin_port), _url_of(args, args.gateway_port))
     log = _log_to_stderr()
     capture = args.capture
     if capture == "auto":
@@ -263,6 +401,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if not args.files:
             raise UsageError("apply needs -f FILE (or --reset)")
         files, problems = expand(args.files)
+        problems += [too_large(f.stat().st_size, str(f)) for f in files if f.stat().st_size > MAX_DOCUMENT_BYTES]
         if problems:
             raise ConfigError(problems)
         requests = [("POST", f"/apply?source={quote(str(f))}", f.read_bytes(), str(f)) for f in files]
@@ -313,10 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--compose", metavar="FILE", help="also check a compose file's labels, ports and aliases")
     validate.set_defaults(run=cmd_validate)
 
-    explain = commands.add_parser("explain", help="trace one request through the routing rules, offline")
+    explain = commands.add_parser(
+        "explain", help="trace one request, or a tcp:// or tls:// connection, through the routing rules, offline"
+    )
     _add_files(explain)
-    explain.add_argument("method", metavar="METHOD")
-    explain.add_argument("url", metavar="URL")
+    explain.add_argument("method", metavar="METHOD", nargs="?", help="the request's method; none for tcp:// and tls://")
+    explain.add_argument("url", metavar="URL", help="http://HOST[:PORT]/PATH, tcp://HOST:PORT or tls://SNI:PORT")
     explain.add_argument("-H", "--header", action="append", metavar="'Name: value'")
     explain.add_argument("--source-labels", metavar="k=v,...", help="labels of the calling workload")
     explain.add_argument("--gateway", metavar="NAME", help="decide as the ingress gateway bound by this Gateway")

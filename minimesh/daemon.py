@@ -1,21 +1,23 @@
 """The daemon `minimesh up` runs: load and compile the config; serve the ingress gateway, the
-explicit sidecars and the admin API; watch the files and swap in each good reload (a bad one
-keeps the last good snapshot serving). One `asyncio.TaskGroup` owns its tasks.
+explicit sidecars and the admin API; watch the files and swap in each good reload (a bad one,
+or one minimesh fails on, keeps the last good snapshot serving). One `asyncio.TaskGroup` owns
+its tasks, each supervised: only a deliberate stop ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from watchfiles import Change, awatch
@@ -29,8 +31,9 @@ from minimesh.config.source import Document, expand, parse_text
 from minimesh.dataplane.accesslog import AccessLog
 from minimesh.dataplane.capture.manager import NetnsCapture
 from minimesh.dataplane.current import Current
+from minimesh.dataplane.exchange import Listener
 from minimesh.dataplane.listeners import Serving
-from minimesh.dataplane.proxy import Listener, Proxy
+from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import Upstreams
 from minimesh.errors import ConfigError, Location, MinimeshError, Problem
 from minimesh.overlays import Layers, Overlay
@@ -48,6 +51,12 @@ DEBOUNCE_MS = 50
 STEP_MS = 10
 """A burst of file changes is one reload: wait `STEP_MS` for more, at most `DEBOUNCE_MS` in all."""
 CONFIG_SUFFIXES = frozenset({".yaml", ".yml"})
+RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 60.0
+"""A background task that failed starts again after RESTART_DELAY, twice as long after each
+failure in a row, at most RESTART_DELAY_MAX; a run that lasted that long starts the count over."""
+
+T = TypeVar("T")
 
 
 GC_THRESHOLDS = (20_000, 20, 20)
@@ -186,10 +195,16 @@ class Daemon:
         self.failed: dict[int, str] = {}
         """Sidecar ports a reload could not listen on, and why (the daemon is then not ready)."""
         self.ready = False
+        self.reloads_rejected = 0
+        """Reloads of the files refused, the last good config serving on."""
+        self.internal_errors = 0
+        """Exceptions minimesh did not expect (bugs), each logged with its traceback."""
         self._admin: web.AppRunner | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
         self._unwatch = asyncio.Event()
+        self._watched = False
+        self._discovery: DockerWatcher | None = None
 
     @property
     def scoped(self) -> Mapping[str, Snapshot]:
@@ -216,19 +231,23 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        loop.set_exception_handler(self._loop_error)
         try:
             self._configure_access_log(self.current.get())
             settle_heap()
             await self._listen()
             async with asyncio.TaskGroup() as tasks:
-                watcher = tasks.create_task(self._watch(), name="watch config files")
+                watcher = tasks.create_task(
+                    self._supervise("watch config files", self._watch), name="watch config files"
+                )
                 self._tasks = tasks
                 following: list[asyncio.Task[None]] = []
                 if self.docker is not None:
-                    discovery = DockerWatcher(self.docker, self._discovered, labels=self.options.docker_labels)
-                    await self._first_discovery(discovery)
-                    following.append(tasks.create_task(discovery.run(), name="follow Docker events"))
-                following.append(tasks.create_task(self._expire_overlays(), name="expire overlays"))
+                    await self._first_discovery()
+                    following.append(tasks.create_task(self._supervise("follow Docker events", self._follow_docker),
+                                                       name="follow Docker events"))  # fmt: skip
+                following.append(tasks.create_task(self._supervise("expire overlays", self._expire_overlays),
+                                                   name="expire overlays"))  # fmt: skip
                 await asyncio.sleep(0)  # the watcher registers with the OS before we say ready
                 self.ready = not self.failed
                 log.info("minimesh: ready; watching %s for changes", ", ".join(self.options.paths))
@@ -241,7 +260,68 @@ class Daemon:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+            loop.set_exception_handler(None)
             await self._close()
+
+    # ---- failures minimesh did not expect
+
+    def _bug(self, what: str) -> None:
+        """Called in an `except` block: an exception minimesh did not expect is a bug. It is
+        logged with its traceback and counted (`internalErrors`); the daemon carries on."""
+        self.internal_errors += 1
+        log.exception("minimesh: internal error %s (a bug in minimesh: please report it with this traceback)", what)
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The loop's handler of exceptions no task awaited (a connection's task that raised):
+        a bug, logged and counted. A network error, or a notice without an exception, is the
+        loop's to report as usual."""
+        error = context.get("exception")
+        if error is None or isinstance(error, OSError):
+            loop.default_exception_handler(context)
+            return
+        self.internal_errors += 1
+        log.error("minimesh: internal error: %s (a bug in minimesh: please report it with this traceback)",
+                  context.get("message", "unhandled exception"), exc_info=error)  # fmt: skip
+
+    async def _supervise(
+        self, name: str, job: Callable[[], Coroutine[Any, Any, None]], *, restart: bool = True
+    ) -> None:
+        """Run one background job of the daemon so that it never ends the TaskGroup: when it
+        raises, the bug is logged and counted, and the job starts again (unless `restart` is
+        False; so does one that ends before the daemon stops), later each time it fails in a
+        row, until the daemon stops."""
+        delay = RESTART_DELAY
+        while not self._stopping.is_set():
+            began = time.monotonic()
+            try:
+                await job()
+                if not restart or self._stopping.is_set():
+                    return
+                log.error("minimesh: the background task '%s' ended while the daemon runs", name)
+            except Exception:
+                self._bug(f"in the background task '{name}'")
+                if not restart:
+                    return
+            if time.monotonic() - began >= RESTART_DELAY_MAX:
+                delay = RESTART_DELAY
+            log.error("minimesh: restarting the background task '%s' in %.0f s", name, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, RESTART_DELAY_MAX)
+
+    async def _off_loop(self, source: str, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)` in a thread, off the request path: loading and compiling config.
+        ConfigError passes; any other exception is a bug, logged and counted, and refuses the
+        config as a ConfigError at `source`: the config in force keeps serving."""
+        try:
+            return await asyncio.to_thread(work, *args)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            self._bug(f"while loading {source}")
+            message = (f"internal error in minimesh while loading this config: {exc!r}; the daemon's log has "
+                       "its traceback (please report it)")  # fmt: skip
+            raise ConfigError([Problem(Location(source, 1, 1), "error", message)]) from exc
 
     async def _listen(self) -> None:
         options = self.options
@@ -297,6 +377,11 @@ class Daemon:
     # ---- reloading
 
     async def _watch(self) -> None:
+        """Reload on each burst of changes to the files (and once more when it starts again
+        after a failure: a change may have been missed meanwhile)."""
+        if self._watched:
+            await self.reload()
+        self._watched = True
         folders, concerns = watch_filter(self.options.paths)
         changes = awatch(*folders, watch_filter=concerns, debounce=DEBOUNCE_MS, step=STEP_MS,
                          stop_event=self._unwatch, recursive=False)  # fmt: skip
@@ -311,14 +396,13 @@ class Daemon:
         try:
             async with self._compiling:
                 generation = self.current.get().generation + 1
-                compiled = await asyncio.to_thread(
-                    compile_config, self.options.paths, generation, self.discovered.workloads, self.layers.layers()
-                )
+                compiled = await self._compile(generation, self.layers.layers())
                 scoped = await self._scoped(generation)
                 self._swap(compiled.snapshot)
                 self.scoped = scoped
                 self.config = ConfigState(compiled.sources, time.time())
         except ConfigError as exc:
+            self.reloads_rejected += 1
             lines = tuple(str(p) for p in exc.problems)
             for line in lines:
                 log.error("%s", line)
@@ -363,14 +447,18 @@ class Daemon:
 
     # ---- applied documents and overlays
 
+    async def _compile(self, generation: int, layers: Iterable[Layer]) -> Compiled:
+        """The files with `layers` on top and the containers known, compiled off the loop."""
+        source = self.options.paths[0]
+        return await self._off_loop(
+            source, compile_config, self.options.paths, generation, self.discovered.workloads, tuple(layers)
+        )
+
     async def _scoped(self, generation: int) -> dict[str, Snapshot]:
         """A snapshot per overlay scope: the files, the unscoped layers, then the scope's own."""
         scoped = {}
         for scope in sorted(self.layers.scopes()):
-            layers = self.layers.layers(scope)
-            found = await asyncio.to_thread(
-                compile_config, self.options.paths, generation, self.discovered.workloads, layers
-            )
+            found = await self._compile(generation, self.layers.layers(scope))
             scoped[scope] = found.snapshot
         return scoped
 
@@ -384,9 +472,7 @@ class Daemon:
                 trial.overlays[overlay.id] = overlay
             if removed is not None:
                 trial.overlays.pop(removed, None)
-            compiled = await asyncio.to_thread(
-                compile_config, self.options.paths, generation, self.discovered.workloads, trial.layers()
-            )
+            compiled = await self._compile(generation, trial.layers())
             previous, self.layers = self.layers, replace(self.layers, applied=trial.applied, overlays=trial.overlays)
             try:
                 scoped = await self._scoped(generation)
@@ -401,8 +487,10 @@ class Daemon:
         await self._reconcile_capture()
         return generation
 
-    def _parse(self, text: str, source: str) -> list[Document]:
-        documents, problems = parse_text(text, source)
+    async def _parse(self, text: str, source: str) -> list[Document]:
+        """The documents of an `apply` or overlay body, parsed off the loop; ConfigError if none
+        or any problem."""
+        documents, problems = await self._off_loop(source, parse_text, text, source)
         errors = [p for p in problems if p.severity == "error"]
         if errors:
             raise ConfigError(errors)
@@ -412,7 +500,7 @@ class Daemon:
 
     async def apply(self, text: str, source: str) -> int:
         """`minimesh apply`: these documents replace or join the applied layer; the new generation."""
-        documents = self._parse(text, source)
+        documents = await self._parse(text, source)
         generation = await self._relayer(applied=self.layers.with_applied(documents))
         log.info("minimesh: applied %s: generation %d", ", ".join(d.ref for d in documents), generation)
         return generation
@@ -424,7 +512,7 @@ class Daemon:
 
     async def add_overlay(self, text: str, ttl: float | None, scope: str | None) -> tuple[str, int]:
         """A test overlay over the files; its id and the generation it is live in."""
-        documents = self._parse(text, "overlay")
+        documents = await self._parse(text, "overlay")
         expires = time.monotonic() + ttl if ttl else None
         overlay = Overlay(self.layers.next_id(), tuple(documents), expires, scope or None)
         generation = await self._relayer(overlay=overlay)
@@ -456,13 +544,23 @@ class Daemon:
 
     # ---- Docker discovery
 
-    async def _first_discovery(self, discovery: DockerWatcher) -> None:
+    def _docker_watcher(self) -> DockerWatcher:
+        return DockerWatcher(self.docker, self._discovered, labels=self.options.docker_labels)
+
+    async def _first_discovery(self) -> None:
         """List the containers before saying ready, so the first requests find them."""
+        discovery = self._discovery = self._docker_watcher()
         discovery.records = await asyncio.to_thread(discovery.list_containers)
         self.discovered = discovery.discovered()
         for skipped in self.discovered.skipped:
             log.warning("minimesh: %s", skipped)
         await self._recompile("containers listed")
+
+    async def _follow_docker(self) -> None:
+        """Follow Docker's events with the watcher that listed the containers; after a failure,
+        with a new one, which lists them again."""
+        discovery, self._discovery = self._discovery, None
+        await (discovery or self._docker_watcher()).run()
 
     def _discovered(self, discovered: Discovered) -> None:
         """The watcher's callback: the set of containers changed; recompile off this call."""
@@ -470,7 +568,10 @@ class Daemon:
             return
         self.discovered = discovered
         if self._tasks is not None and not self._stopping.is_set():
-            self._tasks.create_task(self._recompile("containers changed"), name="recompile for containers")
+            recompile = self._supervise(
+                "recompile for containers", lambda: self._recompile("containers changed"), restart=False
+            )
+            self._tasks.create_task(recompile, name="recompile for containers")
 
     async def _recompile(self, why: str) -> None:
         """The same config with the current containers, swapped in; then capture follows."""

@@ -1,5 +1,6 @@
 """The admin API (`http://127.0.0.1:15000`): health, readiness, the config in force, clusters,
-stats, Prometheus metrics and the log level; handlers only read a running daemon's state.
+stats, Prometheus metrics, the log level, `apply` and overlays. A bad request gets a 4xx
+saying what is wrong (a config: one located line per problem), never a 5xx.
 """
 
 from __future__ import annotations
@@ -11,20 +12,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from minimesh.admin.metrics import Metrics
 from minimesh.config.durations import parse_duration
+from minimesh.config.source import MAX_DOCUMENT_BYTES, decode, too_large
 from minimesh.dataplane.current import Current
-from minimesh.dataplane.proxy import Listener
+from minimesh.dataplane.exchange import Listener
 from minimesh.dataplane.upstream import ClusterState, Upstreams
 from minimesh.errors import ConfigError
 from minimesh.overlays import Layers
-from minimesh.routing.snapshot import Cluster, Snapshot
+from minimesh.routing.snapshot import Cluster, ServicePort, Snapshot
 
 log = logging.getLogger("minimesh")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+CONFIG_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "application/json"})
+"""The Content-Types of a body of documents (as the Kubernetes API server takes them; none at all
+is read as YAML too). Only UTF-8 (or its subset ASCII) is read."""
+CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +59,12 @@ class Runtime(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    @property
+    def reloads_rejected(self) -> int: ...
+
+    @property
+    def internal_errors(self) -> int: ...
 
     def listeners(self) -> list[Listener]: ...
 
@@ -91,12 +103,15 @@ def config_dump(runtime: Runtime) -> dict[str, Any]:
     dump["sources"] = list(config.sources)
     dump["loadedAt"] = iso_time(config.loaded_at)
     dump["lastReloadError"] = list(config.error) if config.error is not None else None
+    dump["reloadsRejected"] = runtime.reloads_rejected
+    dump["internalErrors"] = runtime.internal_errors
     dump["listeners"] = [listener_json(listener) for listener in runtime.listeners()]
     return dump
 
 
-def cluster_json(cluster: Cluster, state: ClusterState | None, now: float) -> dict[str, Any]:
-    """One cluster: its policy, each endpoint's health and load, and its circuit-breaker counters."""
+def cluster_json(cluster: Cluster, state: ClusterState | None, now: float, port: ServicePort | None) -> dict[str, Any]:
+    """One cluster: its service port's protocol (declared, or detected from the first bytes),
+    its policy, each endpoint's health and load, and its circuit-breaker counters."""
     endpoints = []
     for endpoint in cluster.endpoints:
         host = state.hosts.get((endpoint.address, endpoint.port)) if state else None
@@ -119,6 +134,8 @@ def cluster_json(cluster: Cluster, state: ClusterState | None, now: float) -> di
         "host": cluster.host,
         "port": cluster.port,
         "subset": cluster.subset,
+        "protocol": port.protocol if port is not None else None,
+        "protocolDeclared": port.declared if port is not None else None,
         "policy": cluster.policy.describe(),
         "problem": cluster.problem or None,
         "endpoints": endpoints,
@@ -171,7 +188,10 @@ class AdminApi:
         runtime = self.runtime
         now = runtime.upstreams.clock()
         states = runtime.upstreams.clusters
-        found = [cluster_json(c, states.get(c.name), now) for c in runtime.current.get().clusters.values()]
+        snapshot = runtime.current.get()
+        found = [
+            cluster_json(c, states.get(c.name), now, _service_port(snapshot, c)) for c in snapshot.clusters.values()
+        ]
         return web.json_response({"clusters": found}, dumps=_dumps)
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -179,7 +199,11 @@ class AdminApi:
         snapshot = runtime.current.get()
         now = runtime.upstreams.clock()
         states = runtime.upstreams.clusters
-        lines = [("minimesh.config_generation", snapshot.generation)]
+        lines = [
+            ("minimesh.config_generation", snapshot.generation),
+            ("minimesh.config_reloads_rejected", runtime.reloads_rejected),
+            ("minimesh.internal_errors", runtime.internal_errors),
+        ]
         for cluster in snapshot.clusters.values():
             lines += cluster_stats(cluster, states.get(cluster.name), now)
         lines += runtime.metrics.cluster_stats(snapshot.clusters)
@@ -203,8 +227,10 @@ class AdminApi:
 
     async def apply(self, request: web.Request) -> web.Response:
         source = request.query.get("source", "applied")
+        if not source.isprintable():
+            return web.Response(status=400, text="error: source must be a file name, without control characters\n")
         try:
-            generation = await self.runtime.apply(await request.text(), source)
+            generation = await self.runtime.apply(await _documents(request, source), source)
         except ConfigError as exc:
             return _problems(exc, with_file=True)
         applied = [d.ref for d in self.runtime.layers.applied.values()]
@@ -226,9 +252,8 @@ class AdminApi:
             except ValueError as exc:
                 return web.Response(status=400, text=f"1:1: error: ttl: {exc}\n")
         try:
-            overlay_id, generation = await self.runtime.add_overlay(
-                await request.text(), ttl, request.query.get("scope")
-            )
+            text = await _documents(request, "overlay")
+            overlay_id, generation = await self.runtime.add_overlay(text, ttl, request.query.get("scope"))
         except ConfigError as exc:
             return _problems(exc, with_file=False)
         return web.json_response({"id": overlay_id, "generation": generation}, status=201)
@@ -237,6 +262,40 @@ class AdminApi:
         if await self.runtime.remove_overlay(request.match_info["id"]):
             return web.Response(status=204)
         return web.Response(status=404, text=f"no overlay {request.match_info['id']}\n")
+
+
+def _service_port(snapshot: Snapshot, cluster: Cluster) -> ServicePort | None:
+    service = snapshot.services.get(cluster.host)
+    return service.port(cluster.port) if service is not None else None
+
+
+async def _documents(request: web.Request, source: str) -> str:
+    """The body of an `apply` or overlay request: YAML or JSON documents in UTF-8, at most
+    MAX_DOCUMENT_BYTES. 415 and 413 are raised here; bytes that are not UTF-8 are a ConfigError."""
+    if hdrs.CONTENT_TYPE in request.headers:
+        if request.content_type not in CONFIG_TYPES:
+            raise web.HTTPUnsupportedMediaType(
+                text=f"error: Content-Type {request.content_type} is neither YAML nor JSON; send the documents "
+                "with Content-Type: application/yaml\n"
+            )
+        charset = (request.charset or "utf-8").lower()
+        if charset not in CHARSETS:
+            raise web.HTTPUnsupportedMediaType(text=f"error: charset {charset} is not read here; send UTF-8\n")
+    length = request.content_length
+    if length is not None and length > MAX_DOCUMENT_BYTES:
+        raise web.HTTPRequestEntityTooLarge(
+            MAX_DOCUMENT_BYTES, length, text=f"error: {too_large(length, source).message}\n"
+        )
+    try:
+        data = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise web.HTTPRequestEntityTooLarge(
+            MAX_DOCUMENT_BYTES, MAX_DOCUMENT_BYTES + 1, text=f"error: {too_large(None, source).message}\n"
+        ) from exc
+    text, undecodable = decode(data, source)
+    if undecodable is not None:
+        raise ConfigError([undecodable])
+    return text
 
 
 def _problems(exc: ConfigError, *, with_file: bool) -> web.Response:
@@ -257,7 +316,7 @@ def _dumps(value: Any) -> str:
 def build_app(runtime: Runtime) -> web.Application:
     """The admin web application over `runtime`."""
     api = AdminApi(runtime)
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_DOCUMENT_BYTES + 1)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/ready", api.ready)
     app.router.add_get("/config_dump", api.config_dump)

@@ -66,6 +66,14 @@ def _endpoint_text(endpoint: dict[str, Any]) -> str:
     return f"{endpoint['address']}:{endpoint['port']}{who} {health}"
 
 
+def _protocol_text(cluster: dict[str, Any]) -> str:
+    """A service port's protocol: `HTTP (declared)`, or detected from the client's first bytes."""
+    declared = cluster.get("protocolDeclared")
+    if declared is None:
+        return "-"
+    return f"{cluster['protocol']} (declared)" if declared else "detected (sniffed)"
+
+
 def status_lines(admin: str, dump: dict[str, Any], clusters: list[dict[str, Any]]) -> list[str]:
     """`minimesh status`: what a running daemon serves, from its `/config_dump` and `/clusters`."""
     sources = ", ".join(dump.get("sources") or []) or "no files"
@@ -76,6 +84,9 @@ def status_lines(admin: str, dump: dict[str, Any], clusters: list[dict[str, Any]
         lines += [f"  {line}" for line in error]
     else:
         lines.append("last reload error: none")
+    if dump.get("internalErrors"):
+        lines.append(f"internal errors: {dump['internalErrors']} (bugs in minimesh; the daemon's log has their "
+                     "tracebacks: please report them)")  # fmt: skip
     lines.append("listeners:")
     by_workload: dict[str, str] = {}
     captured: set[str] = set()
@@ -95,7 +106,7 @@ def status_lines(admin: str, dump: dict[str, Any], clusters: list[dict[str, Any]
     for cluster in clusters:
         if cluster.get("subset") is None:
             endpoints = ", ".join(_endpoint_text(e) for e in cluster["endpoints"]) or "no endpoints"
-            lines.append(f"  {cluster['host']}:{cluster['port']}  {endpoints}")
+            lines.append(f"  {cluster['host']}:{cluster['port']}  {_protocol_text(cluster)}  {endpoints}")
     lines.append("workloads:")
     for workload in dump.get("workloads", []):
         sidecar = by_workload.get(workload["name"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 
-from minimesh.dataplane.proxy import Exchange, Listener
+from minimesh.dataplane.exchange import Exchange, Listener
 from minimesh.registry.model import Workload
 from minimesh.routing.request import split_authority
 

@@ -71,9 +71,10 @@ def _destinations(vs: m.VirtualService) -> Iterator[tuple[FieldPath, m.Destinati
             yield ("http", route.index, "route", j, "destination"), dest.destination
         for j, mirror in enumerate(route.mirrors):
             yield ("http", route.index, "mirrors", j, "destination"), mirror.destination
-    for tcp in vs.tcp:
-        for j, dest in enumerate(tcp.route):
-            yield ("tcp", tcp.index, "route", j, "destination"), dest.destination
+    for kind, rules in (("tcp", vs.tcp), ("tls", vs.tls)):
+        for rule in rules:
+            for j, dest in enumerate(rule.route):
+                yield (kind, rule.index, "route", j, "destination"), dest.destination
 
 
 def _known_hosts(mesh: m.Mesh) -> set[str]:
@@ -140,6 +141,20 @@ def _catches_all(route: m.HTTPRoute) -> bool:
 def lint_virtual_services(mesh: m.Mesh, findings: _Findings) -> None:
     for vs in mesh.virtual_services:
         _lint_virtual_service(vs, findings)
+        _lint_connection_rules(vs, findings)
+
+
+def _lint_connection_rules(vs: m.VirtualService, findings: _Findings) -> None:
+    """A `tcp[]` or `tls[]` rule after one that takes every connection is never reached."""
+    for kind, rules in (("tcp", vs.tcp), ("tls", vs.tls)):
+        catch_all: m.TCPRoute | None = None
+        for rule in rules:
+            if catch_all is not None:
+                above = f"{kind}[{catch_all.index}]"
+                message = f"{kind}[{rule.index}] is never reached: {above} above it matches every connection"
+                findings.warn(vs.meta, (kind, rule.index), message)
+            elif not rule.match or any(block == m.L4MatchAttributes() for block in rule.match):
+                catch_all = rule
 
 
 def _lint_virtual_service(vs: m.VirtualService, findings: _Findings) -> None:
@@ -187,6 +202,7 @@ def lint_authorization(mesh: m.Mesh, findings: _Findings) -> None:
 
 
 def lint_gateway_hosts(mesh: m.Mesh, findings: _Findings) -> None:
+    """A server host no VirtualService binds gets 404, unless the server redirects to HTTPS."""
     for gateway in mesh.gateways:
         bound = [
             vs
@@ -196,6 +212,8 @@ def lint_gateway_hosts(mesh: m.Mesh, findings: _Findings) -> None:
             )
         ]
         for i, server in enumerate(gateway.servers):
+            if server.tls is not None and server.tls.https_redirect:
+                continue
             for j, host in enumerate(server.hosts):
                 name = host.partition("/")[2] if "/" in host else host
                 if not any(_hosts_overlap(name, h) for vs in bound for h in vs.hosts):
@@ -253,9 +271,6 @@ def check_not_enforced(mesh: m.Mesh, findings: _Findings) -> None:
         for i, server in enumerate(gateway.servers):
             if server.tls is not None and not server.tls.https_redirect:
                 findings.warn(gateway.meta, ("servers", i, "tls"), f"an HTTPS/TLS Gateway server {NOT_ENFORCED}")
-    for vs in mesh.virtual_services:
-        if vs.tcp:
-            findings.warn(vs.meta, ("tcp",), f"tcp routing {NOT_ENFORCED}")
     for rule in mesh.destination_rules:
         levels = [((), rule.traffic_policy)] + [(("subsets", i), s.traffic_policy) for i, s in enumerate(rule.subsets)]
         for path, traffic in levels:

@@ -1,8 +1,8 @@
 """`minimesh validate --compose FILE`: do a compose file's labels, ports and aliases fit the mesh?
 
 Offline and pure: the compose file is read as YAML with positions, each compose service's
-`minimesh.*` labels and network aliases are compared with what the mesh config expects,
-and every mismatch is a located problem.
+`minimesh.*` labels, ports and network aliases are compared with what the mesh config
+expects, and every mismatch (or a server-first port left to detection) is a located problem.
 """
 
 from __future__ import annotations
@@ -14,9 +14,28 @@ from typing import Any
 
 from minimesh.config import model as m
 from minimesh.config.check import fqdn
-from minimesh.config.labels import INJECT_LABEL, NAMESPACE_LABEL, PORT_LABEL, SERVICE_LABEL, parse_ports
+from minimesh.config.labels import (
+    INJECT_LABEL,
+    NAMESPACE_LABEL,
+    PORT_LABEL,
+    SERVICE_LABEL,
+    ServicePortSpec,
+    parse_ports,
+)
 from minimesh.config.source import Document, FieldPath, parse_text
 from minimesh.errors import Location, Problem
+
+SERVER_FIRST = {
+    21: ("FTP", "tcp"),
+    25: ("SMTP", "tcp"),
+    110: ("POP3", "tcp"),
+    143: ("IMAP", "tcp"),
+    587: ("SMTP", "tcp"),
+    3306: ("MySQL/MariaDB", "mysql"),
+}
+"""Well-known ports of protocols whose server speaks first, with the protocol word that
+declares them. Detection waits for a client's first bytes, which such a client sends only
+after the server's greeting (Istio's "server first protocols" trap)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +46,7 @@ class ComposeService:
     labels: Mapping[str, str]
     aliases: frozenset[str]
     ports: frozenset[int]
+    """Its `expose` ports and the container side of its `ports`: Docker exposes both."""
     location: Location
 
     @property
@@ -61,6 +81,21 @@ def _exposed(raw: Any) -> frozenset[int]:
     return frozenset(ports)
 
 
+def _published(raw: Any) -> frozenset[int]:
+    """The container ports of `ports`: `3306`, `8080:3306`, `127.0.0.1:8080:3306/tcp`, or
+    `{target: 3306}`; UDP ports and ranges are left out."""
+    ports = set()
+    for item in raw if isinstance(raw, list) else []:
+        if isinstance(item, dict):
+            target, udp = str(item.get("target", "")), str(item.get("protocol", "tcp")).lower() == "udp"
+        else:
+            text, _, protocol = str(item).partition("/")
+            target, udp = text.rpartition(":")[2], protocol.lower() == "udp"
+        if target.isdigit() and not udp:
+            ports.add(int(target))
+    return frozenset(ports)
+
+
 def services_of(document: Document) -> list[ComposeService]:
     body = document.body if isinstance(document.body, dict) else {}
     services = body.get("services") if isinstance(body.get("services"), dict) else {}
@@ -73,7 +108,7 @@ def services_of(document: Document) -> list[ComposeService]:
                 name=str(name),
                 labels=_labels(spec.get("labels")),
                 aliases=_aliases(spec.get("networks")) | {str(name)},
-                ports=_exposed(spec.get("expose")),
+                ports=_exposed(spec.get("expose")) | _published(spec.get("ports")),
                 location=document.where(("services", name)),
             )
         )
@@ -114,16 +149,23 @@ def check_compose(path: str, text: str, mesh: m.Mesh) -> list[Problem]:
                 problems.append(_problem(service, document, ("networks",), message, "error"))
     problems += _check_ports(document, services, mesh)
     problems += _check_subsets(document, services, mesh)
+    problems += _check_server_first(document, services, mesh)
     return problems
 
 
-def _declared_ports(service: ComposeService) -> frozenset[int]:
+def _port_specs(service: ComposeService) -> tuple[ServicePortSpec, ...]:
+    """The service ports its instances declare: the `minimesh.port` label, else the exposed
+    ports, whose protocol is then detected (none when the label cannot be read)."""
     if PORT_LABEL in service.labels:
         try:
-            return frozenset(spec.number for spec in parse_ports(service.labels[PORT_LABEL]))
+            return parse_ports(service.labels[PORT_LABEL])
         except ValueError:
-            return frozenset()
-    return service.ports
+            return ()
+    return tuple(ServicePortSpec(port) for port in sorted(service.ports))
+
+
+def _declared_ports(service: ComposeService) -> frozenset[int]:
+    return frozenset(spec.number for spec in _port_specs(service))
 
 
 def _check_ports(document: Document, services: list[ComposeService], mesh: m.Mesh) -> list[Problem]:
@@ -165,4 +207,29 @@ def _check_subsets(document: Document, services: list[ComposeService], mesh: m.M
                     f"{rule.host} carries; requests to it get 503 no healthy upstream"
                 )
                 problems.append(Problem(subset.location, "warning", message, rule.meta.ref, "subsets"))
+    return problems
+
+
+def _check_server_first(document: Document, services: list[ComposeService], mesh: m.Mesh) -> list[Problem]:
+    """A server-first port (MySQL, SMTP, ...) with no declared protocol: each connection waits
+    for client bytes before it is proxied. A `Service` document's port names decide instead."""
+    documented = {fqdn(s.meta.name, s.meta.namespace) for s in mesh.services if s.ports}
+    problems = []
+    for service in services:
+        if fqdn(service.mesh_service or "", service.labels.get(NAMESPACE_LABEL, "default")) in documented:
+            continue
+        specs = _port_specs(service)
+        words = {spec.number: spec.protocol or SERVER_FIRST.get(spec.number, ("", ""))[1] for spec in specs}
+        label = ",".join(f"{words[n]}:{n}" if words[n] else str(n) for n in words)
+        for spec in specs:
+            if spec.protocol or spec.number not in SERVER_FIRST:
+                continue
+            name = SERVER_FIRST[spec.number][0]
+            message = (
+                f"port {spec.number} looks like {name}, whose server speaks first, and declares no protocol: "
+                "each connection waits for client bytes that never come before it is proxied; declare it with label "
+                f'{PORT_LABEL}: "{label}"'
+            )
+            path: FieldPath = ("labels", PORT_LABEL) if PORT_LABEL in service.labels else ("labels",)
+            problems.append(_problem(service, document, path, message, "warning"))
     return problems

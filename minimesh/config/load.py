@@ -151,7 +151,13 @@ def _meta(r: _Reader) -> m.Meta:
     )
 
 
-def _string_match(r: _Reader, path: FieldPath) -> m.StringMatch | None:
+ANY_VALUE = "*"
+"""`regex: "*"` under `withoutHeaders`: no RE2 regex but Istio's "any value", which its
+validation lets through and its translation turns into a present match."""
+
+
+def _string_match(r: _Reader, path: FieldPath, *, star_is_present: bool = False) -> m.StringMatch | None:
+    """A StringMatch; None for a present match (`{}`, or `regex: "*"` where `star_is_present`)."""
     value = r.raw(path)
     if not isinstance(value, dict) or not value:
         return None
@@ -160,17 +166,24 @@ def _string_match(r: _Reader, path: FieldPath) -> m.StringMatch | None:
             text = r.text((*path, kind)) or ""
             if kind != "regex":
                 return m.StringMatch(kind, text)
+            if star_is_present and text == ANY_VALUE:
+                return None
             pattern = r.regex((*path, kind))
             return m.StringMatch(kind, text, pattern) if pattern else None
     return None
 
 
-def _match_map(r: _Reader, path: FieldPath, *, lower: bool = True) -> tuple[tuple[str, m.StringMatch | None], ...]:
+def _match_map(
+    r: _Reader, path: FieldPath, *, lower: bool = True, star_is_present: bool = False
+) -> tuple[tuple[str, m.StringMatch | None], ...]:
     """Header matches (names lower-cased, as HTTP compares them) or query parameters (as written)."""
     value = r.raw(path)
     if not isinstance(value, dict):
         return ()
-    return tuple((str(name).lower() if lower else str(name), _string_match(r, (*path, name))) for name in value)
+    return tuple(
+        (str(name).lower() if lower else str(name), _string_match(r, (*path, name), star_is_present=star_is_present))
+        for name in value
+    )
 
 
 def _destination(r: _Reader, path: FieldPath) -> m.Destination:
@@ -309,7 +322,7 @@ def _http_match(r: _Reader, path: FieldPath) -> m.HTTPMatchRequest:
         method=_string_match(r, (*path, "method")),
         authority=_string_match(r, (*path, "authority")),
         headers=_match_map(r, (*path, "headers")),
-        without_headers=_match_map(r, (*path, "withoutHeaders")),
+        without_headers=_match_map(r, (*path, "withoutHeaders"), star_is_present=True),
         query_params=_match_map(r, (*path, "queryParams"), lower=False),
         port=r.integer((*path, "port")),
         source_labels=r.labels((*path, "sourceLabels")) or (),
@@ -319,15 +332,30 @@ def _http_match(r: _Reader, path: FieldPath) -> m.HTTPMatchRequest:
     )
 
 
-def _redirect(r: _Reader, path: FieldPath) -> m.HTTPRedirect:
-    return m.HTTPRedirect(
+def _redirect(r: _Reader, path: FieldPath, matches: tuple[m.HTTPMatchRequest, ...]) -> m.HTTPRedirect:
+    """A redirect, refused where Istio's validation refuses it: `uri` with `prefixRewrite`, or
+    `prefixRewrite` on a rule that matches a uri other than by prefix."""
+    redirect = m.HTTPRedirect(
         uri=r.text((*path, "uri")),
+        prefix_rewrite=r.text((*path, "prefixRewrite")) or None,
         authority=r.text((*path, "authority")),
         port=r.integer((*path, "port")),
         derive_port=r.text((*path, "derivePort")),
         scheme=r.text((*path, "scheme")),
         redirect_code=r.integer((*path, "redirectCode")) or 301,
     )
+    if redirect.prefix_rewrite is None:
+        return redirect
+    if redirect.uri:
+        r.error(path, "a redirect takes only one of uri and prefixRewrite; remove one")
+    for i, match in enumerate(matches):
+        if match.uri is not None and match.uri.kind != "prefix":
+            message = (
+                f"redirect.prefixRewrite replaces the matched prefix, but match[{i}] matches the uri by "
+                f"{match.uri.kind}; use uri.prefix or redirect.uri"
+            )
+            r.error((*path[:-1], "match", i, "uri"), message)
+    return redirect
 
 
 def _rewrite(r: _Reader, path: FieldPath) -> m.HTTPRewrite:
@@ -361,13 +389,14 @@ def _http_route(r: _Reader, path: FieldPath, index: int) -> m.HTTPRoute:
         mirrors.append(m.Mirror(_destination(r, (*path, "mirror")), legacy))
     for item in r.items((*path, "mirrors")):
         mirrors.append(m.Mirror(_destination(r, (*item, "destination")), r.percent((*item, "percentage"))))
+    matches = tuple(_http_match(r, item) for item in r.items((*path, "match")))
     return m.HTTPRoute(
         index=index,
         location=r.document.where(path),
         name=r.text((*path, "name"), "") or "",
-        match=tuple(_http_match(r, item) for item in r.items((*path, "match"))),
+        match=matches,
         route=_weighted(r, (*path, "route")),
-        redirect=_redirect(r, (*path, "redirect")) if r.has((*path, "redirect")) else None,
+        redirect=_redirect(r, (*path, "redirect"), matches) if r.has((*path, "redirect")) else None,
         direct_response=(_direct_response(r, (*path, "directResponse")) if r.has((*path, "directResponse")) else None),
         rewrite=_rewrite(r, (*path, "rewrite")) if r.has((*path, "rewrite")) else None,
         timeout=r.duration((*path, "timeout")),
@@ -422,6 +451,10 @@ def _load_balancer(r: _Reader, path: FieldPath) -> m.LoadBalancer:
             http_cookie_name=r.text((*ch, "httpCookie", "name")),
             http_cookie_path=r.text((*ch, "httpCookie", "path")),
             http_cookie_ttl=r.duration((*ch, "httpCookie", "ttl")),
+            http_cookie_attributes=tuple(
+                (r.text((*item, "name"), "") or "", r.text((*item, "value"), "") or "")
+                for item in r.items((*ch, "httpCookie", "attributes"))
+            ),
             use_source_ip=r.flag((*ch, "useSourceIp")),
             http_query_parameter_name=r.text((*ch, "httpQueryParameterName")),
         )

@@ -123,6 +123,7 @@ class RouteDestination:
 @dataclass(frozen=True, slots=True)
 class HTTPRedirect:
     uri: str | None = None
+    prefix_rewrite: str | None = None
     authority: str | None = None
     port: int | None = None
     derive_port: str | None = None
@@ -258,6 +259,8 @@ class ConsistentHash:
     http_cookie_name: str | None = None
     http_cookie_path: str | None = None
     http_cookie_ttl: float | None = None
+    http_cookie_attributes: tuple[tuple[str, str], ...] = ()
+    """Extra `Set-Cookie` attributes as (name, value); an empty value writes the name alone."""
     use_source_ip: bool = False
     http_query_parameter_name: str | None = None
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from minimesh.dataplane.proxy import Exchange
+from minimesh.dataplane.exchange import Exchange
 
 log = logging.getLogger("minimesh")
 
@@ -82,13 +82,20 @@ def source_workload(exchange: Exchange) -> str | None:
     return None if listener.kind == "inbound" else listener.name
 
 
+def downstream_local(exchange: Exchange) -> str | None:
+    """%DOWNSTREAM_LOCAL_ADDRESS%: where a captured connection was headed, else the listener."""
+    if exchange.original is not None:
+        return f"{exchange.original[0]}:{exchange.original[1]}"
+    listener = exchange.listener
+    return f"{listener.address}:{listener.port}" if listener.address else None
+
+
 def _ms(seconds: float | None) -> int | None:
     return None if seconds is None else int(seconds * 1000)
 
 
 def fields(exchange: Exchange) -> dict[str, Any]:
     """Every field of Istio's default format, by its JSON name; None where unknown."""
-    listener = exchange.listener
     destination = exchange.destination
     return {
         "start_time": start_time(exchange.started),
@@ -111,7 +118,7 @@ def fields(exchange: Exchange) -> dict[str, Any]:
         "upstream_host": exchange.upstream_host or None,
         "upstream_cluster": exchange.cluster or None,
         "upstream_local_address": None,
-        "downstream_local_address": f"{listener.address}:{listener.port}" if listener.address else None,
+        "downstream_local_address": downstream_local(exchange),
         "downstream_remote_address": exchange.downstream or None,
         "requested_server_name": exchange.sni or None,
         "route_name": None if exchange.tcp else exchange.route or None,
@@ -123,7 +130,6 @@ def fields(exchange: Exchange) -> dict[str, Any]:
 def text_line(exchange: Exchange) -> str:
     """`[START_TIME] "METHOD PATH PROTOCOL" CODE FLAGS DETAILS ...`, `-` for what is unknown: the
     fields of `fields`, in its order, formatted straight from the exchange."""
-    listener = exchange.listener
     destination = exchange.destination
     upstream_time = exchange.upstream_time
     return (
@@ -133,7 +139,7 @@ def text_line(exchange: Exchange) -> str:
         f"{'-' if upstream_time is None else int(upstream_time * 1000)} "
         f'"{exchange.forwarded_for or "-"}" "{exchange.user_agent or "-"}" "{exchange.request_id}" '
         f'"{exchange.authority or "-"}" "{exchange.upstream_host or "-"}" {exchange.cluster or "-"} - '
-        f"{f'{listener.address}:{listener.port}' if listener.address else '-'} {exchange.downstream or '-'} "
+        f"{downstream_local(exchange) or '-'} {exchange.downstream or '-'} "
         f"{exchange.sni or '-'} {'-' if exchange.tcp else exchange.route or '-'} {source_workload(exchange) or '-'} "
         + (destination.workload.name if destination and destination.workload else "-")
     )

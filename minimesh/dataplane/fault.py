@@ -1,4 +1,5 @@
-"""Fault injection: which of a route's faults fire for one request.
+"""Fault injection: which of a route's faults fire for one request, and the fault step
+that delays or aborts it as Envoy's fault filter does.
 
 Percentages are drawn with the proxy's rng (seed it for repeatable runs). A VirtualService
 annotated `minimesh.dev/fault-first: N` instead faults exactly the first N requests each of
@@ -9,11 +10,16 @@ starts its count again.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
 
 from minimesh.config import model as m
-from minimesh.routing.snapshot import Route
+from minimesh.dataplane.call import Call
+from minimesh.dataplane.upstream import LocalReply
+from minimesh.routing.snapshot import Forward, Route
+
+FAULT_ABORT_BODY = b"fault filter abort"
 
 
 def fires(rng: random.Random, percentage: float | None) -> bool:
@@ -81,3 +87,16 @@ class Faults:
     def __repr__(self) -> str:
         counts = " ".join(f"{ref}={c.served}/{c.basis[1]}" for ref, c in self._first.items())
         return f"<Faults fault-first {counts or 'none'}>"
+
+
+async def fault_step(call: Call, faults: Faults, forward: Forward) -> bool:
+    """Delay the request (`DI`) and/or answer it with the abort status (`FI`, True: done)."""
+    injection = faults.decide(forward.route)
+    if injection.delay is not None:
+        call.exchange.flags.append("DI")
+        await asyncio.sleep(injection.delay)
+    if injection.abort is None:
+        return False
+    call.exchange.cluster = forward.cluster.name
+    call.reply(LocalReply(injection.abort, FAULT_ABORT_BODY, "FI"))
+    return True

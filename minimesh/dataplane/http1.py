@@ -1,7 +1,8 @@
 """HTTP/1.1 on the wire, both sides: llhttp (httptools) parses, bytes pass through untouched.
 
 `Downstream` is one client connection: it parses requests, hands each to the proxy's
-handler in order, and frames the responses. `UpstreamConnection` is one keep-alive
+handler in order, and frames the responses; bytes it cannot parse get Envoy's answer (400,
+431, 408) once the requests before them are answered. `UpstreamConnection` is one keep-alive
 connection to an endpoint. Header names are lower-cased, as Envoy forwards them.
 """
 
@@ -18,11 +19,13 @@ from typing import Any, Protocol, cast
 
 import httptools
 
+from minimesh.routing.headers import HOP_BY_HOP, HeaderList
+
 READ_HIGH_WATER = 1 << 20
 """Buffered body bytes past which a connection stops reading until they are consumed."""
 PIPELINE_DEPTH = 16
 
-HeaderList = list[tuple[bytes, bytes]]
+
 VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
@@ -30,6 +33,8 @@ VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 class ConnectionLimits:
     """What a downstream connection is allowed: header size and how long it may dawdle.
 
+    `max_header_bytes` counts the URL, names and values of a head, and the raw bytes of a
+    head still arriving (so a header that never ends is refused as it grows, memory flat).
     `headers_timeout` runs from the first byte of a request head to its end (Envoy's
     `request_headers_timeout`: 408 and close); `idle_timeout` closes a connection that
     has no request in progress for that long.
@@ -42,6 +47,9 @@ class ConnectionLimits:
 
 DEFAULT_LIMITS = ConnectionLimits()
 """Envoy's `max_request_headers_kb` (60); the timeouts minimesh applies by default."""
+DELAYED_CLOSE = 1.0
+"""Envoy's `delayed_close_timeout`: how long a connection ended by a local reply drains what
+the client still sends before it closes."""
 REASONS = {
     200: b"OK", 201: b"Created", 204: b"No Content", 301: b"Moved Permanently", 302: b"Found",
     303: b"See Other", 304: b"Not Modified", 307: b"Temporary Redirect", 308: b"Permanent Redirect",
@@ -50,9 +58,6 @@ REASONS = {
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout",
 }  # fmt: skip
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"upgrade", b"trailer"}
-)
 FRAMING_HEADERS = HOP_BY_HOP | {b"content-length"}
 """Headers a response head never passes on: the proxy frames each message itself."""
 
@@ -368,6 +373,14 @@ class Responder:
             self._conn.write(b"0\r\n\r\n")
         self._conn.response_done(keep_alive=self._keep_alive)
 
+    def answered(self, status: int, sent: int) -> None:
+        """The connection answered this request itself (a local reply for bad bytes in its
+        body): that is its response, as the access log records it."""
+        self.status = status
+        self.head_sent = True
+        self.bytes_sent = sent
+        self._ended = True
+
     def abort(self) -> None:
         """Reset the connection mid-response (the upstream died after the head was sent)."""
         self._ended = True
@@ -443,8 +456,18 @@ class Downstream(asyncio.Protocol):
         self._headers: HeaderList = []
         self._header_bytes = 0
         self._in_head = False
+        self._head_bytes = 0
+        """Raw bytes of the head still arriving, counted a whole read at a time."""
+        self._begun = 0
+        """Requests begun in the bytes being parsed."""
         self._url = b""
         self._worker: asyncio.Task[None] | None = None
+        self._responder: Responder | None = None
+        """The responder of the request the worker serves."""
+        self._failed = 0
+        self._failed_body = b""
+        """The status of the local reply (and its body) that ends this connection once the
+        requests parsed before the bad bytes are answered; 0 while none."""
         self._wakeup: asyncio.Future[None] | None = None
         self._busy = False
         self._loop = asyncio.get_running_loop()
@@ -457,6 +480,7 @@ class Downstream(asyncio.Protocol):
         self._held = b""
         self._read_paused = False
         self._upgraded = False
+        """Bytes from the client are no longer HTTP: a tunnel's after a 101, or dropped after `_finish`."""
         self._early = b""
         self._tunnel: Tunnel | None = None
         self.closing = False
@@ -481,24 +505,39 @@ class Downstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._upgraded:
-            self._tunnel_in(data)
+            if not self._failed:
+                self._tunnel_in(data)
             return
+        in_head = self._in_head
+        idle = self._current is None
+        self._begun = 0
         try:
             self._parser.feed_data(data)
-            if self._in_head and not self._deadline:
-                self._set_deadline(self._limits.headers_timeout)
+            if self._in_head:
+                self._head_arriving(len(data), in_head, idle)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgraded = True
             self._pause_reading()
             self._tunnel_in(data[int(upgrade.args[0]) :])
-        except httptools.HttpParserError as exc:
+        except httptools.HttpParserError:
             if self._header_bytes > self._limits.max_header_bytes:
                 self._fail(431, reason(431))
-            elif self._current is not None and not self._current.body.complete:
-                self._current.body.fail(ConnectionResetError(f"bad request body: {exc}"))
-                self.close()
             else:
                 self._fail(400, reason(400))
+
+    def _head_arriving(self, size: int, in_head: bool, idle: bool) -> None:
+        """A read ended inside a request head: count it, refuse it past the limit (431, as
+        Envoy does while the bytes arrive), and start the headers timeout. The `size` bytes are
+        all head when the read began inside it, or on an idle connection where it began (a head
+        that began after other bytes of the read is counted from the next read on)."""
+        if in_head and self._begun == 0:
+            self._head_bytes += size
+        elif not in_head and idle and self._begun == 1:
+            self._head_bytes = size
+        if self._head_bytes > self._limits.max_header_bytes:
+            self._fail(431, reason(431))
+        elif not self._deadline:
+            self._set_deadline(self._limits.headers_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -533,6 +572,8 @@ class Downstream(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._header_bytes = 0
+        self._head_bytes = 0
+        self._begun += 1
         self._url = b""
         self._in_head = True
         self._deadline = 0.0
@@ -594,6 +635,9 @@ class Downstream(asyncio.Protocol):
         queue = self._queue
         while not self.closing:
             if not queue:
+                if self._failed:
+                    self._send_failure()
+                    return
                 self._busy = False
                 if not self._in_head:
                     self._set_deadline(self._limits.idle_timeout)
@@ -607,7 +651,7 @@ class Downstream(asyncio.Protocol):
                 self._resume_reading()
             if request.expects_continue and not request.body.complete:
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            responder = Responder(self, request)
+            responder = self._responder = Responder(self, request)
             try:
                 await self._handler(request, responder)
             except asyncio.CancelledError:
@@ -693,15 +737,54 @@ class Downstream(asyncio.Protocol):
             self._transport.close()
 
     def _fail(self, status: int, body: bytes) -> None:
-        """Envoy's answer to a request it could not parse or wait for: a local reply, then close
-        (nothing is written while an earlier pipelined response is still going out)."""
-        sent = 0
+        """Envoy's answer to a request it could not parse or wait for: a local reply, then close.
+        Reading stops; the requests parsed before the bad bytes are answered first. Bad bytes in
+        the body of the request being served: its handler stops (`DC`), and the local reply is
+        its response if nothing of one was sent yet, else the connection is reset."""
+        if self._failed or self.closing:
+            return
+        self._failed, self._failed_body = status, body
+        self._pause_reading()
+        current, self._current = self._current, None
+        if current is not None:
+            if self._queue and self._queue[-1] is current:
+                self._queue.pop()
+            elif self._responder is not None and self._responder._request is current:
+                if self._worker is not None:
+                    self._worker.cancel()
+                if self._responder.head_sent:
+                    self.close()
+                else:
+                    self._responder.answered(status, len(body))
+                    self._finish(status, body)
+                return
         if not self._busy:
-            self.write(local_reply_bytes(status, body, close=True))
-            sent = len(body)
-        self.close()
+            self._send_failure()
+
+    def _send_failure(self) -> None:
+        """The local reply of `_fail`, logged and counted as a request refused before routing."""
+        status, body = self._failed, self._failed_body
+        self._finish(status, body)
         if self._on_reject is not None:
-            self._on_reject(self, status, sent)
+            self._on_reject(self, status, len(body))
+
+    def _finish(self, status: int, body: bytes) -> None:
+        """Write the local reply that ends the connection, then Envoy's delayed close: no more
+        writes (FIN) and what the client still sends is read and dropped for at most
+        DELAYED_CLOSE seconds, so a client still writing reads the reply rather than a reset."""
+        self.write(local_reply_bytes(status, body, close=True))
+        self.closing = True
+        transport = self._transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self.close()
+            return
+        transport.write_eof()
+        self._upgraded = True
+        self._read_paused = False
+        transport.resume_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(DELAYED_CLOSE, self.close)
 
     def _pause_reading(self) -> None:
         if not self._read_paused and self._transport is not None:
@@ -709,7 +792,7 @@ class Downstream(asyncio.Protocol):
             self._transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self._read_paused and self._transport is not None and not self.closing:
+        if self._read_paused and self._transport is not None and not self.closing and not self._failed:
             self._read_paused = False
             self._transport.resume_reading()
 

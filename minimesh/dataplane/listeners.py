@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 from minimesh.dataplane.capture.netns import original_destination
+from minimesh.dataplane.exchange import Listener
 from minimesh.dataplane.http1 import DEFAULT_LIMITS, ConnectionLimits, Downstream, Request, Responder
-from minimesh.dataplane.proxy import Listener, Proxy
+from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.sniff import DETECTION_TIMEOUT, server_name, sniff
 from minimesh.dataplane.tcp import TcpProxy
 from minimesh.routing.connection import Handling, inbound_plan, plan

@@ -11,7 +11,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from minimesh.dataplane.proxy import Exchange, Listener, Proxy
+from minimesh.dataplane.exchange import Exchange, Listener
+from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import CONNECT_TIMEOUT, UNLIMITED, ClusterState
 from minimesh.routing.connection import decide_connection, service_at
 from minimesh.routing.snapshot import MESH, BlackHole, Cluster, Connect, ConnectionFacts, Endpoint, PassThrough

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from minimesh.config import model as m
 from minimesh.dataplane.http1 import Body, UpstreamClosed, UpstreamConnection, UpstreamResponse
 from minimesh.routing.pick import Balancer, balancer_for
+from minimesh.routing.retry import GATEWAY_ERRORS
 from minimesh.routing.snapshot import Cluster, Endpoint, Policy
 
 Clock = Callable[[], float]
@@ -118,7 +119,34 @@ class HostState:
         )
 
 
-GATEWAY_ERRORS = frozenset({502, 503, 504})
+class Attempt:
+    """One try at an endpoint, as its cluster counts it: in flight on the endpoint until
+    `end`, and, when it is a retry, one of the cluster's `maxRetries` until its response
+    head is in or it failed (`sent`)."""
+
+    __slots__ = ("ended", "host", "retry", "state")
+
+    def __init__(self, state: ClusterState, host: HostState, retry: bool) -> None:
+        self.state = state
+        self.host = host
+        self.retry = retry
+        self.ended = False
+        host.in_flight += 1
+
+    def sent(self) -> None:
+        if self.retry:
+            self.retry = False
+            self.state.retry_done()
+
+    def end(self) -> None:
+        self.sent()
+        if not self.ended:
+            self.ended = True
+            self.host.in_flight -= 1
+
+    def __repr__(self) -> str:
+        state = (" retry" if self.retry else "") + (" ended" if self.ended else "")
+        return f"<Attempt {self.host.address}:{self.host.port}{state}>"
 
 
 Dial = Callable[[str, int], Awaitable[socket.socket]]
@@ -160,6 +188,10 @@ class ClusterState:
         if state is None:
             state = self.hosts[key] = HostState(endpoint.address, endpoint.port)
         return state
+
+    def attempt(self, endpoint: Endpoint, *, retry: bool = False) -> Attempt:
+        """Start a try at `endpoint` (a `retry` already admitted by `admit_retry`)."""
+        return Attempt(self, self.host(endpoint), retry)
 
     def active(self, endpoint: Endpoint) -> int:
         state = self.hosts.get((endpoint.address, endpoint.port))

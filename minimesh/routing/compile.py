@@ -24,6 +24,7 @@ from minimesh.config.labels import (
 from minimesh.registry.model import Workload
 from minimesh.registry.static import from_workload_entry
 from minimesh.routing.request import RequestView
+from minimesh.routing.retry import RetryPolicy
 from minimesh.routing.snapshot import (
     INGRESS_LABELS,
     MESH,
@@ -42,7 +43,6 @@ from minimesh.routing.snapshot import (
     MirrorPolicy,
     Policy,
     PortTest,
-    RetryPolicy,
     Route,
     ServicePort,
     Snapshot,
@@ -76,12 +76,13 @@ HTTP_STATUSES = frozenset(status.value for status in HTTPStatus)
 def fqdn(host: str, namespace: str) -> str:
     """Istio's ResolveShortnameToFQDN: a name without a dot is a service of `namespace`."""
     host = host.lower()
-    if host == "*" or "." in host or _is_ip(host):
+    if host == "*" or "." in host or is_ip(host):
         return host
     return f"{host}.{namespace}.{CLUSTER_DOMAIN}"
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """Is `text` an IP address (IPv6 with or without brackets), not a name?"""
     try:
         ipaddress.ip_address(text.strip("[]"))
     except ValueError:
@@ -374,7 +375,7 @@ class _Clusters:
             policy=_merged_policy(rule, subset, port.number),
             protocol=port.protocol,
             selector=subset.labels if subset else (),
-            original_destination=svc.resolution == "NONE" and not any(e.workload for e in endpoints),
+            original_destination=svc.resolution in ("NONE", "DNS") and not any(e.workload for e in endpoints),
         )
 
     def get(self, host: str, subset: str | None, port: int) -> Cluster:
@@ -682,15 +683,23 @@ def _gateway_table(
     gateways: Mapping[str, m.Gateway],
     virtual_services: tuple[CompiledVirtualService, ...],
 ) -> GatewayTable:
-    """The virtual hosts of one gateway proxy: VirtualServices of one domain merge, in order."""
+    """The virtual hosts of one gateway proxy: VirtualServices of one domain merge, in order.
+    A plain server with `httpsRedirect` makes each of its hosts, and each domain bound under
+    it, a virtual host that requires TLS (Istio's `require_tls: ALL`)."""
     protocols = TLS_SERVER_PROTOCOLS if tls else HTTP_SERVER_PROTOCOLS
     servers = tuple((g, s) for g in scope for s in gateways[g].servers if s.port.protocol in protocols)
     domains: dict[str, list[Binding]] = {}
+    secured: set[str] = set()
     for gateway, server in servers:
+        redirects = not tls and server.tls is not None and server.tls.https_redirect
+        if redirects:
+            secured.update(_server_host(raw, gateway.split("/")[0])[1] for raw in server.hosts)
         for vs in virtual_services:
             if gateway not in vs.gateways or not vs.routes:
                 continue
             for binding in _bindings(gateway, server, vs):
+                if redirects:
+                    secured.add(binding.domain)
                 bound = domains.setdefault(binding.domain, [])
                 if all(b.virtual_service is not vs for b in bound):
                     bound.append(binding)
@@ -702,6 +711,7 @@ def _gateway_table(
         exact=exact,
         wildcards=tuple(wildcards),
         servers=servers,
+        https_redirects=tuple(sorted(secured, key=lambda d: (specificity(d), d))),
         anonymous_exact=MappingProxyType({d: live for d, b in exact.items() if (live := _anonymous(b))}),
         anonymous_wildcards=tuple((d, live) for d, b in wildcards if (live := _anonymous(b))),
     )
@@ -790,7 +800,7 @@ def _addresses(services: Mapping[str, MeshService], mesh: m.Mesh) -> dict[tuple[
     for svc in services.values():
         for port in svc.ports:
             for endpoint in svc.endpoints.get(port.number, ()):
-                if _is_ip(endpoint.address):
+                if is_ip(endpoint.address):
                     found.setdefault((endpoint.address, port.number), (svc, port.number))
                     found.setdefault((endpoint.address, endpoint.port), (svc, port.number))
     for entry in mesh.service_entries:
@@ -799,7 +809,7 @@ def _addresses(services: Mapping[str, MeshService], mesh: m.Mesh) -> dict[tuple[
             if claimed is None:
                 continue
             for address in entry.addresses:
-                if _is_ip(address):
+                if is_ip(address):
                     for port in claimed.ports:
                         found.setdefault((address, port.number), (claimed, port.number))
     return found

@@ -138,9 +138,7 @@ def _decide(
     if service is None:
         if steps is not None:
             steps.append(TraceStep("host", "info", f"{where}:{facts.port} is no service of the registry"))
-        if snapshot.mesh.mesh_config.outbound_mode == "REGISTRY_ONLY":
-            return BlackHole(where, facts.port)
-        return PassThrough(where, facts.port)
+        return _outside(snapshot, where, facts.port)
     if steps is not None:
         protocol = _port_protocol(service, facts.port)
         steps.append(TraceStep("host", "info", f"{where}:{facts.port} → {service.host} port {facts.port}/{protocol}"))
@@ -155,8 +153,19 @@ def _decide(
         steps.append(TraceStep("route", "info", f"no {'tls' if tls else 'tcp'} rule claims it: the default route"))
     route = snapshot.default_routes.get((service.host, facts.port))
     if route is None:
-        return BlackHole(service.host, facts.port)
+        if steps is not None:
+            steps.append(
+                TraceStep("route", "info", f"{service.host} has no port {facts.port}: as outside the registry")
+            )
+        return _outside(snapshot, where, facts.port)
     return Connect("default", route.destinations[0].target(facts.port).cluster, None, None)
+
+
+def _outside(snapshot: Snapshot, where: str, port: int) -> PassThrough | BlackHole:
+    """A destination no service port claims: `outboundTrafficPolicy` decides."""
+    if snapshot.mesh.mesh_config.outbound_mode == "REGISTRY_ONLY":
+        return BlackHole(where, port)
+    return PassThrough(where, port)
 
 
 def _covering(vs: CompiledVirtualService, host: str) -> str:
@@ -202,7 +211,10 @@ def describe_connection(outcome: ConnectionOutcome) -> list[TraceStep]:
         weights = " ".join(f"{label}={w}" for label, w in zip(labels, outcome.draw.weights, strict=True))
         steps.append(TraceStep("split", "info", f"weights {weights} → drew {labels[outcome.draw.picked]}"))
     cluster = outcome.cluster
-    endpoints = ", ".join(str(e) for e in cluster.endpoints) or "none (connection closed, UH)"
+    if cluster.original_destination:
+        endpoints = "the connection's original destination (resolution NONE or DNS)"
+    else:
+        endpoints = ", ".join(str(e) for e in cluster.endpoints) or "none (connection closed, UH)"
     problem = f"; {cluster.problem}" if cluster.problem else ""
     steps.append(TraceStep("cluster", "info", f"{cluster.name}: endpoints {endpoints}{problem}"))
     steps.append(TraceStep("policy", "info", cluster.policy.describe()))

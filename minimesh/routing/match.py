@@ -10,12 +10,13 @@ import random
 
 from minimesh.config import model as m
 from minimesh.config.durations import format_duration
-from minimesh.routing.pick import choose_weighted
+from minimesh.routing.pick import RingHash, choose_weighted, hash_key, request_cookie
 from minimesh.routing.request import DEFAULT_PORTS, RequestView, split_authority
 from minimesh.routing.snapshot import (
     MESH,
     Binding,
     BlackHole,
+    Cluster,
     CompiledVirtualService,
     DirectResponse,
     Draw,
@@ -31,6 +32,8 @@ from minimesh.routing.snapshot import (
     Snapshot,
     TraceStep,
     host_covers,
+    replace_prefix,
+    specificity,
 )
 
 Steps = list[TraceStep] | None
@@ -193,15 +196,17 @@ def _at_gateway(snapshot: Snapshot, request: RequestView, rng: random.Random, st
     table = snapshot.gateway_tables[(name, tls)]
     host, _ = split_authority(request.authority)
     bound = _gateway_bindings(table, host, request)
+    if not tls and table.https_redirects:
+        secured = _requires_tls(table, host, bound)
+        if secured is not None:
+            if steps is not None:
+                detail = f"{', '.join(table.gateways)}: virtual host {secured} has httpsRedirect"
+                steps.append(TraceStep("gateway", "info", detail))
+            return Redirect("", None, 301, f"https://{request.authority}{request.path}")
     if not bound:
         return NoRoute(_unbound_reason(table, host, tls))
     if steps is not None:
         steps.append(TraceStep("gateway", "info", f"{', '.join(table.gateways)}: virtual host {bound[0][0].domain}"))
-    if not tls:
-        for binding, _ in bound:
-            if binding.https_redirect:
-                location = redirect_location(m.HTTPRedirect(scheme="https"), request, bound[0][1].port)
-                return Redirect("", None, 301, location)
     for binding, facts in bound:
         vs = binding.virtual_service
         if steps is not None:
@@ -233,6 +238,15 @@ def _gateway_bindings(table: GatewayTable, host: str, request: RequestView) -> t
     return ()
 
 
+def _requires_tls(table: GatewayTable, host: str, bound: tuple[tuple[Binding, Facts], ...]) -> str | None:
+    """The virtual host Envoy picks for `host` if it requires TLS: the most specific
+    `httpsRedirect` domain covering `host`, unless a bound domain is more specific still."""
+    domain = next((d for d in table.https_redirects if host_covers(d, host)), None)
+    if domain is not None and (not bound or specificity(domain) <= specificity(bound[0][0].domain)):
+        return domain
+    return None
+
+
 def _unbound_reason(table: GatewayTable, host: str, tls: bool) -> str:
     gateways = ", ".join(table.gateways)
     kind = "HTTPS" if tls else "HTTP"
@@ -247,8 +261,8 @@ def _unbound_reason(table: GatewayTable, host: str, tls: bool) -> str:
 
 def _act(route: Route, prefix: str | None, facts: Facts, rng: random.Random) -> Outcome:
     if route.redirect is not None:
-        location = redirect_location(route.redirect, facts.request, facts.port)
-        return Redirect(route.ref, route, route.redirect.redirect_code, location)
+        location = redirect_location(route.redirect, facts.request, facts.port, prefix)
+        return Redirect(route.ref, route, route.redirect.redirect_code, location, facts.port)
     if route.direct_response is not None:
         return DirectResponse(route.ref, route, route.direct_response.status, route.direct_response.body)
     if not route.destinations:
@@ -260,24 +274,30 @@ def _act(route: Route, prefix: str | None, facts: Facts, rng: random.Random) -> 
     return Forward(route.ref, route, target, facts.port, Draw(route.weights, picked), prefix)
 
 
-def redirect_location(redirect: m.HTTPRedirect, request: RequestView, listener: int) -> str:
-    """The Location Envoy builds: scheme, host and port rewritten as configured, `uri`
-    replacing the path (the query kept unless `uri` has its own); FROM_REQUEST_PORT uses
-    the port the request came in on, and 80 for http or 443 for https is left out."""
+def redirect_location(redirect: m.HTTPRedirect, request: RequestView, listener: int, prefix: str | None) -> str:
+    """The Location Envoy builds from the redirect Istio gives it: scheme, host and port as
+    configured (`redirect_port`); the path replaced by `uri` (the query kept unless `uri` has
+    its own) or its matched `prefix` replaced by `prefixRewrite`."""
     scheme = redirect.scheme or request.scheme
-    port: int | None = None
-    if redirect.port or redirect.derive_port:
-        authority_port = split_authority(request.authority)[1]
-        derived = request.port or authority_port or listener
-        port = redirect.port or (derived if redirect.derive_port == "FROM_REQUEST_PORT" else None)
-        if (port, redirect.scheme or request.scheme) in ((80, "http"), (443, "https")):
-            port = None
+    port = redirect_port(redirect, scheme, listener)
     host = redirect.authority or _request_host(request, scheme, port)
     path = request.path
-    if redirect.uri is not None:
+    if redirect.prefix_rewrite is not None:
+        path = replace_prefix(redirect.prefix_rewrite, prefix, path)
+    elif redirect.uri:
         query = request.query
         path = redirect.uri if "?" in redirect.uri or not query else f"{redirect.uri}?{query}"
+    if not path.startswith("/"):
+        path = "/" + path
     return f"{scheme}://{host}{f':{port}' if port else ''}{path}"
+
+
+def redirect_port(redirect: m.HTTPRedirect, scheme: str, listener: int) -> int | None:
+    """Istio's port_redirect: `port`, or for FROM_REQUEST_PORT the port the rule was built for
+    (`listener`: the Gateway server's port from the YAML, the service port at a sidecar), never
+    the Host header's; None when it is the default port of `scheme` (80 http, 443 https)."""
+    port = redirect.port or (listener if redirect.derive_port == "FROM_REQUEST_PORT" else None)
+    return None if port == DEFAULT_PORTS.get(scheme) else port
 
 
 def _request_host(request: RequestView, scheme: str, port: int | None) -> str:
@@ -301,7 +321,7 @@ def describe_outcome(outcome: Outcome, request: RequestView) -> list[TraceStep]:
     if isinstance(outcome, Forward):
         return _describe_forward(outcome, request)
     if isinstance(outcome, Redirect):
-        return [TraceStep("redirect", "info", f"{outcome.status} to {outcome.location}")]
+        return [TraceStep("redirect", "info", _redirect_detail(outcome, request))]
     if isinstance(outcome, DirectResponse):
         return [TraceStep("direct response", "info", f"{outcome.status}, {len(outcome.body)} bytes")]
     if isinstance(outcome, NoRoute):
@@ -309,6 +329,49 @@ def describe_outcome(outcome: Outcome, request: RequestView) -> list[TraceStep]:
     if isinstance(outcome, PassThrough):
         return [TraceStep("result", "info", f"{outcome.cluster}: {outcome.host}:{outcome.port} goes out as addressed")]
     return [TraceStep("result", "miss", f"{outcome.status} {outcome.cluster}: {outcome.host} is not in the registry")]
+
+
+def _redirect_detail(outcome: Redirect, request: RequestView) -> str:
+    """The Location, and where its port came from."""
+    text = f"{outcome.status} to {outcome.location}"
+    redirect = outcome.route.redirect if outcome.route is not None else None
+    if redirect is None:
+        return f"{text} (the server's httpsRedirect: https, the Host header and path as sent)"
+    scheme = redirect.scheme or request.scheme
+    if redirect.port:
+        chosen = f"port {redirect.port} as set"
+    elif redirect.derive_port == "FROM_REQUEST_PORT":
+        where = "service port" if request.gateway == MESH else "Gateway server"
+        chosen = f"derivePort FROM_REQUEST_PORT: port {outcome.listener} of the {where} the request matched"
+    else:
+        return text
+    if redirect_port(redirect, scheme, outcome.listener) is None:
+        chosen += f", left out as the default port of {scheme}"
+        if redirect.authority is None and split_authority(request.authority)[1] is not None:
+            chosen += "; the Host header's own port stays"
+    return f"{text} ({chosen})"
+
+
+def _affinity(cluster: Cluster, request: RequestView) -> str | None:
+    """How a cluster that hashes on a cookie places `request`: by the cookie it carries, else
+    by a new one the proxy sets (with a ttl), else at random."""
+    consistent = cluster.policy.load_balancer.consistent_hash
+    name = consistent.http_cookie_name if consistent is not None else None
+    if consistent is None or not name:
+        return None
+    value = request_cookie(request, name)
+    if value is not None:
+        endpoint = RingHash(cluster.endpoints, random.Random(0)).pick(key=hash_key(consistent, request))
+        return f"cookie {name}={value} hashes to {endpoint or 'no endpoint'}: every request carrying it goes there"
+    cookie = cluster.policy.cookie
+    if cookie is None:
+        return f"request has no cookie {name} and httpCookie sets no ttl, so none is set: a random endpoint"
+    example = cookie.header("VALUE").decode("latin-1")
+    return (
+        f"request has no cookie {name}: the proxy makes a VALUE from the client connection (16 hex digits), "
+        f"sends the request to the endpoint it hashes to and answers with Set-Cookie: {example}; "
+        "requests carrying it stick to that endpoint"
+    )
 
 
 def _describe_forward(forward: Forward, request: RequestView) -> list[TraceStep]:
@@ -325,6 +388,9 @@ def _describe_forward(forward: Forward, request: RequestView) -> list[TraceStep]
     problem = f"; {cluster.problem}" if cluster.problem else ""
     steps.append(TraceStep("cluster", "info", f"{cluster.name}: {subset}; endpoints {endpoints}{problem}"))
     steps.append(TraceStep("policy", "info", cluster.policy.describe()))
+    affinity = _affinity(cluster, request)
+    if affinity is not None:
+        steps.append(TraceStep("affinity", "info", affinity))
     faulty = "off: the route injects a fault"
     timeout = format_duration(route.timeout) if route.timeout is not None else (faulty if route.fault else "none")
     steps.append(TraceStep("timeout", "info", timeout))

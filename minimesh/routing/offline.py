@@ -27,9 +27,11 @@ def _referenced(mesh: m.Mesh) -> dict[str, set[int]]:
     for rule in mesh.destination_rules:
         hosts[fqdn(rule.host, rule.meta.namespace)].update(port for port, _ in _port_levels(rule))
     for vs in mesh.virtual_services:
-        for route in vs.http:
-            for dest in (*(d.destination for d in route.route), *(mirror.destination for mirror in route.mirrors)):
-                hosts[fqdn(dest.host, vs.meta.namespace)].update([dest.port] if dest.port else [])
+        destinations = [d.destination for route in vs.http for d in route.route]
+        destinations += [mirror.destination for route in vs.http for mirror in route.mirrors]
+        destinations += [d.destination for rule in (*vs.tcp, *vs.tls) for d in rule.route]
+        for dest in destinations:
+            hosts[fqdn(dest.host, vs.meta.namespace)].update([dest.port] if dest.port else [])
         for host in vs.hosts:
             if "." not in host and "*" not in host:
                 hosts[fqdn(host, vs.meta.namespace)]

@@ -1,5 +1,6 @@
-"""Picking with an injected rng: the weighted split of a route, and the load balancers
-that choose one endpoint of a cluster (round robin, least request, random, ring hash).
+"""Picking with an injected rng: the weighted split of a route, the load balancers that
+choose one endpoint of a cluster (round robin, least request, random, ring hash), and the
+hash key and affinity cookie of consistent hashing.
 
 Pure objects: the caller passes what it knows (active requests, ejected endpoints).
 """
@@ -11,12 +12,11 @@ import hashlib
 import random
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from typing import Protocol
 
 from minimesh.config.model import ConsistentHash
 from minimesh.routing.request import RequestView
-from minimesh.routing.snapshot import Endpoint, Policy
+from minimesh.routing.snapshot import CookieAffinity, Endpoint, Policy
 
 
 def choose_weighted(weights: Sequence[int], rng: random.Random) -> int:
@@ -180,24 +180,47 @@ def balancer_for(
     return SIMPLE_BALANCERS[policy.load_balancer.simple or "LEAST_REQUEST"](endpoints, rng, active)
 
 
-def _cookie(request: RequestView, name: str) -> str | None:
-    jar: SimpleCookie = SimpleCookie()
-    try:
-        jar.load(request.headers.get("cookie", ""))
-    except CookieError:
+def request_cookie(request: RequestView, name: str) -> str | None:
+    """The value of cookie `name` as Envoy reads it (the first one of that name, surrounding
+    double quotes dropped); None when there is none or it is empty, which Envoy treats alike."""
+    header = request.headers.get("cookie")
+    if not header:
         return None
-    morsel = jar.get(name)
-    return morsel.value if morsel is not None else None
+    for pair in header.split(";"):
+        key, sep, value = pair.lstrip(" ").partition("=")
+        if sep and key == name:
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value or None
+    return None
+
+
+def new_cookie(request: RequestView) -> str:
+    """The value Envoy gives a new affinity cookie: a 64-bit hash of the downstream connection
+    in 16 hex digits, so the requests of one connection race to one cookie."""
+    return f"{stable_hash(request.peer):016x}"
 
 
 def hash_key(consistent: ConsistentHash, request: RequestView) -> str | None:
-    """The key consistent hashing uses for `request`, or None when the request lacks it."""
+    """The key consistent hashing uses for `request`, or None when the request lacks it. A
+    cookie with a ttl that the request lacks is made (`new_cookie`): the key is its value."""
     if consistent.http_header_name:
         return request.headers.get(consistent.http_header_name.lower())
     if consistent.http_cookie_name:
-        return _cookie(request, consistent.http_cookie_name)
+        value = request_cookie(request, consistent.http_cookie_name)
+        if value is None and consistent.http_cookie_ttl is not None:
+            return new_cookie(request)
+        return value
     if consistent.use_source_ip:
         return request.source_address or None
     if consistent.http_query_parameter_name:
         return request.query_params().get(consistent.http_query_parameter_name)
     return None
+
+
+def set_cookie(affinity: CookieAffinity, request: RequestView) -> bytes | None:
+    """The `Set-Cookie` Envoy adds to the upstream's response when `request` lacked the
+    affinity cookie: the very value `hash_key` picked its endpoint by."""
+    if request_cookie(request, affinity.name) is not None:
+        return None
+    return affinity.header(new_cookie(request))

@@ -27,7 +27,7 @@ class RequestView:
     """What routing needs of one request; header names are lower-case. Read-only by
     convention: a plain class, because it is made per request (see `Facts`)."""
 
-    __slots__ = ("authority", "gateway", "headers", "method", "path", "port", "scheme", "source", "source_address")
+    __slots__ = ("authority", "gateway", "headers", "method", "path", "peer", "port", "scheme", "source")
 
     def __init__(
         self,
@@ -39,7 +39,7 @@ class RequestView:
         port: int | None = None,
         source: Workload | None = None,
         gateway: str = "mesh",
-        source_address: str = "",
+        peer: str = "",
     ) -> None:
         self.method = method
         self.path = path
@@ -49,7 +49,8 @@ class RequestView:
         self.port = port
         self.source = source
         self.gateway = gateway
-        self.source_address = source_address
+        self.peer = peer
+        """The downstream connection's address, `IP:PORT`."""
 
     @classmethod
     def from_url(
@@ -76,6 +77,11 @@ class RequestView:
             source=source,
             gateway=gateway,
         )
+
+    @property
+    def source_address(self) -> str:
+        """The downstream IP, without the port."""
+        return self.peer.rpartition(":")[0]
 
     @property
     def path_only(self) -> str:

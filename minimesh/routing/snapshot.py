@@ -16,7 +16,9 @@ from minimesh.config.durations import format_duration
 from minimesh.config.labels import DETECTED
 from minimesh.errors import Location
 from minimesh.registry.model import Workload
+from minimesh.routing.headers import Cors, RequestOps, ResponseOps
 from minimesh.routing.request import RequestView
+from minimesh.routing.retry import RetryDecider, RetryPolicy
 
 INGRESS_LABELS: m.Labels = (("istio", "ingressgateway"),)
 """The labels of the built-in ingress gateway: it serves every Gateway that selects them."""
@@ -85,10 +87,39 @@ UNLIMITED = m.ConnectionPool()
 
 
 @dataclass(frozen=True, slots=True)
+class CookieAffinity:
+    """Consistent hashing on a cookie with a `ttl`: a request without the cookie is given one,
+    as Envoy's cookie hash policy does, `NAME="VALUE"; Max-Age=TTL; Path=PATH; ATTRIBUTES;
+    HttpOnly` (Max-Age in whole seconds, left out for a ttl under one second: a session cookie;
+    Path left out when none is set). `suffix` is everything after the value, made once."""
+
+    name: str
+    suffix: str
+
+    @classmethod
+    def of(cls, consistent: m.ConsistentHash | None) -> CookieAffinity | None:
+        if consistent is None or not consistent.http_cookie_name or consistent.http_cookie_ttl is None:
+            return None
+        parts = []
+        if int(consistent.http_cookie_ttl):
+            parts.append(f"Max-Age={int(consistent.http_cookie_ttl)}")
+        if consistent.http_cookie_path:
+            parts.append(f"Path={consistent.http_cookie_path}")
+        parts += [f"{name}={value}" if value else name for name, value in consistent.http_cookie_attributes]
+        parts.append("HttpOnly")
+        return cls(consistent.http_cookie_name, "".join(f"; {part}" for part in parts))
+
+    def header(self, value: str) -> bytes:
+        """The `Set-Cookie` value that gives a client the cookie `value`."""
+        return f'{self.name}="{value}"{self.suffix}'.encode("latin-1")
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """The DestinationRule policy in force for one cluster, merged as Istio merges it.
 
-    `tls` None means Istio's auto mTLS; `origin` says which levels it came from.
+    `tls` None means Istio's auto mTLS; `origin` says which levels it came from; `cookie` is
+    the cookie the proxy sets for affinity, if the load balancer asks for one.
     """
 
     load_balancer: m.LoadBalancer = DEFAULT_LOAD_BALANCER
@@ -96,6 +127,10 @@ class Policy:
     outlier_detection: m.OutlierDetection | None = None
     tls: m.ClientTLS | None = None
     origin: str = "defaults"
+    cookie: CookieAffinity | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cookie", CookieAffinity.of(self.load_balancer.consistent_hash))
 
     def describe(self) -> str:
         lb = self.load_balancer
@@ -107,9 +142,12 @@ class Policy:
 
 
 def _hash_source(consistent: m.ConsistentHash) -> str:
+    cookie = consistent.http_cookie_name
+    if cookie and consistent.http_cookie_ttl is not None:
+        cookie += f" (set when missing, ttl {format_duration(consistent.http_cookie_ttl)})"
     pairs = {
         "header": consistent.http_header_name,
-        "cookie": consistent.http_cookie_name,
+        "cookie": cookie,
         "source ip": "yes" if consistent.use_source_ip else None,
         "query": consistent.http_query_parameter_name,
     }
@@ -161,8 +199,9 @@ class Cluster:
     selector: m.Labels = ()
     problem: str = ""
     original_destination: bool = False
-    """A ServiceEntry of resolution NONE: a connection goes where it was headed (Envoy's
-    ORIGINAL_DST cluster), its endpoints only name the host."""
+    """A ServiceEntry of resolution NONE or DNS whose endpoints only name the host: a captured
+    connection goes where it was headed (Envoy's ORIGINAL_DST cluster; for DNS, the address
+    the app resolved the host to, which is what a resolver beside it would answer)."""
 
     def __repr__(self) -> str:
         lb = self.policy.load_balancer.simple or "CONSISTENT_HASH"
@@ -351,22 +390,6 @@ class MatchBlock:
 
 
 @dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Envoy's retry policy as Istio builds it: `attempts` retries on `retry_on`."""
-
-    attempts: int
-    retry_on: tuple[str, ...]
-    retriable_status_codes: tuple[int, ...] = ()
-    per_try_timeout: float | None = None
-
-    def __str__(self) -> str:
-        on = ",".join(self.retry_on)
-        codes = f" codes {','.join(map(str, self.retriable_status_codes))}" if self.retriable_status_codes else ""
-        per_try = f" per try {format_duration(self.per_try_timeout)}" if self.per_try_timeout else ""
-        return f"{self.attempts} retries on {on}{codes}{per_try}"
-
-
-@dataclass(frozen=True, slots=True)
 class Target:
     """A route destination resolved on one port: the cluster, and the headers the route and
     the destination add or remove; `authority` is the Host rewrite, if any."""
@@ -375,6 +398,13 @@ class Target:
     request_headers: m.HeaderOperations = NO_OPERATIONS
     response_headers: m.HeaderOperations = NO_OPERATIONS
     authority: str | None = None
+    request_ops: RequestOps = field(init=False, repr=False, compare=False)
+    response_ops: ResponseOps = field(init=False, repr=False, compare=False)
+    """The header operations ready for the wire, compiled with the target."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "request_ops", RequestOps.of(self.request_headers))
+        object.__setattr__(self, "response_ops", ResponseOps.of(self.response_headers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +468,20 @@ class Route:
     fault_first: int | None = None
     """From `minimesh.dev/fault-first: N`: the fault fires for exactly the first N requests
     (percentages ignored), counted by the data plane per route `ref`."""
+    retry: RetryDecider = field(init=False, repr=False, compare=False)
+    reply_ops: ResponseOps = field(init=False, repr=False, compare=False)
+    cors_headers: Cors | None = field(init=False, repr=False, compare=False)
+    mirror_clusters: tuple[Mirror, ...] | None = field(init=False, repr=False, compare=False)
+    """`retries`, `response_headers`, `cors` and `mirrors` compiled for the data plane (the
+    mirrors when their ports are fixed; else per request, see `Forward.mirrors`)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "retry", RetryDecider.of(self.retries))
+        object.__setattr__(self, "reply_ops", ResponseOps.of(self.response_headers))
+        object.__setattr__(self, "cors_headers", Cors.of(self.cors) if self.cors is not None else None)
+        fixed = all(p.destination.fixed is not None for p in self.mirrors)
+        mirrors = tuple(Mirror(p.destination.target(0).cluster, p.percentage) for p in self.mirrors) if fixed else None
+        object.__setattr__(self, "mirror_clusters", mirrors)
 
     def __repr__(self) -> str:
         return f"<Route {self.ref} blocks={len(self.blocks)} destinations={len(self.destinations)}>"
@@ -567,12 +611,6 @@ class Binding:
     virtual_service: CompiledVirtualService
     gateway: str
     server: m.Server
-    https_redirect: bool = field(init=False, repr=False, compare=False)
-    """The server answers plain HTTP with a redirect to HTTPS (`tls.httpsRedirect`)."""
-
-    def __post_init__(self) -> None:
-        tls = self.server.tls
-        object.__setattr__(self, "https_redirect", tls is not None and tls.https_redirect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,6 +624,10 @@ class GatewayTable:
     exact: Mapping[str, tuple[Binding, ...]]
     wildcards: tuple[tuple[str, tuple[Binding, ...]], ...]
     servers: tuple[tuple[str, m.Server], ...]
+    https_redirects: tuple[str, ...] = ()
+    """The virtual hosts that answer plain HTTP with 301 to https, most specific first: the
+    hosts of servers with `tls.httpsRedirect` (VirtualService bound or not) and the domains
+    bound under them."""
     anonymous_exact: Mapping[str, tuple[Binding, ...]] = field(default_factory=dict, repr=False)
     anonymous_wildcards: tuple[tuple[str, tuple[Binding, ...]], ...] = field(default=(), repr=False)
     """`exact` and `wildcards` as a request with no source workload (every request at an
@@ -667,6 +709,9 @@ class Forward:
 
     @property
     def mirrors(self) -> tuple[Mirror, ...]:
+        fixed = self.route.mirror_clusters
+        if fixed is not None:
+            return fixed
         return tuple(Mirror(p.destination.target(self.port).cluster, p.percentage) for p in self.route.mirrors)
 
     def rewritten(self, path: str, authority: str) -> tuple[str, str]:
@@ -678,27 +723,34 @@ class Forward:
 
 
 def rewrite_path(rewrite: m.HTTPRewrite | None, prefix: str | None, path: str) -> str:
-    """Envoy's `regex_rewrite` (on the path, query kept) or `prefix_rewrite` (the matched
-    prefix; an exact or regex match counts its whole path as the prefix)."""
+    """Envoy's `regex_rewrite` (on the path, query kept) or `prefix_rewrite`."""
     if rewrite is None:
         return path
-    head, sep, query = path.partition("?")
     if rewrite.uri_regex is not None:
+        head, sep, query = path.partition("?")
         return rewrite.uri_regex.match.sub(rewrite.uri_regex.rewrite, head) + sep + query
     if rewrite.uri is None:
         return path
-    matched = len(head) if prefix is None else len(prefix)
-    return rewrite.uri + path[matched:]
+    return replace_prefix(rewrite.uri, prefix, path)
+
+
+def replace_prefix(replacement: str, prefix: str | None, path: str) -> str:
+    """Envoy's prefix rewrite: `replacement` in place of the prefix the rule matched, the rest
+    of the path and its query kept; an exact or regex match counts its whole path as matched."""
+    matched = len(path.partition("?")[0]) if prefix is None else len(prefix)
+    return replacement + path[matched:]
 
 
 @dataclass(frozen=True, slots=True)
 class Redirect:
-    """Answer with a redirect; `route` is None for a Gateway server's `httpsRedirect`."""
+    """Answer with a redirect; `route` is None for a Gateway server's `httpsRedirect`.
+    `listener` is the port the rule was built for (a Gateway server's, a service's)."""
 
     route_ref: str
     route: Route | None
     status: int
     location: str
+    listener: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -78,12 +78,15 @@ def images(engine: None) -> None:
 class Compose:
     project: str
     files: tuple[Path, ...] = (COMPOSE_FILE,)
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Variables the compose files interpolate, on top of this process's environment."""
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [*compose_command(), "-p", self.project]
         for file in self.files:
             command += ["-f", str(file)]
-        result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, check=False)
+        result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, check=False,
+                                env={**os.environ, **self.env})  # fmt: skip
         if check:
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return result
@@ -140,9 +143,35 @@ class Mesh:
 
     def apply(self, variant: Path | None) -> None:
         """Edit mesh.yaml to the variant and wait until the daemon serves it."""
+        self.write(merge_variant(BOOKINFO / "mesh.yaml", variant))
+
+    def write(self, text: str) -> None:
+        """Make mesh.yaml `text` (a user's edit) and wait until the daemon serves it."""
+        if self.config.read_text() == text:
+            return
         before = self.generation()
-        self.config.write_text(merge_variant(BOOKINFO / "mesh.yaml", variant))
+        self.config.write_text(text)
         until(lambda: self.generation() != before, "the edited mesh.yaml applied")
+
+
+def capture_rules(container: str) -> str:
+    """The nat rules in the container's network namespace ("MINIMESH" in them: it is captured)."""
+    pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", container], capture_output=True, text=True,
+                         check=True).stdout.strip()  # fmt: skip
+    return subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "iptables-save", "-t", "nat"],
+                          capture_output=True, text=True, check=False).stdout  # fmt: skip
+
+
+def wait_captured(container: str, log: Callable[[], str], timeout: float = 30) -> None:
+    """Until the daemon captures the container (its rules go in after its listeners serve)."""
+    deadline = time.monotonic() + timeout
+    while "MINIMESH" not in capture_rules(container):
+        if time.monotonic() > deadline:
+            said = [line for line in log().splitlines() if container in line] or log().splitlines()[-20:]
+            raise AssertionError(
+                f"{container} was not captured within {timeout} s; the daemon said:\n" + "\n".join(said[-20:])
+            )
+        time.sleep(0.2)
 
 
 def wait_ready(admin: int, process: subprocess.Popen[str], log: Path, timeout: float = 60) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from minimesh.background import alive
 from tests.conftest import BOOKINFO, ROOT
-from tests.docker.conftest import Compose, free_port, until, wait_serving
+from tests.docker.conftest import Compose, capture_rules, free_port, until, wait_serving
 
 DAEMON_FRAGMENT = ROOT / "compose" / "minimesh.yml"
 
@@ -39,15 +39,8 @@ def wait_for(url: str, seconds: float) -> str:
 
 def capture_rules_left() -> list[str]:
     """Containers that still carry minimesh's chains."""
-    found = []
-    for container in subprocess.run(["docker", "ps", "-q"], capture_output=True, text=True, check=True).stdout.split():
-        pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", container], capture_output=True,
-                             text=True, check=True).stdout.strip()  # fmt: skip
-        rules = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "iptables-save", "-t", "nat"],
-                               capture_output=True, text=True, check=False).stdout  # fmt: skip
-        if "MINIMESH" in rules:
-            found.append(container)
-    return found
+    running = subprocess.run(["docker", "ps", "-q"], capture_output=True, text=True, check=True).stdout.split()
+    return [container for container in running if "MINIMESH" in capture_rules(container)]
 
 
 def test_the_daemon_as_a_compose_service(images: None, tmp_path: Path) -> None:
@@ -55,8 +48,7 @@ def test_the_daemon_as_a_compose_service(images: None, tmp_path: Path) -> None:
     gateway, admin = free_port(), free_port()
     env = {"MINIMESH_CONFIG_DIR": str(tmp_path), "MINIMESH_CERTS_DIR": str(tmp_path / "certs"),
            "MINIMESH_GATEWAY_PORT": str(gateway), "MINIMESH_ADMIN_PORT": str(admin)}  # fmt: skip
-    os.environ.update(env)
-    compose = Compose(f"mmsvc{os.getpid()}", files=(BOOKINFO / "docker-compose.yml", DAEMON_FRAGMENT))
+    compose = Compose(f"mmsvc{os.getpid()}", files=(BOOKINFO / "docker-compose.yml", DAEMON_FRAGMENT), env=env)
     try:
         compose.run("up", "-d")
         url = f"http://127.0.0.1:{gateway}/productpage"
@@ -70,8 +62,6 @@ def test_the_daemon_as_a_compose_service(images: None, tmp_path: Path) -> None:
         assert capture_rules_left() == [], "stopping the daemon's container removes every rule"
     finally:
         compose.run("down", "-v", "--remove-orphans", check=False)
-        for name in env:
-            os.environ.pop(name, None)
 
 
 def test_demo_down_leaves_nothing_even_after_a_killed_daemon(images: None) -> None:

@@ -345,7 +345,10 @@ async def test_status_and_wait(shop: Shop, start_daemon: StartDaemon) -> None:
     out = status.stdout
     assert "config generation 1" in out
     assert "last reload error: none" in out
-    assert f"reviews.default.svc.cluster.local:9080  127.0.0.1:{shop.ports['reviews_v1']} reviews-v1 healthy" in out
+    assert (
+        f"reviews.default.svc.cluster.local:9080  HTTP (declared)  127.0.0.1:{shop.ports['reviews_v1']} reviews-v1 healthy"
+        in out
+    )
     assert (
         f"productpage-v1.default  127.0.0.1  capture explicit sidecar (HTTP_PROXY=http://127.0.0.1:{shop.sidecar})"
         in out
@@ -393,3 +396,37 @@ def test_detach_reports_a_daemon_that_died(shop: Shop, tmp_path: Path) -> None:
     assert f"{shop.path}:" in up.stderr and "error:" in up.stderr
     assert up.stderr.splitlines()[-1].startswith("minimesh: error: the daemon exited with code 1")
     assert not (tmp_path / ".minimesh" / "minimesh.pid").exists()
+
+
+async def test_detach_again_finds_the_daemon_or_says_what_differs(shop: Shop, tmp_path: Path) -> None:
+    gateway, admin, other = free_ports(3)
+    work = tmp_path / "work"
+    work.mkdir()
+    ports = ("--gateway-port", str(gateway), "--admin-port", str(admin))
+    first = await asyncio.to_thread(minimesh, "up", "--detach", "--no-docker", "-f", str(shop.folder), *ports, cwd=work)
+    try:
+        assert first.returncode == 0, first.stderr
+        pid = (work / ".minimesh" / "minimesh.pid").read_text().strip()
+        assert f"gateway http://127.0.0.1:{gateway}" in first.stdout
+        relative = str(Path("..") / shop.folder.relative_to(tmp_path))  # the same folder, spelled otherwise
+        again = await asyncio.to_thread(
+            minimesh, "up", "--no-docker", "--bind", "127.0.0.1", "-f", relative, *ports, "--detach", cwd=work
+        )
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.startswith(f"minimesh: the daemon already runs (pid {pid}) with these settings: "
+                                       f"gateway http://127.0.0.1:{gateway}, admin http://127.0.0.1:{admin}")  # fmt: skip
+        changed = ("--gateway-port", str(other), "--admin-port", str(admin))
+        different = minimesh("up", "--detach", "--no-docker", "-f", str(shop.folder), *changed, "--seed", "3", cwd=work)
+        assert different.returncode == 1
+        assert different.stderr == (
+            f"minimesh: error: a detached daemon already runs (pid {pid}) with other settings (--gateway-port "
+            f"{gateway}, not {other}; --seed (none), not 3); to replace it: minimesh down && minimesh up --detach "
+            f"--no-docker -f {shop.folder} --gateway-port {other} --admin-port {admin} --seed 3\n"
+        )
+        assert refused(other)
+        async with aiohttp.ClientSession() as session:
+            assert await fetch(session, f"http://127.0.0.1:{gateway}/reviews/1") == (200, "reviews-v1")
+    finally:
+        down = await asyncio.to_thread(minimesh, "down", cwd=work)
+    assert down.returncode == 0, down.stderr
+    assert not (work / ".minimesh" / "minimesh.args").exists()

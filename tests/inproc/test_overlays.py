@@ -21,6 +21,7 @@ spec:
   http:
   - route: [{destination: {host: reviews, subset: v2, port: {number: 9080}}}]
 """
+YAML = {"content-type": "application/yaml"}
 
 
 async def test_apply_replaces_a_document_and_reset_drops_it(
@@ -66,7 +67,7 @@ def test_apply_without_a_daemon_is_one_line(tmp_path: Path) -> None:
 async def test_overlay_with_a_ttl_lives_and_ends(shop: Shop, start_daemon: StartDaemon) -> None:
     daemon = await start_daemon(shop.folder)
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{daemon.admin}/overlays?ttl=1s", data=TO_V2) as response:
+        async with session.post(f"{daemon.admin}/overlays?ttl=1s", data=TO_V2, headers=YAML) as response:
             assert response.status == 201
             created = await response.json()
         assert created["id"].startswith("ov-")
@@ -85,7 +86,7 @@ async def test_overlay_with_a_ttl_lives_and_ends(shop: Shop, start_daemon: Start
 async def test_overlay_delete_and_a_bad_overlay(shop: Shop, start_daemon: StartDaemon) -> None:
     daemon = await start_daemon(shop.folder)
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{daemon.admin}/overlays", data=TO_V2.replace("v2", "v3x")) as response:
+        async with session.post(f"{daemon.admin}/overlays", data=TO_V2.replace("v2", "v3x"), headers=YAML) as response:
             assert response.status == 201
             overlay = await response.json()
         async with session.delete(f"{daemon.admin}/overlays/{overlay['id']}") as response:
@@ -93,7 +94,7 @@ async def test_overlay_delete_and_a_bad_overlay(shop: Shop, start_daemon: StartD
         async with session.delete(f"{daemon.admin}/overlays/{overlay['id']}") as response:
             assert response.status == 404
         async with session.post(
-            f"{daemon.admin}/overlays", data="kind: VirtualService\nmetadata: {name: x\n"
+            f"{daemon.admin}/overlays", data="kind: VirtualService\nmetadata: {name: x\n", headers=YAML
         ) as response:
             assert response.status == 400
             text = await response.text()
@@ -104,7 +105,7 @@ async def test_overlay_delete_and_a_bad_overlay(shop: Shop, start_daemon: StartD
 async def test_a_scoped_overlay_applies_only_to_its_tests_requests(shop: Shop, start_daemon: StartDaemon) -> None:
     daemon = await start_daemon(shop.folder)
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{daemon.admin}/overlays?scope=test-42", data=TO_V2) as response:
+        async with session.post(f"{daemon.admin}/overlays?scope=test-42", data=TO_V2, headers=YAML) as response:
             assert response.status == 201
         url = f"{daemon.gateway}/reviews"
         assert await fetch(session, url, headers={"x-minimesh-test": "test-42"}) == (200, "reviews-v2")

@@ -13,8 +13,8 @@ from aiohttp import web
 
 from minimesh.admin.metrics import Metrics
 from minimesh.dataplane.accesslog import text_line
+from minimesh.dataplane.exchange import Exchange
 from minimesh.dataplane.http1 import ConnectionLimits, Downstream
-from minimesh.dataplane.proxy import Exchange
 from tests.inproc.upstreams import (
     PATIENCE,
     Backend,

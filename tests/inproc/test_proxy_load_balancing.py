@@ -118,6 +118,20 @@ async def test_consistent_hash_on_a_cookie() -> None:
         assert len(spread) >= 2
 
 
+async def test_a_cookie_with_a_zero_ttl_is_set_as_a_session_cookie_unless_the_route_removes_it() -> None:
+    lb = "{consistentHash: {httpCookie: {name: session, ttl: 0s}}}"
+    async with running_mesh(mesh_yaml(lb), backends(*NAMES)) as mesh:
+        first = await mesh.get("/")
+        value = first.headers["set-cookie"].removeprefix('session="').removesuffix('"; HttpOnly')
+        assert len(value) == 16 and int(value, 16) >= 0, first.headers["set-cookie"]
+        again = await mesh.get("/", headers={"Cookie": f"session={value}"})
+        assert again.body == first.body and "set-cookie" not in again.headers
+        assert len({(await mesh.get("/", headers={"Cookie": f"session={value}"})).body for _ in range(10)}) == 1
+    removed = web_route("headers: {response: {remove: [set-cookie]}}")
+    async with running_mesh(mesh_yaml(lb).replace(web_route(), removed), backends(*NAMES)) as mesh:
+        assert "set-cookie" not in (await mesh.get("/")).headers
+
+
 async def get_from(mesh: Mesh, source_ip: str) -> bytes:
     reader, writer = await asyncio.open_connection(*mesh.gateway.address, local_addr=(source_ip, 0))
     client = RawClient(reader, writer)

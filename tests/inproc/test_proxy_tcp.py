@@ -23,8 +23,9 @@ import trustme
 from minimesh.admin.metrics import Metrics
 from minimesh.dataplane.accesslog import text_line
 from minimesh.dataplane.current import Current
+from minimesh.dataplane.exchange import Exchange, Listener
 from minimesh.dataplane.listeners import Serving
-from minimesh.dataplane.proxy import Exchange, Listener, Proxy
+from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import Upstreams
 from minimesh.registry.model import Workload
 from tests.inproc.upstreams import compile_yaml, refused_port

@@ -31,9 +31,10 @@ from aiohttp import web
 from minimesh.config.load import load_layers
 from minimesh.config.source import parse_text
 from minimesh.dataplane.current import Current
+from minimesh.dataplane.exchange import Exchange, Listener
 from minimesh.dataplane.http1 import DEFAULT_LIMITS, ConnectionLimits
 from minimesh.dataplane.listeners import Serving
-from minimesh.dataplane.proxy import Exchange, Listener, Proxy
+from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import Upstreams
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of

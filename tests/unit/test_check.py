@@ -122,6 +122,14 @@ CASES = [
         ],
     ),
     (
+        "a Gateway host with httpsRedirect needs no VirtualService: it answers 301",
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n"
+        "  selector: {istio: ingressgateway}\n"
+        "  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [shop.example.com],\n"
+        "             tls: {httpsRedirect: true}}]\n",
+        [],
+    ),
+    (
         "two DestinationRules for one host",
         DR + DR.replace("name: reviews}", "name: reviews-2}"),
         [
@@ -169,3 +177,80 @@ def test_host_covers() -> None:
     assert host_covers("*.example.com", "a.example.com")
     assert not host_covers("*.example.com", "example.org")
     assert not host_covers("a.example.com", "b.example.com")
+
+
+TCP = VS + "  tcp:\n"
+CONNECTION_CASES = [
+    (
+        "tcp rule shadowed by a match-less one",
+        DR
+        + TCP
+        + "  - route: [{destination: {host: reviews}}]\n"
+        + "  - match: [{port: 9000}]\n    route: [{destination: {host: reviews, subset: v1}}]\n",
+        [
+            "mesh.yaml:15:5: warning: tcp[1] is never reached: tcp[0] above it matches every connection "
+            "(VirtualService/reviews tcp[1])"
+        ],
+    ),
+    (
+        "tcp rule shadowed by an empty match, and a subset no DestinationRule defines",
+        DR
+        + TCP
+        + "  - match: [{port: 9000}, {}]\n    route: [{destination: {host: reviews, subset: v2}}]\n"
+        + "  - route: [{destination: {host: reviews}}]\n",
+        [
+            "mesh.yaml:15:51: warning: subset 'v2' of host reviews is defined in no DestinationRule; requests to it "
+            "get 503 no healthy upstream (VirtualService/reviews tcp[0].route[0].destination.subset)",
+            "mesh.yaml:16:5: warning: tcp[1] is never reached: tcp[0] above it matches every connection "
+            "(VirtualService/reviews tcp[1])",
+        ],
+    ),
+    (
+        "tls destinations are cross-referenced; rules with sniHosts shadow nothing",
+        VS.replace("[reviews]", "[api.example.com]")
+        + "  tls:\n"
+        + "  - match: [{sniHosts: [api.example.com]}]\n    route: [{destination: {host: ghost.example.com}}]\n"
+        + "  - match: [{sniHosts: [www.example.com]}]\n    route: [{destination: {host: ghost.example.com}}]\n",
+        [
+            "mesh.yaml:8:34: warning: host 'ghost.example.com' is defined in none of the given files (no Service "
+            "or DestinationRule) (VirtualService/reviews tls[0].route[0].destination.host)",
+            "mesh.yaml:10:34: warning: host 'ghost.example.com' is defined in none of the given files (no Service "
+            "or DestinationRule) (VirtualService/reviews tls[1].route[0].destination.host)",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "expected"), CONNECTION_CASES, ids=[c[0] for c in CONNECTION_CASES])
+def test_tcp_and_tls_rules_are_checked_like_http(case: str, text: str, expected: list[str]) -> None:
+    assert findings(text) == expected
+
+
+def test_tcp_and_tls_routing_is_enforced_so_neither_is_warned_about() -> None:
+    text = textwrap.dedent(
+        """\
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: api}
+        spec:
+          hosts: [api.example.com]
+          tcp:
+          - match: [{port: 9000, sourceLabels: {app: sleep}, destinationSubnets: [10.0.0.0/8]}]
+            route: [{destination: {host: api.example.com, port: {number: 9000}}, weight: 100}]
+          tls:
+          - match: [{sniHosts: [api.example.com], port: 443, sourceLabels: {app: sleep}}]
+            route: [{destination: {host: api.example.com, port: {number: 443}}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: api}
+        spec:
+          hosts: [api.example.com]
+          ports: [{number: 443, name: tls, protocol: TLS}, {number: 9000, name: tcp, protocol: TCP}]
+          resolution: DNS
+        """
+    )
+    documents, problems = parse_text(text, "mesh.yaml")
+    loaded = load_layers([documents], problems)
+    every = [str(p) for p in (*loaded.problems, *check_mesh(loaded.mesh, loaded.documents))]
+    assert every == []

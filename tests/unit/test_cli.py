@@ -190,3 +190,109 @@ def test_apply_of_a_missing_file_is_invalid_not_a_usage_error() -> None:
     result = minimesh("apply", "--admin", "http://127.0.0.1:9", "-f", "tests/data/no-such.yaml")
     assert result.returncode == 1
     assert "no such file or folder 'tests/data/no-such.yaml'" in result.stderr
+
+
+TCP_ECHO = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: tcp-echo}
+spec:
+  host: tcp-echo
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tcp-echo}
+spec:
+  hosts: [tcp-echo]
+  tcp:
+  - match: [{port: 9000, sourceLabels: {app: sleep}}]
+    route:
+    - {destination: {host: tcp-echo, subset: v1}, weight: 80}
+    - {destination: {host: tcp-echo, subset: v2}, weight: 20}
+  - route: [{destination: {host: tcp-echo, subset: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api.example.com]
+  tls:
+  - match: [{sniHosts: ["*.example.com"]}]
+    route: [{destination: {host: api.example.com, port: {number: 443}}}]
+"""
+
+
+def test_explain_tcp_shows_the_rule_the_weighted_draw_and_the_cluster(tmp_path: Path) -> None:
+    (tmp_path / "mesh.yaml").write_text(TCP_ECHO)
+    picked = set()
+    for seed in (0, 19):
+        result = minimesh(
+            "explain", "-f", str(tmp_path), "--seed", str(seed), "--source-labels", "app=sleep", "tcp://tcp-echo:9000"
+        )
+        assert result.returncode == 0, result.stderr
+        assert "match[0]: port 9000 and sourceLabels app=sleep" in result.stdout
+        assert "weights v1=80 v2=20 → drew" in result.stdout
+        last = result.stdout.splitlines()[-1]
+        assert last.startswith("result: route VirtualService/default/tcp-echo#tcp[0]; cluster outbound|9000|")
+        picked.add(last.split("|")[2])
+    assert picked == {"v1", "v2"}
+    unlabelled = minimesh("explain", "-f", str(tmp_path), "tcp://tcp-echo:9000")
+    assert "miss   match[0]: sourceLabels app=sleep — source does not carry them" in unlabelled.stdout
+    assert unlabelled.stdout.splitlines()[-1] == (
+        "result: route VirtualService/default/tcp-echo#tcp[1]; "
+        "cluster outbound|9000|v1|tcp-echo.default.svc.cluster.local; flag -"
+    )
+
+
+def test_explain_tls_matches_sni_and_unknown_destinations_follow_the_outbound_policy(tmp_path: Path) -> None:
+    (tmp_path / "mesh.yaml").write_text(TCP_ECHO)
+    tls = minimesh("explain", "-f", str(tmp_path), "tls://api.example.com:443")
+    assert tls.returncode == 0, tls.stderr
+    assert "port 443/TLS is read up to the TLS ClientHello for its SNI" in tls.stdout
+    assert "tls[0]                      match  match[0]: sniHosts *.example.com" in tls.stdout
+    assert tls.stdout.splitlines()[-1] == (
+        "result: route VirtualService/default/api#tls[0]; cluster outbound|443||api.example.com; flag -"
+    )
+    passed = minimesh("explain", "-f", str(tmp_path), "tcp://203.0.113.9:6379")
+    assert passed.stdout.splitlines()[-1] == "result: route -; cluster PassthroughCluster; flag -"
+    (tmp_path / "meshconfig.yaml").write_text(
+        "apiVersion: minimesh.dev/v1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
+        "spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n"
+    )
+    blocked = minimesh("explain", "-f", str(tmp_path), "tls://unknown.example.net:443")
+    assert blocked.returncode == 0, blocked.stderr
+    assert "unknown.example.net:443 is no service of the registry" in blocked.stdout
+    assert blocked.stdout.splitlines()[-1] == "result: route -; cluster BlackHoleCluster; flag UH"
+
+
+def test_explain_a_connection_takes_no_method_and_needs_a_port(tmp_path: Path) -> None:
+    (tmp_path / "mesh.yaml").write_text(TCP_ECHO)
+    for args, error in [
+        (("GET", "tcp://tcp-echo:9000"), "a tcp:// connection takes no METHOD"),
+        (("tcp://tcp-echo",), "'tcp://tcp-echo' is not tcp://HOST:PORT"),
+        (("tls://10.0.0.1:443",), "tls:// takes the SNI name a client offers, not an address"),
+        (("tcp://tcp-echo:9000", "-H", "a: b"), "-H and --gateway are for HTTP requests"),
+    ]:
+        result = minimesh("explain", "-f", str(tmp_path), *args)
+        assert result.returncode == 2, (args, result.stdout)
+        assert result.stderr.startswith(f"minimesh: usage error: {error}"), result.stderr
+
+
+def test_apply_refuses_a_file_over_3_mib_before_sending_it(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (3 * 1024 * 1024 + 1))
+    result = minimesh("apply", "--admin", "http://127.0.0.1:9", "-f", str(big))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"minimesh: error: {big}:1:1: error: 3145729 bytes is over the 3 MiB limit of a Kubernetes request; "
+        "split the documents across several files\n"
+    )

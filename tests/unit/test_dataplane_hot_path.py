@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from minimesh.admin.metrics import KEYS_KEPT, Metrics
 from minimesh.dataplane.accesslog import _StartTimes, fields, text_line
+from minimesh.dataplane.deadline import Deadline
+from minimesh.dataplane.exchange import Exchange, LazyHeaders, Listener, request_id
 from minimesh.dataplane.http1 import Outbox
-from minimesh.dataplane.proxy import Deadline, Exchange, LazyHeaders, Listener, request_id
 from minimesh.registry.model import Workload
 from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.request import RequestView
@@ -265,7 +266,7 @@ def test_the_precomputed_virtual_hosts_are_those_a_sourceless_request_finds(host
         assert table.anonymous(host) == reference_anonymous(table, host)
     found = snap.gateway_tables[("default/front", False)].anonymous(host)
     assert [f"{b.virtual_service.meta.name}@{b.server.port.number}" for b in found] == expected
-    assert all(b.https_redirect == (b.gateway == "default/back") for b in found)
+    assert snap.gateway_tables[("default/front", False)].https_redirects == ("admin.example.com",)
 
 
 # ---------------------------------------------------------------- the outbox

@@ -238,3 +238,71 @@ def test_yaml_merge_keys_merge_and_explicit_keys_win() -> None:
     assert documents[0].body["other"] == {"a": 1, "b": 3}
     _, duplicate = parse_text("m:\n  a: 1\n  a: 2\n", "x.yaml")
     assert [str(p) for p in duplicate] == ["x.yaml:3:3: error: duplicate key 'a'"]
+
+
+def test_redirect_prefix_rewrite_is_read_and_not_warned_about() -> None:
+    loaded = load(VS_HEAD + "  - match: [{uri: {prefix: /foo/}}]\n    redirect: {prefixRewrite: /new/}\n")
+    assert loaded.problems == ()
+    assert loaded.mesh.virtual_services[0].http[0].redirect == m.HTTPRedirect(prefix_rewrite="/new/")
+
+
+@pytest.mark.parametrize(
+    ("http", "expected"),
+    [
+        (
+            "  - redirect: {uri: /old, prefixRewrite: /new}\n",
+            "mesh.yaml:8:15: error: a redirect takes only one of uri and prefixRewrite; remove one "
+            "(VirtualService/reviews http[0].redirect)",
+        ),
+        (
+            "  - match: [{uri: {prefix: /a}}, {uri: {exact: /b}}]\n    redirect: {prefixRewrite: /new}\n",
+            "mesh.yaml:8:40: error: redirect.prefixRewrite replaces the matched prefix, but match[1] matches the uri "
+            "by exact; use uri.prefix or redirect.uri (VirtualService/reviews http[0].match[1].uri)",
+        ),
+    ],
+)
+def test_redirect_prefix_rewrite_is_refused_where_istio_refuses_it(http: str, expected: str) -> None:
+    assert lines(load(VS_HEAD + http)) == [expected]
+
+
+def test_a_prefix_rewrite_on_a_rule_without_uri_matches_is_valid() -> None:
+    loaded = load(VS_HEAD + "  - match: [{headers: {x-foo: {exact: bar}}}]\n    redirect: {prefixRewrite: /bar}\n")
+    assert lines(loaded) == []
+
+
+def test_without_headers_regex_star_is_a_present_match() -> None:
+    loaded = load(
+        VS_HEAD + "  - match: [{withoutHeaders: {x-canary: {regex: '*'}}}]\n    route: [{destination: {host: r}}]\n"
+    )
+    assert loaded.problems == ()
+    assert loaded.mesh.virtual_services[0].http[0].match[0].without_headers == (("x-canary", None),)
+
+
+def test_headers_regex_star_is_still_refused() -> None:
+    loaded = load(VS_HEAD + "  - match: [{headers: {x-canary: {regex: '*'}}}]\n    route: [{destination: {host: r}}]\n")
+    assert [p.field for p in loaded.errors] == ["http[0].match[0].headers.x-canary.regex"]
+    assert "does not compile" in loaded.errors[0].message
+
+
+def test_cookie_attributes_are_read() -> None:
+    text = """\
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: web}
+        spec:
+          host: web
+          trafficPolicy:
+            loadBalancer:
+              consistentHash:
+                httpCookie: {name: s, ttl: 1h, path: /, attributes: [{name: SameSite, value: Lax}, {name: Secure}]}
+        """
+    loaded = load(text)
+    assert loaded.problems == ()
+    policy = loaded.mesh.destination_rules[0].traffic_policy
+    assert policy is not None and policy.load_balancer is not None
+    assert policy.load_balancer.consistent_hash == m.ConsistentHash(
+        http_cookie_name="s",
+        http_cookie_path="/",
+        http_cookie_ttl=3600.0,
+        http_cookie_attributes=(("SameSite", "Lax"), ("Secure", "")),
+    )

@@ -15,7 +15,8 @@ from minimesh.config.source import parse_text
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
 from minimesh.routing.compile import compile_snapshot, gateway_ref, retry_policy
-from minimesh.routing.snapshot import RetryPolicy, Snapshot
+from minimesh.routing.retry import RetryPolicy
+from minimesh.routing.snapshot import Snapshot
 from tests.conftest import BOOKINFO
 
 FQDN = "{}.default.svc.cluster.local"
@@ -443,5 +444,5 @@ def test_config_dump_is_plain_json_with_source_locations() -> None:
 
 def test_snapshot_repr_shows_its_state() -> None:
     assert (
-        repr(bookinfo()) == "<Snapshot generation=1 services=4 clusters=10 virtual_services=5 gateways=1 workloads=6>"
+        repr(bookinfo()) == "<Snapshot generation=1 services=4 clusters=11 virtual_services=5 gateways=1 workloads=6>"
     )

@@ -14,6 +14,7 @@ from minimesh.config.model import Mesh
 from minimesh.registry.model import Workload
 from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.match import decide, trace
+from minimesh.routing.pick import RingHash
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import (
     BlackHole,
@@ -342,6 +343,72 @@ def test_https_redirect_on_a_plain_server() -> None:
     assert (outcome.status, outcome.location) == (301, "https://bookinfo.com/productpage?u=1")
 
 
+HTTPS_ONLY = """\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - {port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}
+  - {port: {number: 80, name: http-secure, protocol: HTTP}, hosts: [secure.example.com, "ops/*.admin.example.com"],
+     tls: {httpsRedirect: true}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: ["*", api.admin.example.com, secure.example.com]
+  gateways: [gw]
+  http: [{route: [{destination: {host: productpage}}]}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("authority", "location"),
+    [
+        # Envoy's require_tls: https://, then the Host header and the path as sent
+        ("secure.example.com", "https://secure.example.com/p?q=1"),
+        ("secure.example.com:8080", "https://secure.example.com:8080/p?q=1"),
+        # no VirtualService for *.admin.example.com, and it is more specific than "*"
+        ("x.admin.example.com", "https://x.admin.example.com/p?q=1"),
+        # an exact virtual host (not bound under the redirect server: ops/ only) beats the wildcard
+        ("api.admin.example.com", None),
+        ("shop.example.com", None),
+    ],
+)
+def test_https_redirect_servers_answer_301_with_or_without_a_virtual_service(
+    authority: str, location: str | None
+) -> None:
+    outcome = decide(bookinfo(HTTPS_ONLY), at_gateway(authority, "/p?q=1"), RNG)
+    if location is None:
+        assert forward(outcome).cluster.short == "productpage"
+    else:
+        assert isinstance(outcome, Redirect)
+        assert (outcome.status, outcome.location, outcome.route) == (301, location, None)
+
+
+def test_an_https_redirect_server_alone_redirects_and_explain_says_why() -> None:
+    text = """\
+        apiVersion: networking.istio.io/v1
+        kind: Gateway
+        metadata: {name: gw}
+        spec:
+          selector: {istio: ingressgateway}
+          servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [shop.example.com], tls: {httpsRedirect: true}}]
+        """
+    snap = snapshot(text)
+    outcome, steps = trace(snap, request("http://shop.example.com/cart", gateway="gw", source=None), RNG)
+    assert isinstance(outcome, Redirect) and outcome.location == "https://shop.example.com/cart"
+    assert [str(s) for s in steps] == [
+        "gateway info: default/gw: virtual host shop.example.com has httpsRedirect",
+        "redirect info: 301 to https://shop.example.com/cart "
+        "(the server's httpsRedirect: https, the Host header and path as sent)",
+    ]
+    elsewhere = decide(snap, request("http://other.example.com/cart", gateway="gw", source=None), RNG)
+    assert isinstance(elsewhere, NoRoute) and "admits host" in elsewhere.reason
+
+
 # ---------------------------------------------------------------- every match field
 
 MATCHES: list[tuple[str, str, dict[str, str], str, bool]] = [
@@ -368,6 +435,9 @@ MATCHES: list[tuple[str, str, dict[str, str], str, bool]] = [
     ("{withoutHeaders: {end-user: {}}}", "http://reviews/", {}, "GET", True),
     ("{withoutHeaders: {end-user: {}}}", "http://reviews/", {"end-user": "x"}, "GET", False),
     ("{withoutHeaders: {end-user: {regex: '.*'}}}", "http://reviews/", {}, "GET", False),
+    ("{withoutHeaders: {end-user: {regex: '*'}}}", "http://reviews/", {}, "GET", True),
+    ("{withoutHeaders: {end-user: {regex: '*'}}}", "http://reviews/", {"end-user": ""}, "GET", False),
+    ("{withoutHeaders: {end-user: {regex: '*'}}}", "http://reviews/", {"end-user": "*"}, "GET", False),
     ("{queryParams: {v: {exact: '2'}}}", "http://reviews/?v=2&v=3", {}, "GET", True),
     ("{queryParams: {v: {exact: '3'}}}", "http://reviews/?v=2&v=3", {}, "GET", False),
     ("{queryParams: {v: {regex: '[0-9]'}}}", "http://reviews/?v=7", {}, "GET", True),
@@ -591,6 +661,99 @@ def test_rewrites_replace_what_the_rule_matched(match: str, rewrite: str, path: 
     assert outcome.rewritten(path, "reviews") == (expected, "reviews")
 
 
+REDIRECT_PORTS = """\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - {port: {number: 80, name: http, protocol: HTTP}, hosts: [b.example.com]}
+  - {port: {number: 85, name: http-alt, protocol: HTTP}, hosts: [c.example.com]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [b.example.com, c.example.com]
+  gateways: [gw]
+  http:
+  - match: [{uri: {prefix: /foo}}]
+    redirect: {derivePort: FROM_REQUEST_PORT}
+  - match: [{uri: {prefix: /tls}}]
+    redirect: {derivePort: FROM_REQUEST_PORT, scheme: https}
+  - match: [{uri: {prefix: /set}}]
+    redirect: {port: 80}
+  - match: [{uri: {prefix: /old/}}]
+    redirect: {prefixRewrite: /new/}
+  - match: [{uri: {prefix: /v1}}]
+    redirect: {prefixRewrite: /v2, derivePort: FROM_REQUEST_PORT}
+  - redirect: {prefixRewrite: /all/}
+"""
+
+
+def at_gateway(authority: str, path: str) -> RequestView:
+    """A request as the gateway listener hands it to routing: on minimesh's own port 8080."""
+    return RequestView("GET", path, authority, {}, "http", 8080, None, "default/gw", "127.0.0.1:40000")
+
+
+@pytest.mark.parametrize(
+    ("authority", "path", "location"),
+    [
+        # Istio's "redirect request port" cases: the server's port, 80 left out, a Host port kept as sent
+        ("b.example.com", "/foo", "http://b.example.com/foo"),
+        ("b.example.com:80", "/foo", "http://b.example.com:80/foo"),
+        ("c.example.com", "/foo", "http://c.example.com:85/foo"),
+        ("c.example.com:85", "/foo", "http://c.example.com:85/foo"),
+        ("c.example.com:8080", "/foo", "http://c.example.com:85/foo"),
+        # Istio's "redirect port and scheme": the scheme changes, so 80 is no default and stays
+        ("b.example.com", "/tls", "https://b.example.com:80/tls"),
+        ("c.example.com:8080", "/tls?a=1", "https://c.example.com:85/tls?a=1"),
+        # port 80 with http is Istio's "no port": the Host header decides
+        ("c.example.com", "/set", "http://c.example.com/set"),
+        ("c.example.com:8080", "/set", "http://c.example.com:8080/set"),
+        # prefixRewrite: the matched prefix replaced, the rest and the query kept
+        ("b.example.com", "/old/page?x=1", "http://b.example.com/new/page?x=1"),
+        ("c.example.com", "/v1/x", "http://c.example.com:85/v2/x"),
+        ("b.example.com", "/other", "http://b.example.com/all/other"),
+    ],
+)
+def test_gateway_redirects_derive_the_port_from_the_server_as_istio_does(
+    authority: str, path: str, location: str
+) -> None:
+    outcome = decide(snapshot(REDIRECT_PORTS), at_gateway(authority, path), RNG)
+    assert isinstance(outcome, Redirect)
+    assert (outcome.status, outcome.location) == (301, location)
+
+
+def test_explain_says_where_a_redirect_port_came_from() -> None:
+    snap = snapshot(REDIRECT_PORTS)
+    _, steps = trace(snap, request("http://c.example.com/foo", gateway="gw", source=None), RNG)
+    assert str(steps[-1]) == (
+        "redirect info: 301 to http://c.example.com:85/foo "
+        "(derivePort FROM_REQUEST_PORT: port 85 of the Gateway server the request matched)"
+    )
+    _, steps = trace(snap, request("http://b.example.com:80/foo", gateway="gw", source=None), RNG)
+    assert steps[-1].detail == (
+        "301 to http://b.example.com:80/foo (derivePort FROM_REQUEST_PORT: port 80 of the Gateway server the "
+        "request matched, left out as the default port of http; the Host header's own port stays)"
+    )
+
+
+def test_a_sidecar_redirect_derives_the_port_the_request_was_sent_to() -> None:
+    text = """\
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: site}
+        spec:
+          hosts: [www.example.com]
+          http: [{match: [{uri: {exact: /foo}}], redirect: {derivePort: FROM_REQUEST_PORT, scheme: https}}]
+        """
+    outcome = decide(bookinfo(text), request("http://www.example.com/foo"), RNG)
+    assert isinstance(outcome, Redirect) and outcome.location == "https://www.example.com:80/foo"
+    assert outcome.listener == 80
+
+
 def test_a_scheme_change_drops_the_old_default_port() -> None:
     text = """\
         apiVersion: networking.istio.io/v1
@@ -771,3 +934,38 @@ def test_random_requests_never_raise(
     outcome, steps = trace(SNAPSHOTS[snapshot_index], view, random.Random(0))
     assert isinstance(outcome, Forward | Redirect | DirectResponse | NoRoute | PassThrough | BlackHole)
     assert steps
+
+
+STICKY = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: user, ttl: 1h, path: /}}}}
+"""
+
+
+def test_explain_shows_the_cookie_decision() -> None:
+    snap = snapshot(STICKY)
+    outcome, steps = trace(snap, request("http://reviews:9080/"), RNG)
+    details = {s.what: s.detail for s in steps}
+    assert details["policy"].startswith("lb consistent hash cookie user (set when missing, ttl 3600s)")
+    assert details["affinity"] == (
+        "request has no cookie user: the proxy makes a VALUE from the client connection (16 hex digits), sends "
+        'the request to the endpoint it hashes to and answers with Set-Cookie: user="VALUE"; Max-Age=3600; Path=/; '
+        "HttpOnly; requests carrying it stick to that endpoint"
+    )
+    cluster = forward(outcome).cluster
+    chosen = RingHash(cluster.endpoints, random.Random(0)).pick(key="abc")
+    _, steps = trace(snap, request("http://reviews:9080/", {"cookie": 'user="abc"'}), RNG)
+    details = {s.what: s.detail for s in steps}
+    assert details["affinity"] == f"cookie user=abc hashes to {chosen}: every request carrying it goes there"
+
+
+def test_explain_says_no_cookie_is_set_without_a_ttl() -> None:
+    snap = snapshot(STICKY.replace(", ttl: 1h", ""))
+    _, steps = trace(snap, request("http://reviews:9080/"), RNG)
+    assert {s.what: s.detail for s in steps}["affinity"] == (
+        "request has no cookie user and httpCookie sets no ttl, so none is set: a random endpoint"
+    )

@@ -16,9 +16,11 @@ from minimesh.routing.pick import (
     balancer_for,
     choose_weighted,
     hash_key,
+    request_cookie,
+    set_cookie,
 )
 from minimesh.routing.request import RequestView
-from minimesh.routing.snapshot import Endpoint, Policy
+from minimesh.routing.snapshot import CookieAffinity, Endpoint, Policy
 
 ENDPOINTS = tuple(Endpoint(None, f"10.0.0.{i}", 9080) for i in range(1, 5))
 
@@ -128,7 +130,7 @@ REQUEST = RequestView(
     "/p?user=jane&x=1",
     "reviews",
     {"x-user": "bob", "cookie": "session=abc; theme=dark"},
-    source_address="10.9.9.9",
+    peer="10.9.9.9:40123",
 )
 
 
@@ -146,3 +148,69 @@ REQUEST = RequestView(
 )
 def test_hash_keys_come_from_the_request(consistent: m.ConsistentHash, key: str | None) -> None:
     assert hash_key(consistent, REQUEST) == key
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("session=abc", "abc"),
+        ('theme=dark;session="abc"', "abc"),
+        ("theme=dark;   session=a=b", "a=b"),
+        ("session=; session=later", None),
+        ("xsession=abc; session", None),
+        ("", None),
+    ],
+)
+def test_cookies_are_read_as_envoy_reads_them(header: str, value: str | None) -> None:
+    request = RequestView("GET", "/", "web", {"cookie": header} if header else {})
+    assert request_cookie(request, "session") == value
+
+
+def client(peer: str, cookie: str = "") -> RequestView:
+    return RequestView("GET", "/", "web", {"cookie": cookie} if cookie else {}, peer=peer)
+
+
+def test_a_missing_cookie_with_a_ttl_is_made_from_the_connection() -> None:
+    sticky = m.ConsistentHash(http_cookie_name="session", http_cookie_ttl=60.0)
+    first, again, other = client("10.0.0.1:5000"), client("10.0.0.1:5000"), client("10.0.0.1:5001")
+    made = hash_key(sticky, first)
+    assert made is not None and len(made) == 16 and int(made, 16) >= 0
+    assert hash_key(sticky, again) == made != hash_key(sticky, other)
+    assert hash_key(sticky, client("10.0.0.9:7000", f"session={made}")) == made
+    assert hash_key(m.ConsistentHash(http_cookie_name="session"), first) is None
+
+
+@pytest.mark.parametrize(
+    ("consistent", "header"),
+    [
+        (m.ConsistentHash(http_cookie_name="s", http_cookie_ttl=3600.0, http_cookie_path="/"),
+         's="V"; Max-Age=3600; Path=/; HttpOnly'),
+        (m.ConsistentHash(http_cookie_name="s", http_cookie_ttl=1.9), 's="V"; Max-Age=1; HttpOnly'),
+        (m.ConsistentHash(http_cookie_name="s", http_cookie_ttl=0.0), 's="V"; HttpOnly'),
+        (m.ConsistentHash(http_cookie_name="s", http_cookie_ttl=10.0,
+                          http_cookie_attributes=(("SameSite", "Strict"), ("Secure", ""))),
+         's="V"; Max-Age=10; SameSite=Strict; Secure; HttpOnly'),
+    ],
+)  # fmt: skip
+def test_the_affinity_cookie_is_written_as_envoy_writes_it(consistent: m.ConsistentHash, header: str) -> None:
+    affinity = CookieAffinity.of(consistent)
+    assert affinity is not None and affinity.header("V").decode() == header
+
+
+@pytest.mark.parametrize(
+    "consistent",
+    [m.ConsistentHash(http_cookie_name="s"), m.ConsistentHash(http_header_name="x", http_cookie_ttl=5.0), None],
+)
+def test_no_cookie_is_set_without_a_cookie_ttl(consistent: m.ConsistentHash | None) -> None:
+    assert CookieAffinity.of(consistent) is None
+    assert Policy(load_balancer=m.LoadBalancer(consistent_hash=consistent)).cookie is None
+
+
+def test_set_cookie_only_when_the_request_lacks_the_cookie() -> None:
+    sticky = m.ConsistentHash(http_cookie_name="s", http_cookie_ttl=5.0)
+    policy = Policy(load_balancer=m.LoadBalancer(consistent_hash=sticky))
+    assert policy.cookie is not None
+    new = client("10.0.0.1:5000")
+    made = hash_key(sticky, new)
+    assert set_cookie(policy.cookie, new) == f's="{made}"; Max-Age=5; HttpOnly'.encode()
+    assert set_cookie(policy.cookie, client("10.0.0.1:5000", f"s={made}")) is None

@@ -24,8 +24,9 @@ from minimesh.dataplane.capture.netns import (
     owners,
     remove_rules,
 )
+from minimesh.dataplane.exchange import Listener
 from minimesh.dataplane.listeners import Serving
-from minimesh.dataplane.proxy import Listener, Proxy
+from minimesh.dataplane.proxy import Proxy
 from minimesh.registry.model import Workload
 from minimesh.registry.watch import DockerUnavailable, DockerWatcher, connect
 

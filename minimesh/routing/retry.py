@@ -1,14 +1,33 @@
 """Which failures a route retries: Envoy's `retry_on` conditions as Istio programs them.
 
-Pure: built once per policy from routing's `RetryPolicy`, then asked per attempt.
+Pure: compiled once per route from its `RetryPolicy` (`Route.retry`), then asked per attempt.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minimesh.dataplane.upstream import GATEWAY_ERRORS
-from minimesh.routing.snapshot import RetryPolicy
+from minimesh.config.durations import format_duration
+
+GATEWAY_ERRORS = frozenset({502, 503, 504})
+"""The statuses Envoy counts as gateway errors (retry_on `gateway-error`, outlier detection)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Envoy's retry policy as Istio builds it: `attempts` retries on `retry_on`."""
+
+    attempts: int
+    retry_on: tuple[str, ...]
+    retriable_status_codes: tuple[int, ...] = ()
+    per_try_timeout: float | None = None
+
+    def __str__(self) -> str:
+        on = ",".join(self.retry_on)
+        codes = f" codes {','.join(map(str, self.retriable_status_codes))}" if self.retriable_status_codes else ""
+        per_try = f" per try {format_duration(self.per_try_timeout)}" if self.per_try_timeout else ""
+        return f"{self.attempts} retries on {on}{codes}{per_try}"
+
 
 RETRIABLE_4XX = frozenset({409})
 FAILURES_RETRIED_BY = {

@@ -1,0 +1,143 @@
+"""The attempts step, as Envoy's router retries: pick an endpoint (not ejected, not one
+already tried while others remain), send within the per-try timeout, record the result for
+outlier detection, and retry what the route's policy retries, with Envoy's back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from minimesh.config import model as m
+from minimesh.dataplane.call import Call
+from minimesh.dataplane.deadline import Deadline
+from minimesh.dataplane.http1 import Body, UpstreamResponse
+from minimesh.dataplane.respond import CHUNKED
+from minimesh.dataplane.upstream import (
+    NO_HEALTHY_UPSTREAM,
+    UPSTREAM_TIMEOUT,
+    Attempt,
+    ClusterState,
+    UpstreamFailure,
+    Upstreams,
+)
+from minimesh.routing.pick import hash_key
+from minimesh.routing.request import RequestView
+from minimesh.routing.retry import RetryDecider
+from minimesh.routing.snapshot import Cluster, Endpoint
+
+RETRY_BACKOFF_BASE = 0.025
+RETRY_BACKOFF_MAX = 0.250
+"""Envoy's retry back-off: fully jittered, 25 ms base, at most 250 ms."""
+
+
+def pick(
+    cluster: Cluster, state: ClusterState, view: RequestView, rng: random.Random, tried: list[Endpoint]
+) -> Endpoint | None:
+    """An endpoint that is not ejected, avoiding the ones already tried while others
+    remain (Istio's `previous_hosts` retry predicate)."""
+    ejected = state.ejected(cluster)
+    balancer = state.balancer(cluster, rng)
+    consistent = cluster.policy.load_balancer.consistent_hash
+    key = hash_key(consistent, view) if consistent is not None else None
+    exclude: frozenset[Endpoint] = ejected
+    if tried:
+        avoid = ejected.union(tried)
+        if len(avoid) < len(cluster.endpoints):
+            exclude = avoid
+    return balancer.pick(key=key, exclude=exclude)
+
+
+async def attempts(
+    call: Call,
+    cluster: Cluster,
+    state: ClusterState,
+    decider: RetryDecider,
+    upstreams: Upstreams,
+    rng: random.Random,
+    head_parts: list[bytes],
+    framing: bytes,
+    body: Body | bytes,
+    deadline: Deadline | None,
+) -> tuple[UpstreamResponse, Attempt]:
+    """Attempts within the retry policy: the response to pass on and its attempt (which the
+    caller ends once the body is through), or the failure to answer with. `head_parts` are
+    the request head less its attempt count and `framing`. Exhausted retries add `URX`; a
+    retry refused by `maxRetries` adds `UO`."""
+    exchange = call.exchange
+    is_head = call.request.method == b"HEAD"
+    pool = cluster.policy.connection_pool
+    chunked = framing == CHUNKED
+    tried: list[Endpoint] = []
+    attempt_count = 0
+    retrying = False
+    original = call.exchange.original if cluster.original_destination else None
+    while True:
+        attempt_count += 1
+        endpoint = Endpoint(None, *original) if original is not None else pick(cluster, state, call.view, rng, tried)
+        if endpoint is None:
+            if retrying:
+                state.retry_done()
+            raise UpstreamFailure(NO_HEALTHY_UPSTREAM)
+        if decider.attempts:
+            tried.append(endpoint)
+        exchange.attempts = attempt_count
+        exchange.destination = endpoint
+        exchange.upstream_host = f"{endpoint.address}:{endpoint.port}"
+        head = b"".join([*head_parts, b"x-envoy-attempt-count: %d\r\n" % attempt_count, framing])
+        attempt = state.attempt(endpoint, retry=retrying)
+        retrying = False
+        sent = time.monotonic()
+        failure: UpstreamFailure | None = None
+        try:
+            if decider.per_try_timeout is None:
+                response = await upstreams.send(cluster, endpoint, head, body, head_request=is_head, chunked=chunked)
+            else:
+                async with call.deadline(decider.per_try_timeout):
+                    response = await upstreams.send(
+                        cluster, endpoint, head, body, head_request=is_head, chunked=chunked
+                    )
+        except TimeoutError:
+            failure = UpstreamFailure(UPSTREAM_TIMEOUT, endpoint)
+        except UpstreamFailure as raised:
+            raised.endpoint = endpoint
+            failure = raised
+        except asyncio.CancelledError:
+            attempt.end()
+            if deadline is not None and deadline.expired():
+                state.record(cluster, endpoint, 504)
+            raise
+        finally:
+            attempt.sent()
+        if failure is not None:
+            attempt.end()
+            state.record(cluster, endpoint, 504 if failure.reply is UPSTREAM_TIMEOUT else 503)
+            if not decider.retries_failure(failure.reply.flag) or _no_retry(attempt_count, decider, state, pool, call):
+                raise failure
+        else:
+            exchange.upstream_time = time.monotonic() - sent
+            state.record(cluster, endpoint, response.status)
+            if not decider.retries_status(response.status) or _no_retry(attempt_count, decider, state, pool, call):
+                return response, attempt
+            attempt.end()
+            response.conn.close()
+        retrying = True
+        ceiling = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE * (2**attempt_count - 1))
+        try:
+            await asyncio.sleep(rng.uniform(0, ceiling))
+        except asyncio.CancelledError:
+            state.retry_done()
+            raise
+
+
+def _no_retry(attempt: int, decider: RetryDecider, state: ClusterState, pool: m.ConnectionPool, call: Call) -> bool:
+    """Whether a retriable attempt ends the retries: they are used up (`URX`), or
+    `maxRetries` is reached across the cluster (`UO`); else one retry is counted in."""
+    if attempt > decider.attempts:
+        call.exchange.flags.append("URX")
+        return True
+    if not state.admit_retry(pool):
+        call.exchange.flags.append("UO")
+        return True
+    return False
