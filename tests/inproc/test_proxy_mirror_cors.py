@@ -27,10 +27,10 @@ async def test_a_slow_mirror_never_delays_the_request() -> None:
     async with running_mesh(APPS + web_route("mirror: {host: shadow}"), {"app": app, "copy": copy}) as mesh:
         for _ in range(3):
             assert (await mesh.get("/")).status == 200
-        assert len(mesh.proxy.mirrors) == 3, "each request was answered while its mirror was still unanswered"
+        assert len(mesh.proxy.mirrors.tasks) == 3, "each request was answered while its mirror was still unanswered"
         await until(lambda: len(copy.seen) == 3, "three mirrored copies")
         copy.release()
-        await until(lambda: not mesh.proxy.mirrors, "the mirrors answered once released")
+        await until(lambda: not mesh.proxy.mirrors.tasks, "the mirrors answered once released")
 
 
 async def test_mirror_percentage_mirrors_a_share() -> None:
@@ -40,7 +40,7 @@ async def test_mirror_percentage_mirrors_a_share() -> None:
     ) as mesh:
         for _ in range(100):
             await mesh.get("/")
-        await until(lambda: not mesh.proxy.mirrors, "every mirror sent is answered")
+        await until(lambda: not mesh.proxy.mirrors.tasks, "every mirror sent is answered")
         assert 12 <= len(copy.seen) <= 40, len(copy.seen)
 
 

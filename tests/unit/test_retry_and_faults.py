@@ -10,8 +10,8 @@ import pytest
 
 from minimesh.config import model as m
 from minimesh.dataplane.fault import NO_INJECTION, Faults, Injection
-from minimesh.dataplane.retry import NO_RETRY, RetryDecider
-from minimesh.routing.snapshot import RetryPolicy, Route
+from minimesh.routing.retry import NO_RETRY, RetryDecider, RetryPolicy
+from minimesh.routing.snapshot import Route
 
 # ---------------------------------------------------------------- retries
 
