@@ -40,9 +40,9 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results.json"
 STACKS = ROOT / "build" / "bench" / "gateway-profile.txt"
 OPEN_LOOP_RATE = 1000.0
-TARGET_HOP_VS_NGINX = 0.5
+TARGET_HOP_VS_NGINX = 0.55
 TARGET_RELOAD_MS = 100.0
-TARGET_ADDED_P90_MS = 0.45
+TARGET_ADDED_P90_MS = 0.3
 LATE_SEND_MS = 0.1
 """Past this send lag (p90), the open-loop generator was not keeping its schedule."""
 SATURATED = 0.9

@@ -26,6 +26,7 @@ from minimesh.config.check import check_mesh
 from minimesh.config.compose import check_compose
 from minimesh.config.load import Loaded, load_paths
 from minimesh.config.model import Mesh
+from minimesh.config.names import MESH, is_ip
 from minimesh.config.source import MAX_DOCUMENT_BYTES, expand, too_large
 from minimesh.daemon import Options, serve
 from minimesh.dataplane.capture.manager import scrub_left_rules
@@ -33,13 +34,12 @@ from minimesh.dataplane.capture.netns import netns_unavailable
 from minimesh.errors import ConfigError, MinimeshError, Problem
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
-from minimesh.routing.compile import compile_snapshot, is_ip
+from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.connection import Handling, Reached, handling_of, plan, service_at, trace_connection
 from minimesh.routing.match import trace
 from minimesh.routing.offline import placeholders
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import (
-    MESH,
     BlackHole,
     Connect,
     ConnectionFacts,

@@ -19,6 +19,7 @@ GROUP = "minimesh.native"
 HOT_PATH = (
     "minimesh/admin/metrics.py",
     "minimesh/config/model.py",
+    "minimesh/config/names.py",
     "minimesh/dataplane/accesslog.py",
     "minimesh/dataplane/attempts.py",
     "minimesh/dataplane/call.py",

@@ -18,31 +18,11 @@ from minimesh.config.labels import (
     parse_fault_first,
     parse_ports,
 )
+from minimesh.config.names import fqdn, host_covers
 from minimesh.config.source import SPEC, Document, FieldPath, field_path
 from minimesh.errors import Problem, Severity
 
 NON_IDEMPOTENT = frozenset({"POST", "PATCH"})
-
-
-def fqdn(host: str, namespace: str) -> str:
-    """A service host as Istio reads it inside `namespace`: `reviews` → `reviews.NS.svc.cluster.local`."""
-    if "*" in host:
-        return host
-    parts = host.split(".")
-    if len(parts) == 1:
-        return f"{host}.{namespace}.svc.cluster.local"
-    if len(parts) == 2:
-        return f"{host}.svc.cluster.local"
-    if len(parts) == 3 and parts[2] == "svc":
-        return f"{host}.cluster.local"
-    return host
-
-
-def host_covers(pattern: str, host: str) -> bool:
-    """Does a host pattern (`*`, `*.example.com`, a name) cover `host`?"""
-    if pattern == "*" or pattern == host:
-        return True
-    return pattern.startswith("*") and host.endswith(pattern[1:])
 
 
 class _Findings:

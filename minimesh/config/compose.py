@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from minimesh.config import model as m
-from minimesh.config.check import fqdn
 from minimesh.config.labels import (
     INJECT_LABEL,
     NAMESPACE_LABEL,
@@ -22,6 +21,7 @@ from minimesh.config.labels import (
     ServicePortSpec,
     parse_ports,
 )
+from minimesh.config.names import fqdn
 from minimesh.config.source import Document, FieldPath, parse_text
 from minimesh.errors import Location, Problem
 

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from minimesh.config.names import shown_ref
 from minimesh.errors import Location
 
 Labels = tuple[tuple[str, str], ...]
@@ -38,9 +39,7 @@ class Meta:
 
     @property
     def ref(self) -> str:
-        if self.namespace == "default":
-            return f"{self.kind}/{self.name}"
-        return f"{self.kind}/{self.namespace}/{self.name}"
+        return shown_ref(self)
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -22,6 +22,7 @@ from yaml.reader import Reader
 from yaml.resolver import Resolver
 from yaml.scanner import Scanner
 
+from minimesh.config.names import shown_ref
 from minimesh.errors import Location, Problem
 
 FieldPath = tuple[str | int, ...]
@@ -106,9 +107,7 @@ class Document:
     @property
     def ref(self) -> str:
         """`Kind/name`, or `Kind/namespace/name` outside the default namespace."""
-        if self.namespace == "default":
-            return f"{self.kind}/{self.name}"
-        return f"{self.kind}/{self.namespace}/{self.name}"
+        return shown_ref(self)
 
 
 def _mapping_field(body: Any, key: str) -> Any:

@@ -1,19 +1,57 @@
 """`Call`: one HTTP request on its way through the proxy's steps (CORS, fault, mirror,
 attempts, respond), carrying what each step reads and what the steps before it decided;
-and the local reply any step may answer with, as Envoy words it.
+the local reply any step may answer with, as Envoy words it; and `Responding`, what the
+steps need of a response writer, whichever codec (HTTP/1.1 or HTTP/2) frames it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 from minimesh.dataplane.deadline import Deadline
 from minimesh.dataplane.exchange import Exchange
-from minimesh.dataplane.http1 import Request, Responder
+from minimesh.dataplane.http1 import Request
 from minimesh.dataplane.upstream import LocalReply
 from minimesh.routing.headers import NO_RESPONSE_OPS, HeaderList, ResponseOps
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import Forward, Snapshot
+
+
+class Responding(Protocol):
+    """Writes one response downstream: `http1.Responder` frames it as HTTP/1.1,
+    `http2.Stream` as one HTTP/2 stream. `status`, `bytes_sent` and `head_sent` are what the
+    access log reads; `blocked` says the client reads slower than `send` writes."""
+
+    status: int
+    bytes_sent: int
+    head_sent: bool
+
+    @property
+    def ended(self) -> bool: ...
+
+    @property
+    def blocked(self) -> bool: ...
+
+    def send_head(
+        self, status: int, headers: HeaderList, length: int | None, *, reason_phrase: bytes = b""
+    ) -> None: ...
+
+    def send_whole(
+        self, status: int, headers: HeaderList, length: int | None, body: bytes, *, reason_phrase: bytes = b""
+    ) -> None: ...
+
+    def send(self, data: bytes) -> None: ...
+
+    def end(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def reply(self, status: int, body: bytes = b"", headers: HeaderList | None = None) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def set_producer(self, producer: asyncio.BaseTransport | None) -> None: ...
 
 
 class Call:
@@ -28,7 +66,7 @@ class Call:
     def __init__(
         self,
         request: Request,
-        responder: Responder,
+        responder: Responding,
         exchange: Exchange,
         view: RequestView,
         snapshot: Snapshot,

@@ -115,7 +115,7 @@ class Exchange:
 
 Observer = Callable[[Exchange], None]
 
-HTTP_VERSIONS = {b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0"}
+HTTP_VERSIONS = {b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0", b"2": "HTTP/2"}
 UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
 UUID4_MARK = (4 << 76) | (0x8000 << 48)
 """A version 4 UUID: 122 random bits, the version nibble 4 and the RFC 4122 variant bits."""

@@ -96,6 +96,18 @@ def local_reply_bytes(status: int, body: bytes, *, close: bool) -> bytes:
     return head + b"\r\n" + body
 
 
+def local_reply_headers(body: bytes, given: HeaderList | None) -> HeaderList:
+    """A local reply's headers, whatever the codec: `given`, then Envoy's headers for one
+    (content-type when there is a body, date, server) that `given` does not set."""
+    defaults: HeaderList = [(b"date", DATE.get()), (b"server", b"istio-envoy")]
+    if body:
+        defaults.insert(0, (b"content-type", b"text/plain"))
+    if not given:
+        return defaults
+    names = {name for name, _ in given}
+    return [*given, *(header for header in defaults if header[0] not in names)]
+
+
 class Sender(Protocol):
     """A connection with a write held back by the outbox."""
 
@@ -411,16 +423,8 @@ class Responder:
         self._conn.producer = producer
 
     def reply(self, status: int, body: bytes = b"", headers: HeaderList | None = None) -> None:
-        """A whole local reply, with Envoy's headers for one (content-type, date, server)
-        where `headers` does not set them."""
-        given = headers or []
-        defaults: HeaderList = [(b"date", DATE.get()), (b"server", b"istio-envoy")]
-        if body:
-            defaults.insert(0, (b"content-type", b"text/plain"))
-        if given:
-            names = {name for name, _ in given}
-            defaults = [header for header in defaults if header[0] not in names]
-        self.send_whole(status, [*given, *defaults], len(body), body)
+        """A whole local reply, with Envoy's headers for one (see `local_reply_headers`)."""
+        self.send_whole(status, local_reply_headers(body, headers), len(body), body)
 
     @property
     def ended(self) -> bool:

@@ -1,10 +1,11 @@
 """Listening sockets: the ingress gateway, the explicit (HTTP_PROXY) sidecars, and the
 transparent listeners of captured workloads.
 
-A connection is accepted, classified and handed to one handler: HTTP/1 (`Downstream`
-feeding `Proxy.handle`) or TCP (`TcpProxy`). A transparent listener classifies each
-connection by where it was headed, and by its first bytes on a port of undeclared protocol;
-the others serve HTTP only. Stopping a listener closes its socket and every connection.
+A connection is accepted, classified and handed to one handler: HTTP/1 (`Downstream`) or
+HTTP/2 (`Http2Downstream`), both feeding `Proxy.handle`, or TCP (`TcpProxy`). A transparent
+listener classifies each connection by where it was headed, and by its first bytes on a port
+of undeclared protocol; the others serve HTTP only, either version, told apart by the HTTP/2
+preface (`Preface`). Stopping a listener closes its socket and every connection.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 from minimesh.dataplane.capture.netns import original_destination
 from minimesh.dataplane.exchange import Listener
 from minimesh.dataplane.http1 import DEFAULT_LIMITS, ConnectionLimits, Downstream, Request, Responder
+from minimesh.dataplane.http2 import Http2Downstream, Stream
 from minimesh.dataplane.proxy import Proxy
-from minimesh.dataplane.sniff import DETECTION_TIMEOUT, server_name, sniff
+from minimesh.dataplane.sniff import DETECTION_TIMEOUT, h2_preface, server_name, sniff
 from minimesh.dataplane.tcp import TcpProxy
 from minimesh.routing.connection import Handling, inbound_plan, plan
 
@@ -60,16 +62,16 @@ class Serving:
         self.limits = limits
         self.transparent = transparent
         self.original_of = original_of
-        self.connections: set[Downstream | Accepted] = set()
+        self.connections: set[Downstream | Http2Downstream | Accepted] = set()
         self.tcp = TcpProxy(proxy, lambda: self.listener)
         self.server: asyncio.Server | None = None
 
-    def _protocol(self) -> Downstream | Accepted:
+    def _protocol(self) -> Preface | Accepted:
         if self.transparent:
             accepted = Accepted(self)
             self.connections.add(accepted)
             return accepted
-        return self._downstream()
+        return Preface(self, self._downstream(), None)
 
     def _downstream(self) -> Downstream:
         connection = Downstream(self._handle, self.connections.discard, self.limits, self._rejected)
@@ -85,13 +87,24 @@ class Serving:
         return plan(snapshot, *original).handling
 
     def to_http(self, transport: asyncio.BaseTransport, original: tuple[str, int], early: bytes) -> None:
-        """Serve the connection as HTTP/1 from here on, `early` being its first bytes."""
+        """Serve the connection as HTTP from here on, `early` being its first bytes: HTTP/2
+        if it opens with the preface, else HTTP/1."""
         downstream = self._downstream()
         downstream.extra["original"] = original
-        transport.set_protocol(downstream)
-        downstream.connection_made(transport)
+        preface = Preface(self, downstream, original)
+        transport.set_protocol(preface)
+        preface.connection_made(transport)
         if early:
-            downstream.data_received(early)
+            preface.data_received(early)
+
+    def to_http2(self, transport: asyncio.BaseTransport, original: tuple[str, int] | None, early: bytes) -> None:
+        """Serve the connection as HTTP/2 from here on, `early` being its first bytes (the preface)."""
+        connection = Http2Downstream(self._handle2, self.connections.discard, self.limits)
+        connection.extra["original"] = original
+        self.connections.add(connection)
+        transport.set_protocol(connection)
+        connection.connection_made(transport)
+        connection.data_received(early)
 
     def to_tcp(
         self, transport: asyncio.BaseTransport, original: tuple[str, int], early: bytes, sni: str | None
@@ -113,6 +126,13 @@ class Serving:
             if original is None:
                 original = connection.extra["original"] = original_destination(connection.socket())
         return self.proxy.handle(request, responder, self.listener, responder.peer, original)
+
+    def _handle2(self, request: Request, stream: Stream) -> Awaitable[None]:
+        """The proxy's handling of one HTTP/2 stream."""
+        if request.method == b"CONNECT":
+            stream.reply(405, METHOD_NOT_ALLOWED_FOR_CONNECT)
+            return DONE
+        return self.proxy.handle(request, stream, self.listener, stream.peer, stream.connection.extra["original"])
 
     def _rejected(self, connection: Downstream, status: int, sent: int) -> None:
         self.proxy.rejected(self.listener, connection.peer_text, status, sent)
@@ -143,6 +163,51 @@ class Serving:
         where = f"{self.address[0]}:{self.address[1]}" if self.server and self.server.sockets else "stopped"
         connections = len(self.connections) + len(self.tcp.relays)
         return f"<Serving {self.listener.kind} {self.listener.name} on {where} connections={connections}>"
+
+
+class Preface(asyncio.Protocol):
+    """An HTTP connection until its first bytes tell which version it speaks: the HTTP/2
+    preface (prior knowledge, as gRPC clients send) hands it to `Http2Downstream`, anything
+    else to the HTTP/1 `Downstream` made for it at once, so its idle timeout runs from the
+    accept. Only the first bytes pass through here: the HTTP/1 path costs nothing more."""
+
+    def __init__(self, serving: Serving, downstream: Downstream, original: tuple[str, int] | None) -> None:
+        self.serving = serving
+        self.downstream = downstream
+        self.original = original
+        self.transport: asyncio.BaseTransport | None = None
+        self.early = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.downstream.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        early = self.early + data
+        verdict = h2_preface(early)
+        if verdict is None:
+            self.early = early
+            return
+        transport = self.transport
+        assert transport is not None
+        if verdict:
+            self.downstream.connection_lost(None)  # the HTTP/1 codec lets go of the connection
+            self.serving.to_http2(transport, self.original, early)
+        else:
+            transport.set_protocol(self.downstream)
+            self.downstream.data_received(early)
+
+    def pause_writing(self) -> None:
+        self.downstream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.downstream.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.downstream.connection_lost(exc)
+
+    def __repr__(self) -> str:
+        return f"<Preface {self.downstream.peer_text} read={len(self.early)}>"
 
 
 class Accepted(asyncio.Protocol):
@@ -186,6 +251,8 @@ class Accepted(asyncio.Protocol):
             return
         if found == "http1":
             self._hand_over(self.serving.to_http, early)
+        elif found == "http2":
+            self._hand_over(self.serving.to_http2, early)
         elif found == "tls":
             self.handling = "tls"
             self._tls()

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from minimesh.dataplane.attempts import attempts
-from minimesh.dataplane.call import Call
+from minimesh.dataplane.call import Call, Responding
 from minimesh.dataplane.cors import cors_step
 from minimesh.dataplane.current import Current
 from minimesh.dataplane.deadline import Deadline
@@ -29,7 +29,7 @@ from minimesh.dataplane.exchange import (
     request_id,
 )
 from minimesh.dataplane.fault import Faults, fault_step, fires
-from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, BodyTooLarge, Request, Responder, UpstreamResponse
+from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, BodyTooLarge, Request, UpstreamResponse
 from minimesh.dataplane.mirror import Mirrors
 from minimesh.dataplane.respond import framing, request_head, respond, tunnel
 from minimesh.dataplane.upstream import (
@@ -102,7 +102,7 @@ class Proxy:
     async def handle(
         self,
         request: Request,
-        responder: Responder,
+        responder: Responding,
         listener: Listener,
         peer: str,
         original: tuple[str, int] | None = None,

@@ -6,7 +6,7 @@ header operations, Envoy's own headers, framing) and the upstream's response pas
 from __future__ import annotations
 
 from minimesh.dataplane.call import Call
-from minimesh.dataplane.http1 import DATE, Body, Request, UpstreamClosed, UpstreamResponse
+from minimesh.dataplane.http1 import DATE, Body, Request, Responder, UpstreamClosed, UpstreamResponse
 from minimesh.routing.headers import HeaderList, RequestOps, ResponseOps
 
 WHOLE_LIMIT = 1 << 16
@@ -105,8 +105,11 @@ async def respond(call: Call, response: UpstreamResponse, ops: ResponseOps, cook
 
 async def tunnel(call: Call, response: UpstreamResponse) -> None:
     """The upstream switched protocols (WebSocket, as Istio allows by default): its 101
-    goes back, then bytes pass both ways until either side closes."""
-    switched = call.responder.switch(response.headers, response.conn)
+    goes back, then bytes pass both ways until either side closes. Only an HTTP/1.1
+    request asks to upgrade, so only its responder is ever switched."""
+    responder = call.responder
+    assert isinstance(responder, Responder), "only HTTP/1.1 switches protocols"
+    switched = responder.switch(response.headers, response.conn)
     try:
         await switched.done
     finally:

@@ -32,8 +32,9 @@ def sniff(data: bytes) -> Sniffed | None:
         return None
     if data[0] == _TLS_HANDSHAKE:
         return "tls" if len(data) < 2 or data[1] == 3 else "tcp"
-    if H2_PREFACE.startswith(data[: len(H2_PREFACE)]):
-        return "http2" if len(data) >= len(H2_PREFACE) else None
+    preface = h2_preface(data)
+    if preface is not False:
+        return "http2" if preface else None
     space = data.find(b" ")
     if space < 0:
         return None if len(data) <= 24 and _METHOD.fullmatch(data) else "tcp"
@@ -43,6 +44,14 @@ def sniff(data: bytes) -> Sniffed | None:
     if end < 0:
         return None if len(data) < MAX_REQUEST_LINE and b"\r" not in data[:-1] else "tcp"
     return "http1" if _REQUEST_LINE.fullmatch(data[: end + 1]) else "tcp"
+
+
+def h2_preface(data: bytes) -> bool | None:
+    """Does `data` start with the HTTP/2 connection preface (prior knowledge)? None while
+    it is a prefix of the preface, too short to tell."""
+    if not H2_PREFACE.startswith(data[: len(H2_PREFACE)]):
+        return False
+    return True if len(data) >= len(H2_PREFACE) else None
 
 
 def server_name(data: bytes) -> str | Literal[False] | None:

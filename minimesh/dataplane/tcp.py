@@ -11,11 +11,12 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from minimesh.config.names import MESH
 from minimesh.dataplane.exchange import Exchange, Listener
 from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import CONNECT_TIMEOUT, UNLIMITED, ClusterState
 from minimesh.routing.connection import decide_connection, service_at
-from minimesh.routing.snapshot import MESH, BlackHole, Cluster, Connect, ConnectionFacts, Endpoint, PassThrough
+from minimesh.routing.snapshot import BlackHole, Cluster, Connect, ConnectionFacts, Endpoint, PassThrough
 
 IDLE_TIMEOUT = 3600.0
 """Istio's default idle timeout of a TCP connection (one hour without a byte either way)."""

@@ -21,13 +21,13 @@ from minimesh.config.labels import (
     parse_fault_first,
     port_protocol,
 )
+from minimesh.config.names import CLUSTER_DOMAIN, MESH, fqdn, gateway_ref, host_covers, is_ip, resource_ref, specificity
 from minimesh.registry.model import Workload
 from minimesh.registry.static import from_workload_entry
 from minimesh.routing.request import RequestView
 from minimesh.routing.retry import RetryPolicy
 from minimesh.routing.snapshot import (
     INGRESS_LABELS,
-    MESH,
     Binding,
     Cluster,
     CompiledVirtualService,
@@ -51,12 +51,8 @@ from minimesh.routing.snapshot import (
     Target,
     Test,
     cluster_name,
-    host_covers,
-    resource_ref,
-    specificity,
 )
 
-CLUSTER_DOMAIN = "svc.cluster.local"
 ROOT_NAMESPACE = "istio-system"
 
 HTTP_SERVER_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
@@ -71,36 +67,6 @@ HTTP_STATUSES = frozenset(status.value for status in HTTPStatus)
 
 
 # ---------------------------------------------------------------- names
-
-
-def fqdn(host: str, namespace: str) -> str:
-    """Istio's ResolveShortnameToFQDN: a name without a dot is a service of `namespace`."""
-    host = host.lower()
-    if host == "*" or "." in host or is_ip(host):
-        return host
-    return f"{host}.{namespace}.{CLUSTER_DOMAIN}"
-
-
-def is_ip(text: str) -> bool:
-    """Is `text` an IP address (IPv6 with or without brackets), not a name?"""
-    try:
-        ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
-def gateway_ref(name: str, namespace: str) -> str:
-    """A `gateways` entry → `namespace/name` (or `mesh`), as Istio resolves it."""
-    if name == MESH:
-        return MESH
-    if "/" in name:
-        ns, _, short = name.partition("/")
-        return f"{namespace if ns == '.' else ns}/{short}"
-    if "." in name:
-        short, ns = name.split(".")[:2]
-        return f"{ns}/{short}"
-    return f"{namespace}/{name}"
 
 
 # ---------------------------------------------------------------- services and endpoints

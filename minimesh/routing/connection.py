@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from minimesh.config.labels import DETECTED, TLS_PROTOCOLS
+from minimesh.config.names import host_covers
 from minimesh.registry.model import Workload
 from minimesh.routing.pick import choose_weighted
 from minimesh.routing.snapshot import (
@@ -26,7 +27,6 @@ from minimesh.routing.snapshot import (
     PassThrough,
     Snapshot,
     TraceStep,
-    host_covers,
 )
 
 Handling = Literal["http", "tcp", "tls", "detect", "passthrough"]

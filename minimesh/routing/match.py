@@ -10,10 +10,10 @@ import random
 
 from minimesh.config import model as m
 from minimesh.config.durations import format_duration
+from minimesh.config.names import MESH, host_covers, specificity
 from minimesh.routing.pick import RingHash, choose_weighted, hash_key, request_cookie
 from minimesh.routing.request import DEFAULT_PORTS, RequestView, split_authority
 from minimesh.routing.snapshot import (
-    MESH,
     Binding,
     BlackHole,
     Cluster,
@@ -31,9 +31,7 @@ from minimesh.routing.snapshot import (
     Route,
     Snapshot,
     TraceStep,
-    host_covers,
     replace_prefix,
-    specificity,
 )
 
 Steps = list[TraceStep] | None

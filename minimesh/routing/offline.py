@@ -12,8 +12,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from minimesh.config import model as m
-from minimesh.config.check import fqdn
 from minimesh.config.labels import ServicePortSpec
+from minimesh.config.names import fqdn
 from minimesh.registry.model import Workload
 
 CLUSTER_SUFFIX = ".svc.cluster.local"

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from minimesh.config import model as m
 from minimesh.config.durations import format_duration
 from minimesh.config.labels import DETECTED
+from minimesh.config.names import host_covers, resource_ref
 from minimesh.errors import Location
 from minimesh.registry.model import Workload
 from minimesh.routing.headers import Cors, RequestOps, ResponseOps
@@ -23,7 +24,6 @@ from minimesh.routing.retry import RetryDecider, RetryPolicy
 INGRESS_LABELS: m.Labels = (("istio", "ingressgateway"),)
 """The labels of the built-in ingress gateway: it serves every Gateway that selects them."""
 
-MESH = "mesh"
 NO_OPERATIONS = m.HeaderOperations()
 
 
@@ -957,11 +957,6 @@ class Snapshot:
         )
 
 
-def resource_ref(meta: m.Meta) -> str:
-    """`Kind/namespace/name`, the namespace always written (as `x-minimesh-route` shows it)."""
-    return f"{meta.kind}/{meta.namespace}/{meta.name}"
-
-
 def _plain(value: object) -> Any:
     """A config value as JSON-able data (dataclasses to dicts, tuples to lists)."""
     if value is None or isinstance(value, str | int | float | bool):
@@ -998,18 +993,3 @@ def _virtual_service_json(vs: CompiledVirtualService) -> dict[str, Any]:
             for route in vs.routes
         ],
     }
-
-
-def host_covers(pattern: str, host: str) -> bool:
-    """Istio host matching: `*` covers all, `*.x.com` covers `a.x.com` and `*.a.x.com`."""
-    if pattern == "*":
-        return True
-    if pattern.startswith("*."):
-        suffix = pattern[1:]
-        return host.endswith(suffix) and (not host.startswith("*") or len(host) >= len(pattern))
-    return pattern == host
-
-
-def specificity(domain: str) -> tuple[int, int]:
-    """Envoy's virtual host order: exact before wildcard, a longer wildcard first."""
-    return (1 if domain.startswith("*") else 0, -len(domain))

@@ -1,5 +1,6 @@
 """What the proxy tests stand on: small real upstreams on 127.0.0.1, a mesh built from YAML
-text, a real gateway and sidecar listener, and clients (aiohttp, or raw sockets for the wire).
+text, a real gateway and sidecar listener, and clients (aiohttp, raw sockets for the wire, or
+`H2Client`: HTTP/2 with prior knowledge, driven by the h2 library).
 
 `Backend` answers as its `replies` script says, then as `reply`, recording every request with
 the connection it came on and how many were in flight at once; a reply that `hold`s waits
@@ -27,6 +28,17 @@ import aiohttp
 import httptools
 import pytest
 from aiohttp import web
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PingAckReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+)
+from h2.settings import SettingCodes, Settings
 
 from minimesh.config.load import load_layers
 from minimesh.config.source import parse_text
@@ -470,3 +482,152 @@ class RawClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
+
+
+# ---------------------------------------------------------------- HTTP/2 (h2c, prior knowledge)
+
+
+@dataclass(slots=True)
+class H2Answer:
+    """One stream's response as an HTTP/2 client saw it; `reset` is the RST_STREAM error code
+    when the proxy reset the stream, `unacked` the DATA bytes the client has not yet handed
+    back to the proxy's window."""
+
+    status: int = 0
+    pairs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+    reset: int | None = None
+    ended: bool = False
+    unacked: int = 0
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {name.decode(): value.decode("latin-1") for name, value in self.pairs}
+
+
+class H2Client:
+    """One h2c connection (prior knowledge, as gRPC clients connect) to a listener: streams are
+    opened at will and answered concurrently. h2 checks every frame the proxy sends (a DATA
+    frame past the window is an error). With `auto_ack` off the client hands no window back,
+    so the proxy must stop once it has sent `window` bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, window: int) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.h2.local_settings = Settings(client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: window})
+        self.h2.initiate_connection()
+        self.auto_ack = True
+        self.answers: dict[int, H2Answer] = {}
+        self.pings = 0
+        self.goaway = False
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()
+        self._flush()
+        self._task = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def connect(cls, address: tuple[str, int], *, window: int = 65535) -> H2Client:
+        reader, writer = await asyncio.open_connection(*address)
+        return cls(reader, writer, window)
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.writer.write(data)
+
+    async def _read(self) -> None:
+        try:
+            while data := await self.reader.read(65536):
+                for event in self.h2.receive_data(data):
+                    self._event(event)
+                self._flush()
+                self._changed.set()
+        except Exception as exc:  # any failure is the test's to see
+            self.error = exc
+        self.goaway = True
+        self._changed.set()
+
+    def _event(self, event: object) -> None:
+        if isinstance(event, ResponseReceived):
+            answer = self.answers[event.stream_id or 0]
+            answer.pairs = [(bytes(n), bytes(v)) for n, v in event.headers or ()]
+            answer.status = int(answer.headers[":status"])
+        elif isinstance(event, DataReceived):
+            answer = self.answers[event.stream_id or 0]
+            answer.body += event.data or b""
+            answer.unacked += event.flow_controlled_length or 0
+            if self.auto_ack:
+                self.ack(event.stream_id or 0)
+        elif isinstance(event, StreamEnded):
+            self.answers[event.stream_id or 0].ended = True
+        elif isinstance(event, StreamReset):
+            self.answers[event.stream_id or 0].reset = event.error_code
+        elif isinstance(event, PingAckReceived):
+            self.pings += 1
+        elif isinstance(event, ConnectionTerminated):
+            self.goaway = True
+
+    def ack(self, stream_id: int) -> None:
+        """Hand back the window of what the stream received so far."""
+        answer = self.answers[stream_id]
+        if answer.unacked:
+            self.h2.acknowledge_received_data(answer.unacked, stream_id)
+            answer.unacked = 0
+            self._flush()
+
+    def request(
+        self, method: str, path: str, headers: Mapping[str, str] | None = None, body: bytes = b"",
+        authority: str = "example.com", more: bool = False,
+    ) -> int:  # fmt: skip
+        """Open a stream (`body` fits the initial window; `more`: the caller sends the rest);
+        its id, to await its `answer`."""
+        stream_id = self.h2.get_next_available_stream_id()
+        fields = [(":method", method), (":path", path), (":scheme", "http"), (":authority", authority)]
+        fields += [(name.lower(), value) for name, value in (headers or {}).items()]
+        self.h2.send_headers(stream_id, [(n.encode(), v.encode()) for n, v in fields], end_stream=not (body or more))
+        if body:
+            self.h2.send_data(stream_id, body, end_stream=not more)
+        self.answers[stream_id] = H2Answer()
+        self._flush()
+        return stream_id
+
+    def reset(self, stream_id: int) -> None:
+        self.h2.reset_stream(stream_id)
+        self._flush()
+
+    async def until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until `done()` holds, checking after everything the proxy sends (and every
+        10 ms, for conditions on other parties)."""
+        async with asyncio.timeout(timeout):
+            while not done():
+                if self.error is not None:
+                    raise self.error
+                if self.goaway:
+                    raise ConnectionResetError("the proxy closed the connection")
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 0.01)
+
+    async def answer(self, stream_id: int) -> H2Answer:
+        """The stream's whole response (or its reset)."""
+        answer = self.answers[stream_id]
+        await self.until(lambda: answer.ended or answer.reset is not None)
+        return answer
+
+    async def get(self, path: str, headers: Mapping[str, str] | None = None, **kwargs: Any) -> H2Answer:
+        return await self.answer(self.request("GET", path, headers, **kwargs))
+
+    async def ping(self) -> None:
+        """A round trip: everything the proxy sent before its PING ACK has been read."""
+        seen = self.pings
+        self.h2.ping(b"minimesh")
+        self._flush()
+        await self.until(lambda: self.pings > seen)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            await self.writer.wait_closed()
+            await self._task

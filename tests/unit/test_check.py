@@ -6,8 +6,9 @@ import textwrap
 
 import pytest
 
-from minimesh.config.check import check_mesh, fqdn, host_covers
+from minimesh.config.check import check_mesh
 from minimesh.config.load import load_layers, load_paths
+from minimesh.config.names import fqdn, host_covers
 from minimesh.config.source import parse_text
 from tests.conftest import BOOKINFO, EXAMPLES
 
@@ -162,8 +163,9 @@ def test_corpus_loads_without_errors() -> None:
     ("host", "namespace", "expected"),
     [
         ("reviews", "default", "reviews.default.svc.cluster.local"),
-        ("reviews.prod", "default", "reviews.prod.svc.cluster.local"),
-        ("reviews.prod.svc", "default", "reviews.prod.svc.cluster.local"),
+        ("reviews.prod", "default", "reviews.prod"),
+        ("reviews.prod.svc", "default", "reviews.prod.svc"),
+        ("Reviews", "prod", "reviews.prod.svc.cluster.local"),
         ("api.example.com", "default", "api.example.com"),
         ("*.example.com", "default", "*.example.com"),
     ],

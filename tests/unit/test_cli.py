@@ -296,3 +296,33 @@ def test_apply_refuses_a_file_over_3_mib_before_sending_it(tmp_path: Path) -> No
         f"minimesh: error: {big}:1:1: error: 3145729 bytes is over the 3 MiB limit of a Kubernetes request; "
         "split the documents across several files\n"
     )
+
+
+DOTTED = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: prod}
+spec:
+  host: reviews.prod.svc.cluster.local
+  subsets: [{name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: prod}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews.prod, subset: v2}}]
+"""
+
+
+def test_validate_reads_a_dotted_host_as_routing_does(tmp_path: Path) -> None:
+    """Istio keeps `reviews.prod` as written (only a name without a dot is expanded), so the
+    subset the DestinationRule of `reviews.prod.svc.cluster.local` defines is not v2's: routing
+    sends such a request nowhere, and `validate --strict` must fail on it too."""
+    (tmp_path / "mesh.yaml").write_text(DOTTED)
+    result = minimesh("validate", "--strict", "-f", str(tmp_path / "mesh.yaml"))
+    assert result.returncode == 1, result.stdout
+    assert "reviews.prod" in result.stdout
+    explained = minimesh("explain", "-f", str(tmp_path / "mesh.yaml"), "GET", "http://reviews.prod:9080/")
+    assert "no service or ServiceEntry" in explained.stdout or "subset" in explained.stdout, explained.stdout

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minimesh.admin.metrics import KEYS_KEPT, Metrics
+from minimesh.config.names import host_covers
 from minimesh.dataplane.accesslog import _StartTimes, fields, text_line
 from minimesh.dataplane.deadline import Deadline
 from minimesh.dataplane.exchange import Exchange, LazyHeaders, Listener, request_id
@@ -23,7 +24,7 @@ from minimesh.dataplane.http1 import Outbox
 from minimesh.registry.model import Workload
 from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.request import RequestView
-from minimesh.routing.snapshot import Binding, Endpoint, Facts, GatewayTable, host_covers
+from minimesh.routing.snapshot import Binding, Endpoint, Facts, GatewayTable
 from tests.clocks import on_virtual_time
 from tests.unit.test_routing_compile import load_mesh
 

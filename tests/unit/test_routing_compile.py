@@ -11,10 +11,11 @@ import pytest
 from minimesh.config import model as m
 from minimesh.config.labels import ServicePortSpec
 from minimesh.config.load import load_layers
+from minimesh.config.names import gateway_ref
 from minimesh.config.source import parse_text
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
-from minimesh.routing.compile import compile_snapshot, gateway_ref, retry_policy
+from minimesh.routing.compile import compile_snapshot, retry_policy
 from minimesh.routing.retry import RetryPolicy
 from minimesh.routing.snapshot import Snapshot
 from tests.conftest import BOOKINFO
