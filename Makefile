@@ -34,10 +34,12 @@ test: venv native
 test-unit: venv
 	@$(BIN)/pytest -q tests/unit
 
+# ruff, mypy, and the layering contract (config, registry <- routing <- dataplane <- daemon <- cli)
 lint: venv
 	@$(BIN)/ruff check minimesh tests tools
 	@$(BIN)/ruff format --check minimesh tests tools
 	@$(BIN)/mypy --strict minimesh
+	@$(BIN)/pytest -q -p no:cacheprovider tests/unit/test_layering.py
 
 binary: venv native
 	@echo "==> building dist/minimesh with PyInstaller"

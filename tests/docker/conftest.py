@@ -24,6 +24,16 @@ import yaml
 from tests.conftest import BOOKINFO, ROOT
 
 COMPOSE_FILE = BOOKINFO / "docker-compose.yml"
+PATIENCE = 60.0
+"""How long a test waits for what should happen soon: running out fails it, never measures speed."""
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = PATIENCE) -> None:
+    """Wait until `condition` holds; fail naming `what` if it never does."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:g} s in vain for {what}"
+        time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -141,10 +151,7 @@ class Mesh:
             return
         before = self.generation()
         self.config.write_text(text)
-        deadline = time.monotonic() + 10
-        while self.generation() == before:
-            assert time.monotonic() < deadline, "the edited mesh.yaml was not applied within 10 s"
-            time.sleep(0.05)
+        until(lambda: self.generation() != before, "the edited mesh.yaml applied")
 
 
 def capture_rules(container: str) -> str:

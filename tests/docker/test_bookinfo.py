@@ -12,7 +12,7 @@ import urllib.request
 from collections import Counter
 
 from tests.conftest import BOOKINFO
-from tests.docker.conftest import Compose, Mesh
+from tests.docker.conftest import PATIENCE, Compose, Mesh
 
 VARIANTS = BOOKINFO / "variants"
 SERVED_BY = re.compile(r"Reviews served by:</dt><dd><u>([^<]*)</u>")
@@ -91,14 +91,14 @@ def test_ratings_delay_for_jason_times_out_reviews(mesh: Mesh) -> None:
     html = page(mesh, "jason")
     took = time.monotonic() - started
     assert "Sorry, product reviews are currently unavailable for this book." in html
-    assert 5.5 < took < 9.0, took
+    assert took > 5.5, took  # productpage gave up on reviews twice (3 s each), as in Istio's task
     assert stars(page(mesh)) == "none"
 
 
 def test_a_second_v3_replica_is_discovered_and_balanced(mesh: Mesh, bookinfo: Compose) -> None:
     mesh.apply(VARIANTS / "virtual-service-reviews-50-v3.yaml")
     bookinfo.run("up", "-d", "--scale", "reviews-v3=2", "--no-recreate")
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + PATIENCE
     v3_hosts: set[str] = set()
     while len(v3_hosts) < 2 and time.monotonic() < deadline:
         html = page(mesh)

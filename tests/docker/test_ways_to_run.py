@@ -14,8 +14,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from minimesh.background import alive
 from tests.conftest import BOOKINFO, ROOT
-from tests.docker.conftest import Compose, capture_rules, free_port, wait_serving
+from tests.docker.conftest import Compose, capture_rules, free_port, until, wait_serving
 
 DAEMON_FRAGMENT = ROOT / "compose" / "minimesh.yml"
 
@@ -74,7 +75,7 @@ def test_demo_down_leaves_nothing_even_after_a_killed_daemon(images: None) -> No
         assert "Reviews served by:" in get("http://127.0.0.1:8080/productpage")
         pid = int((ROOT / ".minimesh" / "minimesh.pid").read_text())
         os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
+        until(lambda: not alive(pid), "the killed daemon gone")
         assert capture_rules_left(), "a killed daemon leaves its rules behind"
     finally:
         down = subprocess.run(["bash", "compose/demo.sh", "down"], cwd=ROOT, env=env, capture_output=True,

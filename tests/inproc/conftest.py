@@ -21,7 +21,7 @@ import pytest
 
 from tests.inproc.upstreams import Backend
 
-READY_TIMEOUT = 20.0
+READY_TIMEOUT = 60.0
 
 
 LISTEN_PORTS = range(20000, 32000)

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.inproc.conftest import StartDaemon, StartUpstream
-from tests.inproc.upstreams import Backend, Reply
+from tests.inproc.upstreams import Backend, Reply, until
 
 HEAD = """\
 apiVersion: networking.istio.io/v1
@@ -119,7 +119,7 @@ async def test_circuit_breaking_never_lets_more_through_than_configured(
     tmp_path: Path, start_daemon: StartDaemon, upstreams: StartUpstream
 ) -> None:
     slow = await upstreams("slow")
-    slow.reply = Reply(delay=0.3)
+    slow.reply = Reply(hold=True)
     routes = """---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -155,7 +155,12 @@ spec:
                     overloaded += 1
                 return response.status
 
-        codes = Counter(await asyncio.gather(*(one() for _ in range(10))))
+        # the first request is held at the upstream, the second waits for its connection: the
+        # other eight overflow; only then is the upstream let go
+        requests = asyncio.gather(*(one() for _ in range(10)))
+        await until(lambda: overloaded == 8, "eight requests answered 503 overflow")
+        slow.release()
+        codes = Counter(await requests)
     assert slow.max_active == 1
     assert codes[200] >= 1 and codes[503] == overloaded >= 7, codes
 
@@ -198,7 +203,7 @@ spec:
 
 async def test_mirrors_arrive_with_shadow(tmp_path: Path, start_daemon: StartDaemon, upstreams: StartUpstream) -> None:
     main, shadow = await upstreams("main"), await upstreams("shadow")
-    shadow.reply = Reply(delay=1.0)
+    shadow.reply = Reply(hold=True)
     routes = """---
 apiVersion: v1
 kind: Service
@@ -218,14 +223,12 @@ spec:
 """
     mesh = write(tmp_path / "mesh", routes, entry("a", main, "v1"), entry("s", shadow, "v1", app="copy"))
     daemon = await start_daemon(mesh)
-    async with aiohttp.ClientSession() as session:
-        started = asyncio.get_running_loop().time()
-        async with session.get(f"{daemon.gateway}/orders", headers={"host": "shop.local"}) as response:
-            assert (response.status, await response.text()) == (200, "main")
-        assert asyncio.get_running_loop().time() - started < 0.8, "a slow mirror must not delay the primary"
-    for _ in range(40):
-        if shadow.seen:
-            break
-        await asyncio.sleep(0.05)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{daemon.gateway}/orders", headers={"host": "shop.local"}) as response,
+    ):
+        assert (response.status, await response.text()) == (200, "main"), "answered while the mirror is held"
+    await until(lambda: shadow.seen, "the mirrored copy")
+    shadow.release()
     assert [r.headers["host"] for r in shadow.seen] == ["shop.local-shadow"]
     assert [r.path for r in shadow.seen] == ["/orders"]

@@ -9,8 +9,6 @@ import asyncio
 import logging
 import os
 import random
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -30,19 +28,9 @@ from minimesh.registry.watch import Discovered
 from tests.hostile import HOSTILE, Hostile
 from tests.inproc.conftest import Shop, StartDaemon, minimesh
 from tests.inproc.test_daemon import fetch, traffic
+from tests.inproc.upstreams import PATIENCE, until
 
 YAML = {"content-type": "application/yaml"}
-
-
-async def wait_for(check: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 20.0) -> None:
-    """Poll a predicate (sync or async) until it holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        outcome = check()
-        if await outcome if isinstance(outcome, Awaitable) else outcome:
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"not within {timeout} s: {what}")
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -66,11 +54,10 @@ def save(path: Path, data: bytes) -> None:
 async def test_hostile_files_saved_under_traffic_lose_no_request(shop: Shop, start_daemon: StartDaemon) -> None:
     daemon = await start_daemon(shop.folder)
     results: list[tuple[int, str]] = []
+    stop = asyncio.Event()
     async with aiohttp.ClientSession() as session, aiohttp.ClientSession() as clients:
-        load = asyncio.create_task(
-            traffic(clients, f"{daemon.gateway}/reviews/1", results, total=100_000, clients=4, seconds=120)
-        )
-        await wait_for(lambda: len(results) >= 50, "traffic flowing")
+        load = asyncio.create_task(traffic(clients, f"{daemon.gateway}/reviews/1", results, clients=4, stop=stop))
+        await until(lambda: len(results) >= 50, "traffic flowing")
         peak_before = peak_rss_kib(daemon.process.pid)
         for number, hostile in enumerate(HOSTILE, start=1):
             save(shop.path, hostile.data)
@@ -82,7 +69,7 @@ async def test_hostile_files_saved_under_traffic_lose_no_request(shop: Shop, sta
                     e.startswith(f"{shop.path}:{hostile.where}: error: ") and hostile.message in e for e in errors
                 )
 
-            await wait_for(refused, f"the reload of '{hostile.name}' refused with its location")
+            await until(refused, f"the reload of '{hostile.name}' refused with its location")
             dump = await daemon.config_dump(session)
             assert dump["generation"] == 1
             assert isinstance(dump["reloadsRejected"], int) and dump["reloadsRejected"] >= number
@@ -97,9 +84,10 @@ async def test_hostile_files_saved_under_traffic_lose_no_request(shop: Shop, sta
         async def fixed() -> bool:
             return (await daemon.config_dump(session))["generation"] == 2
 
-        await wait_for(fixed, "the good file after the hostile ones")
-        load.cancel()
-        await asyncio.gather(load, return_exceptions=True)
+        await until(fixed, "the good file after the hostile ones")
+        await until(lambda: len(results) > 100, "more than 100 requests through it all")
+        stop.set()
+        await load
         assert await fetch(session, f"{daemon.gateway}/reviews/1") == (200, "reviews-v2")
         dump = await daemon.config_dump(session)
         assert dump["lastReloadError"] is None and dump["internalErrors"] == 0
@@ -206,14 +194,14 @@ async def test_no_background_task_ends_the_daemon(
     daemon = daemon_of(shop)
     running = asyncio.create_task(daemon.run())
     try:
-        await wait_for(lambda: daemon.ready and starts == 3, "the watcher running again")
+        await until(lambda: daemon.ready and starts == 3, "the watcher running again")
         assert daemon.internal_errors == 1
 
         compiling = daemon_module.compile_snapshot
         monkeypatch.setattr(daemon_module, "compile_snapshot", broken)
         container = Workload(name="web-1", address="172.18.0.5", labels=(("app", "web"),), origin="Docker")
         daemon._discovered(Discovered((container,)))  # the containers changed, and recompiling fails
-        await wait_for(lambda: daemon.internal_errors == 2, "the failed recompile counted")
+        await until(lambda: daemon.internal_errors == 2, "the failed recompile counted")
         monkeypatch.setattr(daemon_module, "compile_snapshot", compiling)
 
         loop = asyncio.get_running_loop()
@@ -221,11 +209,11 @@ async def test_no_background_task_ends_the_daemon(
         assert daemon.internal_errors == 3
 
         shop.write(shop.text(entry_subset="v2"))  # the restarted watcher still reloads
-        await wait_for(lambda: daemon.current.get().generation >= 2, "the reload after the restarts")
+        await until(lambda: daemon.current.get().generation >= 2, "the reload after the restarts")
         assert not running.done() and daemon.ready
     finally:
         daemon.stop()
-        await asyncio.wait_for(running, 10)
+        await asyncio.wait_for(running, PATIENCE)
     messages = [r.getMessage() for r in caplog.records if r.exc_info]
     assert sum("background task 'watch config files'" in m for m in messages) == 1
     assert "minimesh: the background task 'watch config files' ended while the daemon runs" in caplog.messages

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minimesh.dataplane.http1 import ConnectionLimits, Downstream
-from tests.inproc.upstreams import Backend, Mesh, RawClient, Seen, running_mesh, service, web_route
+from tests.inproc.upstreams import Backend, Mesh, RawClient, Seen, running_mesh, service, until, web_route
 
 APP = service("web", "app")
 ROUTE = web_route("retries: {attempts: 0}", "timeout: 1s")
@@ -29,13 +29,6 @@ CHUNKED = b"POST /up HTTP/1.1\r\nhost: example.com\r\ntransfer-encoding: chunked
 
 async def connect(mesh: Mesh) -> RawClient:
     return await RawClient.connect(mesh.gateway.address)
-
-
-async def until(check: Any, what: str, timeout: float = 5.0) -> None:
-    """Wait for a condition (bounded)."""
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.005)
 
 
 def downstreams(mesh: Mesh) -> list[Downstream]:
@@ -259,7 +252,9 @@ def test_fuzzed_bytes_get_envoys_statuses_and_every_connection_closes() -> None:
             one()
 
             async def closed() -> None:
-                await until(lambda: gateway_sockets(port) == 0 and not mesh.gateway.connections, "closed", 5)
+                await until(
+                    lambda: gateway_sockets(port) == 0 and not mesh.gateway.connections, "every connection closed"
+                )
 
             loop.run_until_complete(closed())
     finally:

@@ -6,9 +6,18 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from aiohttp import web
-
-from tests.inproc.upstreams import Backend, Mesh, RawClient, Reply, Seen, gateway_http, running_mesh, service, web_route
+from tests.inproc.upstreams import (
+    Answer,
+    Backend,
+    Mesh,
+    RawClient,
+    Reply,
+    gateway_http,
+    running_mesh,
+    service,
+    until,
+    web_route,
+)
 
 NAMES = ("a", "b", "c")
 
@@ -48,48 +57,46 @@ async def test_random_spreads_without_a_pattern() -> None:
         assert bodies[:10] != [b"a", b"b"] * 5 and bodies[:10] != [b"b", b"a"] * 5
 
 
-async def busy_share(mesh: Mesh, busy: Backend, release: asyncio.Event) -> float:
-    """With `busy` holding requests open, the share of 100 more requests that still go to it."""
-    held = []
-    while busy.active < 3:
-        held.append(asyncio.create_task(mesh.get("/")))
-        await asyncio.sleep(0.01)
+async def busy_share(mesh: Mesh, busy: Backend) -> float:
+    """With `busy` holding three requests or more open, the share of 100 more that still go to
+    it. Each request lands (held at `busy`, or answered by the other) before the next is sent,
+    so every pick sees the same load whatever the machine's speed."""
+    held: list[asyncio.Task[Answer]] = []
+
+    async def send() -> None:
+        before = len(busy.seen)
+        task = asyncio.create_task(mesh.get("/"))
+        await until(lambda: task.done() or len(busy.seen) > before, "the request answered or held")
+        if not task.done():
+            held.append(task)
+
+    for _ in range(100):
+        if busy.active >= 3:
+            break
+        await send()
+    assert busy.active >= 3
     before = len(busy.seen)
     for _ in range(100):
-        task = asyncio.create_task(mesh.get("/"))
-        done, _ = await asyncio.wait({task}, timeout=0.01)
-        if not done:
-            held.append(task)
+        await send()
     share = (len(busy.seen) - before) / 100
-    release.set()
+    busy.release()
     await asyncio.gather(*held)
     return share
 
 
-def holding(backend: Backend, release: asyncio.Event) -> Backend:
-    async def hold(request: web.BaseRequest, seen: Seen) -> web.StreamResponse:
-        await release.wait()
-        return web.Response(body=b"held")
-
-    backend.handler = hold
-    return backend
-
-
 async def test_least_request_avoids_the_busy_endpoint_and_is_the_default() -> None:
-    release = asyncio.Event()
     parts = backends("a", "b")
-    holding(parts["a"], release)
+    parts["a"].reply = Reply(hold=True)
     async with running_mesh(mesh_yaml(None, ("a", "b")), parts) as mesh:
-        share = await busy_share(mesh, parts["a"], release)
+        share = await busy_share(mesh, parts["a"])
     assert share <= 0.4, share
 
 
 async def test_random_ignores_load() -> None:
-    release = asyncio.Event()
     parts = backends("a", "b")
-    holding(parts["a"], release)
+    parts["a"].reply = Reply(hold=True)
     async with running_mesh(mesh_yaml("{simple: RANDOM}", ("a", "b")), parts) as mesh:
-        share = await busy_share(mesh, parts["a"], release)
+        share = await busy_share(mesh, parts["a"])
     assert share >= 0.3, share
 
 

@@ -3,18 +3,9 @@ requests as Envoy's CORS filter answers them, redirects and direct responses."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
-from tests.inproc.upstreams import Backend, Reply, gateway_http, running_mesh, service, web_route
+from tests.inproc.upstreams import Backend, Reply, gateway_http, running_mesh, service, until, web_route
 
 APPS = service("web", "app") + "---" + service("shadow", "copy")
-
-
-async def until(condition, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 async def test_mirror_gets_a_copy_with_a_shadow_host_and_its_answer_is_dropped() -> None:
@@ -22,7 +13,7 @@ async def test_mirror_gets_a_copy_with_a_shadow_host_and_its_answer_is_dropped()
     async with running_mesh(APPS + web_route("mirror: {host: shadow}"), {"app": app, "copy": copy}) as mesh:
         answer = await mesh.request("POST", "/orders?id=1", data=b'{"n": 1}', headers={"Host": "shop.example.com:80"})
         assert (answer.status, answer.body) == (200, b"app")
-        await until(lambda: copy.seen)
+        await until(lambda: copy.seen, "the mirrored copy")
         seen = copy.seen[0]
         assert seen.headers["host"] == "shop.example.com-shadow:80"
         assert (seen.method, seen.path, seen.body) == ("POST", "/orders?id=1", b'{"n": 1}')
@@ -32,13 +23,14 @@ async def test_mirror_gets_a_copy_with_a_shadow_host_and_its_answer_is_dropped()
 
 
 async def test_a_slow_mirror_never_delays_the_request() -> None:
-    app, copy = Backend("app"), Backend("copy", Reply(delay=0.5))
+    app, copy = Backend("app"), Backend("copy", Reply(hold=True))
     async with running_mesh(APPS + web_route("mirror: {host: shadow}"), {"app": app, "copy": copy}) as mesh:
-        started = time.monotonic()
         for _ in range(3):
             assert (await mesh.get("/")).status == 200
-        assert time.monotonic() - started < 0.3
-        await until(lambda: len(copy.seen) == 3)
+        assert len(mesh.proxy.mirrors.tasks) == 3, "each request was answered while its mirror was still unanswered"
+        await until(lambda: len(copy.seen) == 3, "three mirrored copies")
+        copy.release()
+        await until(lambda: not mesh.proxy.mirrors.tasks, "the mirrors answered once released")
 
 
 async def test_mirror_percentage_mirrors_a_share() -> None:
@@ -48,7 +40,7 @@ async def test_mirror_percentage_mirrors_a_share() -> None:
     ) as mesh:
         for _ in range(100):
             await mesh.get("/")
-        await asyncio.sleep(0.1)
+        await until(lambda: not mesh.proxy.mirrors.tasks, "every mirror sent is answered")
         assert 12 <= len(copy.seen) <= 40, len(copy.seen)
 
 

@@ -4,7 +4,8 @@ always at least one host, and 503 `UH` `no healthy upstream` when none is left."
 
 from __future__ import annotations
 
-from tests.inproc.upstreams import Backend, FakeClock, Reply, refused_port, running_mesh, service, web_route
+from tests.clocks import FakeClock
+from tests.inproc.upstreams import Backend, Reply, refused_port, running_mesh, service, web_route
 
 CLUSTER = "outbound|9080||web.default.svc.cluster.local"
 

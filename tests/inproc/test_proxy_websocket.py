@@ -6,13 +6,12 @@ an ordinary response."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.inproc.upstreams import RESET, Backend, Mesh, RawClient, Seen, running_mesh, service
+from tests.inproc.upstreams import PATIENCE, RESET, Backend, Mesh, RawClient, Seen, running_mesh, service, until
 
 APP = service("web", "app")
 ROUTES = """
@@ -55,11 +54,7 @@ class Echo:
 
 async def logged(mesh: Mesh, count: int = 1) -> None:
     """The access log writes a tunnel when it ends: wait for it."""
-    for _ in range(200):
-        if len(mesh.exchanges) >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{len(mesh.exchanges)} exchanges logged, expected {count}")
+    await until(lambda: len(mesh.exchanges) >= count, f"{count} exchanges logged")
 
 
 async def test_a_websocket_passes_through_the_gateway_both_ways() -> None:
@@ -70,11 +65,11 @@ async def test_a_websocket_passes_through_the_gateway_both_ways() -> None:
         async with mesh.session.ws_connect(url, headers={"Host": "example.com"}) as socket:
             for i in range(3):
                 await socket.send_str(f"hi {i}")
-                assert await socket.receive_str(timeout=5) == f"echo hi {i}"
+                assert await socket.receive_str(timeout=PATIENCE) == f"echo hi {i}"
             await socket.send_str(BIG)
-            assert await socket.receive_str(timeout=5) == f"echo {BIG}"
+            assert await socket.receive_str(timeout=PATIENCE) == f"echo {BIG}"
             await socket.send_str("bye")
-            assert (await socket.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
+            assert (await socket.receive(timeout=PATIENCE)).type == aiohttp.WSMsgType.CLOSE
         seen = app.seen[0]
         assert (seen.method, seen.path, seen.headers["upgrade"]) == ("GET", "/chat", "websocket")
         assert seen.headers["connection"].lower() == "upgrade"
@@ -91,9 +86,9 @@ async def test_a_client_that_leaves_closes_the_upstream_side() -> None:
     async with running_mesh(APP + ROUTES, {"app": app}) as mesh:
         socket = await mesh.session.ws_connect(mesh.gateway_url + "/chat", headers={"Host": "example.com"})
         await socket.send_str("hi")
-        assert await socket.receive_str(timeout=5) == "echo hi"
+        assert await socket.receive_str(timeout=PATIENCE) == "echo hi"
         await socket.close()
-        await asyncio.wait_for(echo.left.wait(), 5)
+        await asyncio.wait_for(echo.left.wait(), PATIENCE)
         await logged(mesh)
         assert (mesh.last().status, mesh.last().flag_text) == (101, "-")
 
@@ -104,7 +99,7 @@ async def test_a_websocket_through_the_sidecar() -> None:
     async with running_mesh(APP + ROUTES, {"app": app}) as mesh:
         async with mesh.session.ws_connect("http://web:9080/feed", proxy=mesh.sidecar_url) as socket:
             await socket.send_str("through the sidecar")
-            assert await socket.receive_str(timeout=5) == "echo through the sidecar"
+            assert await socket.receive_str(timeout=PATIENCE) == "echo through the sidecar"
         assert app.seen[0].path == "/feed"
 
 
@@ -131,27 +126,29 @@ async def test_a_route_timeout_ends_at_the_101_not_with_the_socket() -> None:
         running_mesh(APP + timed, {"app": app}) as mesh,
         mesh.session.ws_connect(mesh.gateway_url + "/chat", headers={"Host": "example.com"}) as socket,
     ):
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.6)  # past the route timeout: its timer, due first on this loop, has fired
         await socket.send_str("still here")
-        assert await socket.receive_str(timeout=5) == "echo still here"
+        assert await socket.receive_str(timeout=PATIENCE) == "echo still here"
 
 
 async def test_what_a_client_sends_before_the_101_waits_in_its_socket_not_in_the_proxy() -> None:
+    app = Backend("app")
+
     async def slow_to_switch(request: web.BaseRequest, seen: Seen) -> web.StreamResponse:
-        await asyncio.sleep(1)
+        await app.released.wait()
         return await Echo()(request, seen)
 
-    app = Backend("app")
     app.handler = slow_to_switch
     async with running_mesh(APP + ROUTES, {"app": app}) as mesh:
         _, writer = await asyncio.open_connection(*mesh.gateway.address)
         writer.write(UPGRADE)
         chunk = b"\x00" * 65536
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.5):
-                for _ in range(1024):  # 64 MiB at most: more than every socket buffer on the way
-                    writer.write(chunk)
-                    await writer.drain()
+        for _ in range(1024):  # 64 MiB at most: more than every socket buffer on the way
+            writer.write(chunk)
+            try:  # until the path takes no more (a drain stuck for half a second)
+                await asyncio.wait_for(writer.drain(), 0.5)
+            except TimeoutError:
+                break
         held = [len(connection._early) for connection in mesh.gateway.connections]
         assert held and max(held) <= 4 * 65536, held
         writer.close()

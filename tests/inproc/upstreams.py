@@ -3,9 +3,11 @@ text, a real gateway and sidecar listener, and clients (aiohttp, raw sockets for
 `H2Client`: HTTP/2 with prior knowledge, driven by the h2 library).
 
 `Backend` answers as its `replies` script says, then as `reply`, recording every request with
-the connection it came on and how many were in flight at once. `running_mesh(yaml, backends)`
-substitutes each backend's port for `$NAME` in the YAML, compiles the snapshot and serves it;
-`Mesh.exchanges` holds what the proxy observed of each request (the access log's view).
+the connection it came on and how many were in flight at once; a reply that `hold`s waits
+until the test releases the backend, so tests order events instead of timing them (`until`
+waits for a condition). `running_mesh(yaml, backends)` substitutes each backend's port for
+`$NAME` in the YAML, compiles the snapshot and serves it; `Mesh.exchanges` holds what the
+proxy observed of each request (the access log's view).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import random
 import socket
 import string
@@ -23,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import httptools
+import pytest
 from aiohttp import web
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -50,6 +54,24 @@ from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.snapshot import Snapshot
 
 RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
+PATIENCE = 30.0
+"""How long a test waits for what should happen at once: only a broken proxy runs out of it,
+so it fails the test and never measures speed."""
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = PATIENCE) -> None:
+    """Wait until `condition` (a predicate, plain or async) is true; fail naming `what` if it never is."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
+        if loop.time() > deadline:
+            pytest.fail(f"waited {timeout:g} s in vain for {what}")
+        await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------- upstreams
@@ -63,6 +85,8 @@ class Reply:
     body: bytes | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    hold: bool = False
+    """Answer only once the backend is released (`Backend.release`, or its close)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +126,12 @@ class Backend:
         self.active = 0
         self.max_active = 0
         self.port = 0
+        self.released = asyncio.Event()
         self._runner: web.ServerRunner | None = None
+
+    def release(self) -> None:
+        """Let every held reply go, now and from now on."""
+        self.released.set()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.active += 1
@@ -117,6 +146,8 @@ class Backend:
             if self.handler is not None:
                 return await self.handler(request, seen)
             reply = self.replies.popleft() if self.replies else self.reply
+            if reply.hold:
+                await self.released.wait()
             if reply.delay:
                 await asyncio.sleep(reply.delay)
             text = self.name.encode() if reply.body is None else reply.body
@@ -132,6 +163,7 @@ class Backend:
         return self
 
     async def close(self) -> None:
+        self.release()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -255,19 +287,6 @@ def placeholders(backends: Mapping[str, Backend], ports: Mapping[str, int] | Non
 
 
 # ---------------------------------------------------------------- the mesh under test
-
-
-class FakeClock:
-    """Time that moves only when a test says so (outlier ejections)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +452,7 @@ class RawClient:
     def send(self, data: bytes) -> None:
         self.writer.write(data)
 
-    async def response(self, *, head: bool = False, timeout: float = 5.0) -> RawResponse:
+    async def response(self, *, head: bool = False, timeout: float = PATIENCE) -> RawResponse:
         """The next whole response (`head`: the answer to a HEAD, which has no body)."""
         self._head_only = head
         async with asyncio.timeout(timeout):
@@ -444,7 +463,7 @@ class RawClient:
                 self._parser.feed_data(data)
         return self.responses.popleft()
 
-    async def interim(self, timeout: float = 5.0) -> int:
+    async def interim(self, timeout: float = PATIENCE) -> int:
         """The next informational (1xx) status, e.g. 100 Continue."""
         async with asyncio.timeout(timeout):
             while not self.informational:
@@ -454,7 +473,7 @@ class RawClient:
                 self._parser.feed_data(data)
         return self.informational.pop(0)
 
-    async def closed(self, timeout: float = 5.0) -> bytes:
+    async def closed(self, timeout: float = PATIENCE) -> bytes:
         """Everything left until the proxy closes the connection."""
         async with asyncio.timeout(timeout):
             return await self.reader.read()

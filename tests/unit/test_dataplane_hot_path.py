@@ -25,6 +25,7 @@ from minimesh.registry.model import Workload
 from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import Binding, Endpoint, Facts, GatewayTable
+from tests.clocks import on_virtual_time
 from tests.unit.test_routing_compile import load_mesh
 
 # ---------------------------------------------------------------- request ids
@@ -333,31 +334,37 @@ def test_after_a_busy_pass_every_write_waits_and_after_a_quiet_one_none() -> Non
 # ---------------------------------------------------------------- deadlines
 
 
+@on_virtual_time
 async def test_a_deadline_that_passes_cancels_the_block_with_timeout_error() -> None:
-    deadline = Deadline(asyncio.get_running_loop(), 0.01)
+    loop = asyncio.get_running_loop()
+    deadline = Deadline(loop, 0.01)
     with pytest.raises(TimeoutError):
         async with deadline:
             await asyncio.sleep(1)
+    assert loop.time() == pytest.approx(0.01)
     assert deadline.expired()
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
 
 
+@on_virtual_time
 async def test_a_block_done_in_time_is_left_alone() -> None:
     deadline = Deadline(asyncio.get_running_loop(), 0.05)
     async with deadline:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.04)
     assert not deadline.expired()
     await asyncio.sleep(0.08)
     assert repr(deadline).endswith("exited>")
 
 
+@on_virtual_time
 async def test_a_deadline_already_past_still_fires() -> None:
     with pytest.raises(TimeoutError):
         async with Deadline(asyncio.get_running_loop(), -1.0):
             await asyncio.sleep(1)
 
 
+@on_virtual_time
 async def test_an_inner_deadline_expires_inside_an_outer_one() -> None:
     loop = asyncio.get_running_loop()
     outer = Deadline(loop, 1.0)
@@ -365,17 +372,18 @@ async def test_an_inner_deadline_expires_inside_an_outer_one() -> None:
         with pytest.raises(TimeoutError):
             async with Deadline(loop, 0.01):
                 await asyncio.sleep(1)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.9)
     assert not outer.expired()
 
 
+@on_virtual_time
 async def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
     async def held() -> None:
         async with Deadline(asyncio.get_running_loop(), 1.0):
             await asyncio.sleep(1)
 
     task = asyncio.get_running_loop().create_task(held())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
