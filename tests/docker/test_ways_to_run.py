@@ -57,7 +57,7 @@ def test_the_daemon_as_a_compose_service(images: None, tmp_path: Path) -> None:
         assert "Sorry" not in get(url)
         dump = get(f"http://127.0.0.1:{admin}/config_dump")
         assert "minimesh" in dump and '"generation"' in dump
-        assert capture_rules_left(), "the daemon in its container captures the bookinfo containers"
+        until(lambda: bool(capture_rules_left()), "the daemon in its container to capture the bookinfo containers")
         compose.run("stop", "-t", "10", "minimesh")
         assert capture_rules_left() == [], "stopping the daemon's container removes every rule"
     finally:
