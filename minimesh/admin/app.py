@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from aiohttp import hdrs, web
 
+from minimesh.admin.config_dump import snapshot_json
 from minimesh.admin.metrics import Metrics
 from minimesh.config.durations import parse_duration
 from minimesh.config.source import MAX_DOCUMENT_BYTES, decode, too_large
@@ -99,7 +100,7 @@ def listener_json(listener: Listener) -> dict[str, Any]:
 def config_dump(runtime: Runtime) -> dict[str, Any]:
     """The snapshot in force, with where it came from and the last reload's error."""
     config = runtime.config
-    dump = runtime.current.get().to_json()
+    dump = snapshot_json(runtime.current.get())
     dump["sources"] = list(config.sources)
     dump["loadedAt"] = iso_time(config.loaded_at)
     dump["lastReloadError"] = list(config.error) if config.error is not None else None

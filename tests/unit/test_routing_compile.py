@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from minimesh.admin.config_dump import snapshot_json
 from minimesh.config import model as m
 from minimesh.config.labels import ServicePortSpec
 from minimesh.config.load import load_layers
@@ -431,7 +432,7 @@ def test_gateways_selecting_a_workload() -> None:
 
 def test_config_dump_is_plain_json_with_source_locations() -> None:
     snap = bookinfo("virtual-service-reviews-jason-v2.yaml")
-    dump = json.loads(json.dumps(snap.to_json()))
+    dump = json.loads(json.dumps(snapshot_json(snap)))
     assert dump["generation"] == 1
     reviews = next(vs for vs in dump["virtualServices"] if vs["ref"] == "VirtualService/default/reviews")
     assert [rule["location"] for rule in reviews["http"]] == ["layer1.yaml:11:5", "layer1.yaml:19:5"]
