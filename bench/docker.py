@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,33 +244,49 @@ def report(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def out_of_time(signum: int, frame: object) -> None:
-    raise TimeoutError(f"the Docker bench took longer than {BUDGET} s")
+def bounded(label: str, work: Callable[[Path, dict[str, Any]], None]) -> dict[str, Any]:
+    """Run `work` (filling the data it is given) in a scratch folder within BUDGET seconds:
+    the data, with the error that stopped it if one did; every container, network and
+    folder it made is removed whatever happened."""
+    reason = unavailable()
+    if reason:
+        return {"unavailable": reason}
+
+    def out_of_time(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the {label} bench took longer than {BUDGET} s")
+
+    data: dict[str, Any] = {}
+    signal.signal(signal.SIGALRM, out_of_time)
+    signal.alarm(BUDGET)
+    workdir = Path(tempfile.mkdtemp(prefix=f"minimesh-bench-{label.lower()}-"))
+    try:
+        work(workdir, data)
+    except (RuntimeError, TimeoutError, subprocess.SubprocessError) as exc:
+        data["error"] = str(exc)
+    finally:
+        signal.alarm(0)
+        cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return data
+
+
+def record(key: str, data: dict[str, Any]) -> None:
+    """Keep `data` under `key` in bench/results.json, beside the other benches' results."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[key] = data
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _docker_bench(workdir: Path, data: dict[str, Any]) -> None:
+    ensure_images()
+    data["path"] = path_bench(workdir)
+    data["memory"] = memory_bench(workdir)
 
 
 def main() -> int:
-    data: dict[str, Any] = {}
-    reason = unavailable()
-    if reason:
-        data["unavailable"] = reason
-    else:
-        signal.signal(signal.SIGALRM, out_of_time)
-        signal.alarm(BUDGET)
-        workdir = Path(tempfile.mkdtemp(prefix="minimesh-bench-docker-"))
-        try:
-            ensure_images()
-            data["path"] = path_bench(workdir)
-            data["memory"] = memory_bench(workdir)
-        except (RuntimeError, TimeoutError, subprocess.SubprocessError) as exc:
-            data["error"] = str(exc)
-        finally:
-            signal.alarm(0)
-            cleanup()
-            shutil.rmtree(workdir, ignore_errors=True)
+    data = bounded("Docker", _docker_bench)
     print(report(data))
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["docker"] = data
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    record("docker", data)
     return 1 if data.get("error") else 0
 
 

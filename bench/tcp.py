@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from docker import RESULTS, TAG, Daemon, cleanup, docker, ensure_images, say, unavailable
+from docker import TAG, Daemon, bounded, docker, ensure_images, record, say
 from procs import Pinning
 
 TOOLS = "minimesh/tools:local"
@@ -298,32 +295,15 @@ def report(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def out_of_time(signum: int, frame: object) -> None:
-    raise TimeoutError(f"the TCP bench took longer than {BUDGET} s")
+def _tcp_bench(workdir: Path, data: dict[str, Any]) -> None:
+    ensure_images(TOOLS)
+    data.update(bench(workdir, Pinning.detect()))
 
 
 def main() -> int:
-    data: dict[str, Any] = {}
-    reason = unavailable()
-    if reason:
-        data["unavailable"] = reason
-    else:
-        signal.signal(signal.SIGALRM, out_of_time)
-        signal.alarm(BUDGET)
-        workdir = Path(tempfile.mkdtemp(prefix="minimesh-bench-tcp-"))
-        try:
-            ensure_images(TOOLS)
-            data.update(bench(workdir, Pinning.detect()))
-        except (RuntimeError, TimeoutError, subprocess.SubprocessError) as exc:
-            data["error"] = str(exc)
-        finally:
-            signal.alarm(0)
-            cleanup()
-            shutil.rmtree(workdir, ignore_errors=True)
+    data = bounded("TCP", _tcp_bench)
     print(report(data))
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["tcp"] = data
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    record("tcp", data)
     failed = data.get("error") or any(key.endswith("_error") for row in data.get("rows", {}).values() for key in row)
     return 1 if failed else 0
 
