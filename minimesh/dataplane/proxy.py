@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 from minimesh.dataplane.attempts import attempts
 from minimesh.dataplane.call import Call, Responding
@@ -89,8 +89,6 @@ class Proxy:
         self.faults = Faults(self.rng)
         self.mirrors = Mirrors(upstreams, self.rng)
         self._inbound_clusters: dict[tuple[str, int], Cluster] = {}
-        self.scoped: Mapping[str, Snapshot] = {}
-        """Snapshots of scoped overlays: a request with `x-minimesh-test: SCOPE` is served by one."""
         self.observers = observers
         self.openers = openers
         """Told of each TCP connection once it is routed (`observers` are told when it closes)."""
@@ -110,8 +108,8 @@ class Proxy:
         """Serve one request; `original` is where a transparently captured connection was headed."""
         snapshot = self.current.get()
         raw = dict(request.headers)
-        if self.scoped:
-            snapshot = self.scoped.get(raw.get(SCOPE_HEADER, b"").decode("latin-1"), snapshot)
+        if snapshot.scoped:
+            snapshot = snapshot.scoped.get(raw.get(SCOPE_HEADER, b"").decode("latin-1"), snapshot)
         target = request.target.decode("latin-1")
         authority = raw.get(b"host", b"").decode("latin-1")
         scheme = "http"

@@ -864,6 +864,9 @@ class Snapshot:
     address there is sniffed (HTTP goes through `http[]` by its Host header)."""
     inbound_protocols: Mapping[tuple[str, int], str] = field(repr=False)
     """(workload name, port it listens on) → that port's protocol, for its inbound sidecar."""
+    scoped: Mapping[str, Snapshot] = field(default_factory=dict, repr=False)
+    """The snapshots of scoped overlays, compiled and swapped in with this one: a request with
+    `x-minimesh-test: SCOPE` is routed by `scoped[SCOPE]`."""
 
     def gateways_selecting(self, labels: m.Labels | Mapping[str, str]) -> tuple[str, ...]:
         """The Gateways (`namespace/name`) whose selector picks a workload with `labels`."""

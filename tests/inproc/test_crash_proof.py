@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from minimesh import daemon as daemon_module
 from minimesh.admin.app import build_app
 from minimesh.config.source import MAX_DOCUMENT_BYTES
 from minimesh.daemon import Daemon, Options, compile_config
+from minimesh.daemon import runtime as daemon_module
 from minimesh.errors import ConfigError
 from minimesh.registry.model import Workload
 from minimesh.registry.watch import Discovered

@@ -1,0 +1,9 @@
+"""The daemon `minimesh up` runs, as one converge loop: `inputs` (what a config is made of),
+`pipeline` (load, check, compile), `listeners` (the gateway and sidecars) and `runtime` (the
+converge task, the triggers that wake it, supervision and the admin API's view)."""
+
+from minimesh.daemon.listeners import DaemonError
+from minimesh.daemon.pipeline import Compiled, compile_config
+from minimesh.daemon.runtime import Daemon, Options, serve
+
+__all__ = ["Compiled", "Daemon", "DaemonError", "Options", "compile_config", "serve"]
