@@ -9,6 +9,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 
 from minimesh.dataplane.exchange import Exchange, Listener
+from minimesh.dataplane.grpc import response_grpc_status
 from minimesh.registry.model import Workload
 from minimesh.routing.request import split_authority
 
@@ -69,10 +70,19 @@ def service_parts(host: str) -> tuple[str, str]:
 
 
 def labels_of(
-    listener: Listener, destination: Workload | None, service: str, status: int, flags: str, *, tcp: bool = False
+    listener: Listener,
+    destination: Workload | None,
+    service: str,
+    status: int,
+    flags: str,
+    *,
+    tcp: bool = False,
+    grpc: bool = False,
+    grpc_status: int | None = None,
 ) -> Labels:
     """The labels of `istio_requests_total` and friends for one kind of request, or of the
-    `istio_tcp_*` families for a TCP connection (`tcp`: no response code). A server
+    `istio_tcp_*` families for a TCP connection (`tcp`: no response code). A gRPC request
+    (`grpc`) reports its protocol as `grpc` and `grpc_status` as `grpc_response_status`. A server
     sidecar (inbound) reports as `destination`; its caller is unknown, as in Istio without
     peer metadata, while the calling sidecar reports the same request as `source`."""
     inbound = listener.kind == "inbound"
@@ -100,9 +110,9 @@ def labels_of(
         ("destination_service_name", name),
         ("destination_service_namespace", namespace),
         ("destination_cluster", target["cluster"]),
-        ("request_protocol", "tcp" if tcp else "http"),
+        ("request_protocol", "tcp" if tcp else "grpc" if grpc else "http"),
         ("response_code", str(status)),
-        ("grpc_response_status", ""),
+        ("grpc_response_status", "" if grpc_status is None else str(grpc_status)),
         ("response_flags", flags),
         ("connection_security_policy", UNKNOWN),
     )
@@ -186,9 +196,10 @@ HISTOGRAMS = (
     ("istio_response_bytes", "response_bytes", "Sizes of response bodies, in bytes."),
 )
 
-Key = tuple[int, int, str, int, str]
+Key = tuple[int, int, str, int, str, bool, int | None]
 """A label set's lookup key: the listener and destination workload by identity (hashing them
-by value costs more than the rest of the bookkeeping), service, status and flags."""
+by value costs more than the rest of the bookkeeping), service, status, flags, and whether
+the request is gRPC with the gRPC status it got."""
 KEYS_KEPT = 4096
 """Keys remembered before the lookup table starts over (reloads make new listeners and workloads)."""
 
@@ -216,12 +227,23 @@ class Metrics:
         listener = exchange.listener
         service = exchange.destination_service or exchange.authority
         flags = exchange.flag_text
-        key = (id(listener), id(workload), service, exchange.status, flags)
+        grpc = exchange.grpc
+        grpc_status = response_grpc_status(exchange.grpc_status, exchange.status) if grpc else None
+        key = (id(listener), id(workload), service, exchange.status, flags, grpc, grpc_status)
         entry = self._by_key.get(key)
         if entry is None:
             if len(self._by_key) >= KEYS_KEPT:
                 self._by_key.clear()
-            series = self._series(listener, workload, service, exchange.status, flags)
+            labels = labels_of(
+                listener,
+                workload,
+                split_authority(service)[0],
+                exchange.status,
+                flags,
+                grpc=grpc,
+                grpc_status=grpc_status,
+            )
+            series = self._series(render_labels(labels))
             self._by_key[key] = (listener, workload, series)
         else:
             series = entry[2]
@@ -252,9 +274,8 @@ class Metrics:
             series = self._tcp[text] = TcpSeries(text)
         return series
 
-    def _series(self, listener: Listener, workload: Workload | None, service: str, status: int, flags: str) -> Series:
-        """The series of a label set seen first under this key (an authority counts by its host)."""
-        text = render_labels(labels_of(listener, workload, split_authority(service)[0], status, flags))
+    def _series(self, text: str) -> Series:
+        """The series of a label set (rendered) seen first under a new key."""
         series = self._by_labels.get(text)
         if series is None:
             series = self._by_labels[text] = Series(text)

@@ -280,14 +280,29 @@ def _fault(r: _Reader, path: FieldPath) -> m.HTTPFaultInjection:
         else:
             delay = m.Delay(fixed, _fault_percentage(r, (*path, "delay")))
     if r.has((*path, "abort")):
-        status = r.integer((*path, "abort", "httpStatus"))
-        if status is None:
-            r.error((*path, "abort"), "abort needs httpStatus (grpcStatus and http2Error have no effect locally)")
-        elif not 200 <= status <= 599:
-            r.error((*path, "abort", "httpStatus"), f"httpStatus must be in 200-599, got {status}")
-        else:
-            abort = m.Abort(status, _fault_percentage(r, (*path, "abort")))
+        abort = _abort(r, (*path, "abort"))
     return m.HTTPFaultInjection(delay=delay, abort=abort)
+
+
+def _abort(r: _Reader, path: FieldPath) -> m.Abort | None:
+    """An abort by `httpStatus`, or by `grpcStatus` (HTTP 200, as Envoy's fault filter answers)."""
+    status = r.integer((*path, "httpStatus"))
+    if status is not None:
+        if not 200 <= status <= 599:
+            r.error((*path, "httpStatus"), f"httpStatus must be in 200-599, got {status}")
+            return None
+        return m.Abort(status, _fault_percentage(r, path))
+    name = r.text((*path, "grpcStatus"))
+    if name is None:
+        r.error(path, "abort needs httpStatus or grpcStatus (http2Error has no effect locally)")
+        return None
+    code = m.GRPC_CODES.get(name)
+    if code is None:
+        close = difflib.get_close_matches(name.upper(), sorted(m.GRPC_CODES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "; use a gRPC status name such as UNAVAILABLE"
+        r.error((*path, "grpcStatus"), f"unknown grpcStatus '{name}'{hint}")
+        return None
+    return m.Abort(200, _fault_percentage(r, path), code)
 
 
 def _fault_percentage(r: _Reader, path: FieldPath) -> float | None:

@@ -155,10 +155,23 @@ class Delay:
     percentage: float | None
 
 
+GRPC_NAMES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)  # fmt: skip
+GRPC_CODES = {name: code for code, name in enumerate(GRPC_NAMES)}
+"""gRPC status codes by the names Istio's `abort.grpcStatus` takes."""
+
+
 @dataclass(frozen=True, slots=True)
 class Abort:
+    """`http_status` is what the request gets; a `grpcStatus` abort answers 200 and gives a
+    gRPC request `grpc_status`, as Envoy's fault filter does."""
+
     http_status: int
     percentage: float | None
+    grpc_status: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """`Call`: one HTTP request on its way through the proxy's steps (CORS, fault, mirror,
 attempts, respond), carrying what each step reads and what the steps before it decided;
-the local reply any step may answer with, as Envoy words it; and `Responding`, what the
-steps need of a response writer, whichever codec (HTTP/1.1 or HTTP/2) frames it.
+the local reply any step may answer with, as Envoy words it (trailers-only to a gRPC
+request); and `Responding`, what the steps need of a response writer, whichever codec
+(HTTP/1.1 or HTTP/2) frames it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Protocol
 
 from minimesh.dataplane.deadline import Deadline
 from minimesh.dataplane.exchange import Exchange
-from minimesh.dataplane.http1 import Request
+from minimesh.dataplane.grpc import grpc_status_of, trailers_only
+from minimesh.dataplane.http1 import Request, local_reply_headers
+from minimesh.dataplane.http2 import VERSION as HTTP2
 from minimesh.dataplane.upstream import LocalReply
 from minimesh.routing.headers import NO_RESPONSE_OPS, HeaderList, ResponseOps
 from minimesh.routing.request import RequestView
@@ -88,7 +91,9 @@ class Call:
 
     def reply(self, reply: LocalReply, extra: HeaderList | None = None, ops: ResponseOps = NO_RESPONSE_OPS) -> None:
         """Answer locally; `ops` are the response header operations of the rule that made the
-        reply (a redirect's or direct response's own `headers.response`)."""
+        reply (a redirect's or direct response's own `headers.response`). A gRPC request gets
+        Envoy's trailers-only response: HTTP 200, the status as `grpc-status`, the body text
+        as `grpc-message` (over HTTP/1.1, `content-length: 0` frames it, as Envoy's codec does)."""
         exchange = self.exchange
         if reply.flag:
             exchange.flags.append(reply.flag)
@@ -98,7 +103,14 @@ class Call:
             headers += ops.add
         if self.debug_headers and exchange.route:
             headers.append((b"x-minimesh-route", exchange.route.encode()))
-        self.responder.reply(reply.status, reply.body, headers)
+        if not exchange.grpc:
+            self.responder.reply(reply.status, reply.body, headers)
+            return
+        code = exchange.grpc_status = (
+            reply.grpc_status if reply.grpc_status is not None else grpc_status_of(reply.status)
+        )
+        headers = local_reply_headers(b"", trailers_only(code, reply.body, headers))
+        self.responder.send_whole(200, headers, None if self.request.version == HTTP2 else 0, b"")
 
     def __repr__(self) -> str:
         return (

@@ -54,7 +54,8 @@ class Exchange:
 
     __slots__ = (
         "attempts", "authority", "began", "bytes_received", "bytes_sent", "cluster", "destination",
-        "destination_service", "details", "downstream", "duration", "flags", "forwarded_for", "listener", "method",
+        "destination_service", "details", "downstream", "duration", "flags", "forwarded_for", "grpc", "grpc_status",
+        "listener", "method",
         "original", "path", "protocol", "request_id", "route", "sni", "started", "status", "tcp", "upstream_host",
         "upstream_time", "user_agent",
     )  # fmt: skip
@@ -104,6 +105,10 @@ class Exchange:
         went upstream, `bytes_sent` came back, and there is no status."""
         self.sni = ""
         """The server name a TLS connection offered (%REQUESTED_SERVER_NAME%)."""
+        self.grpc = False
+        """A gRPC request (content-type `application/grpc`): metrics count it as `grpc`."""
+        self.grpc_status: int | None = None
+        """The `grpc-status` the response carried in its headers, or the proxy's own reply gave."""
 
     @property
     def flag_text(self) -> str:

@@ -31,10 +31,12 @@ def fires(rng: random.Random, percentage: float | None) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Injection:
-    """What one request gets: a delay (seconds) before anything else, and/or an abort status."""
+    """What one request gets: a delay (seconds) before anything else, and/or an abort status
+    (with the gRPC status a gRPC request gets, when the abort names one)."""
 
     delay: float | None = None
     abort: int | None = None
+    grpc_status: int | None = None
 
 
 NO_INJECTION = Injection()
@@ -70,9 +72,9 @@ class Faults:
             abort = abort if abort is not None and fires(self.rng, abort.percentage) else None
             if delay is None and abort is None:
                 return NO_INJECTION
-        return Injection(
-            delay.fixed_delay if delay is not None else None, abort.http_status if abort is not None else None
-        )
+        if abort is None:
+            return Injection(delay.fixed_delay if delay is not None else None)
+        return Injection(delay.fixed_delay if delay is not None else None, abort.http_status, abort.grpc_status)
 
     def _take(self, ref: str, fault: m.HTTPFaultInjection, first: int) -> bool:
         """Count one request of a `fault-first` route; True while it is among the first N."""
@@ -98,5 +100,5 @@ async def fault_step(call: Call, faults: Faults, forward: Forward) -> bool:
     if injection.abort is None:
         return False
     call.exchange.cluster = forward.cluster.name
-    call.reply(LocalReply(injection.abort, FAULT_ABORT_BODY, "FI"))
+    call.reply(LocalReply(injection.abort, FAULT_ABORT_BODY, "FI", grpc_status=injection.grpc_status))
     return True

@@ -29,6 +29,7 @@ from minimesh.dataplane.exchange import (
     request_id,
 )
 from minimesh.dataplane.fault import Faults, fault_step, fires
+from minimesh.dataplane.grpc import is_grpc
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, BodyTooLarge, Request, UpstreamResponse
 from minimesh.dataplane.mirror import Mirrors
 from minimesh.dataplane.respond import framing, request_head, respond, tunnel
@@ -132,6 +133,7 @@ class Proxy:
             raw.get(b"x-forwarded-for", b"").decode("latin-1"),
         )
         exchange.original = original
+        exchange.grpc = is_grpc(raw.get(b"content-type"))
         if not authority and original is not None:
             authority = exchange.authority = f"{original[0]}:{original[1]}"
         gateway = listener.kind == "gateway"

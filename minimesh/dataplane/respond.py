@@ -6,6 +6,7 @@ header operations, Envoy's own headers, framing) and the upstream's response pas
 from __future__ import annotations
 
 from minimesh.dataplane.call import Call
+from minimesh.dataplane.grpc import grpc_status_header
 from minimesh.dataplane.http1 import DATE, Body, Request, Responder, UpstreamClosed, UpstreamResponse
 from minimesh.routing.headers import HeaderList, RequestOps, ResponseOps
 
@@ -75,6 +76,8 @@ async def respond(call: Call, response: UpstreamResponse, ops: ResponseOps, cook
     if exchange.upstream_time is not None:
         headers.append((b"x-envoy-upstream-service-time", b"%d" % int(exchange.upstream_time * 1000)))
     headers += call.cors
+    if exchange.grpc:
+        exchange.grpc_status = grpc_status_header(response.header(b"grpc-status"))
     if call.debug_headers and exchange.route:
         headers.append((b"x-minimesh-route", exchange.route.encode()))
     body = response.body

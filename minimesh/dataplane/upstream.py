@@ -36,12 +36,14 @@ MAX_EJECTION_TIME = 300.0
 
 @dataclass(frozen=True, slots=True)
 class LocalReply:
-    """An answer the proxy gives itself: status, body, extra headers and the access-log flag."""
+    """An answer the proxy gives itself: status, body, extra headers and the access-log flag;
+    `grpc_status` is the one a gRPC request gets instead of the HTTP status's mapping."""
 
     status: int
     body: bytes
     flag: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    grpc_status: int | None = None
 
 
 RESET_BEFORE_HEADERS = b"upstream connect error or disconnect/reset before headers. reset reason: "

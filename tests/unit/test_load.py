@@ -85,6 +85,13 @@ def test_values_are_typed_with_istio_defaults() -> None:
     assert route.location.line == 8
 
 
+def test_a_grpc_status_abort_answers_200_with_the_code() -> None:
+    loaded = load(VS_HEAD + "  - fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 50}}}\n"
+                  "    route: [{destination: {host: reviews}}]\n")  # fmt: skip
+    assert lines(loaded) == [] and lines(loaded, "warning") == []
+    assert loaded.mesh.virtual_services[0].http[0].fault == m.HTTPFaultInjection(abort=m.Abort(200, 50.0, 14))
+
+
 def test_outlier_detection_gets_istio_defaults() -> None:
     loaded = load(
         """\
@@ -138,6 +145,16 @@ BAD = [
     (
         "  - fault: {abort: {httpStatus: 99, percentage: {value: 1}}}\n    route: [{destination: {host: r}}]\n",
         "mesh.yaml:8:33: error: httpStatus must be in 200-599, got 99 (VirtualService/reviews http[0].fault.abort.httpStatus)",
+    ),
+    (
+        "  - fault: {abort: {grpcStatus: UNAVAILBLE, percentage: {value: 1}}}\n    route: [{destination: {host: r}}]\n",
+        "mesh.yaml:8:33: error: unknown grpcStatus 'UNAVAILBLE'; did you mean 'UNAVAILABLE'? "
+        "(VirtualService/reviews http[0].fault.abort.grpcStatus)",
+    ),
+    (
+        "  - fault: {abort: {http2Error: REFUSED_STREAM}}\n    route: [{destination: {host: r}}]\n",
+        "mesh.yaml:8:20: error: abort needs httpStatus or grpcStatus (http2Error has no effect locally) "
+        "(VirtualService/reviews http[0].fault.abort)",
     ),
     (
         "  - match: [{uri: {exact: /}}]\n",

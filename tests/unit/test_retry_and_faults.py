@@ -77,8 +77,9 @@ def test_a_route_without_a_fault_gets_none() -> None:
         (fault(None, None), NO_INJECTION),
         (fault(0, 0), NO_INJECTION),
         (m.HTTPFaultInjection(abort=m.Abort(418, 100)), Injection(None, 418)),
+        (m.HTTPFaultInjection(abort=m.Abort(200, 100, 14)), Injection(None, 200, 14)),
     ],
-    ids=["both", "delay", "abort", "no percentage is never (Istio's default)", "zero", "abort only"],
+    ids=["both", "delay", "abort", "no percentage is never (Istio's default)", "zero", "abort only", "grpcStatus"],
 )
 def test_certain_faults_always_or_never_fire(given: m.HTTPFaultInjection, expected: Injection) -> None:
     faults = Faults(random.Random(1))

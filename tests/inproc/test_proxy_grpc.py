@@ -1,0 +1,122 @@
+"""gRPC requests (HTTP/2, content-type application/grpc) answered by the proxy itself, as
+Envoy answers them: a trailers-only response (HTTP 200, `grpc-status` by Envoy's HTTP → gRPC
+mapping, the body text as `grpc-message`), `fault.abort.grpcStatus`, and the metrics'
+`request_protocol="grpc"` and `grpc_response_status`; a real `grpcio` client sees the codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from minimesh.admin.metrics import Metrics
+from minimesh.dataplane.accesslog import text_line
+from minimesh.dataplane.exchange import Exchange
+from tests.inproc.upstreams import Backend, H2Answer, H2Client, Reply, gateway_http, running_mesh, service
+
+APP = service("web", "app")
+GRPC = {"content-type": "application/grpc", "te": "trailers"}
+FRAME = b"\x00\x00\x00\x00\x02hi"
+"""One gRPC message (uncompressed, 2 bytes)."""
+RULES = """
+- match: [{uri: {prefix: /demo.Echo/Abort}}]
+  fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+  route: [{destination: {host: web}}]
+- match: [{uri: {prefix: /demo.Echo/Late}}]
+  fault: {abort: {grpcStatus: DEADLINE_EXCEEDED, percentage: {value: 100}}}
+  route: [{destination: {host: web}}]
+- match: [{uri: {prefix: /demo.Echo/}}]
+  route: [{destination: {host: web}}]
+"""
+
+
+def requests_total(exchanges: list[Exchange]) -> list[str]:
+    """The `istio_requests_total` lines the metrics give for these requests."""
+    metrics = Metrics()
+    for exchange in exchanges:
+        metrics(exchange)
+    return [line for line in metrics.prometheus().splitlines() if line.startswith("istio_requests_total{")]
+
+
+def trailers_only(answer: H2Answer) -> tuple[int, str, str, str | None, bytes]:
+    headers = answer.headers
+    assert answer.ended and "content-length" not in headers
+    return answer.status, headers["content-type"], headers["grpc-status"], headers.get("grpc-message"), answer.body
+
+
+async def test_local_replies_to_grpc_requests_are_trailers_only() -> None:
+    app = Backend("app")
+    async with running_mesh(APP + gateway_http(RULES), {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            no_route = await client.answer(client.request("POST", "/other.Svc/Call", GRPC, FRAME))
+            aborted = await client.answer(client.request("POST", "/demo.Echo/Abort", GRPC, FRAME))
+            late = await client.answer(client.request("POST", "/demo.Echo/Late", GRPC, FRAME))
+            plain_late = await client.answer(client.request("POST", "/demo.Echo/Late", body=b"x"))
+        finally:
+            await client.close()
+    assert trailers_only(no_route) == (200, "application/grpc", "12", None, b"")
+    assert trailers_only(aborted) == (200, "application/grpc", "14", "fault filter abort", b"")
+    assert trailers_only(late) == (200, "application/grpc", "4", "fault filter abort", b"")
+    assert (plain_late.status, plain_late.body, plain_late.headers["content-type"]) == (
+        200, b"fault filter abort", "text/plain",
+    )  # fmt: skip
+    assert "grpc-status" not in plain_late.headers
+    assert app.seen == []
+    lines = [text_line(exchange) for exchange in mesh.exchanges]
+    assert '"POST /other.Svc/Call HTTP/2" 200 NR' in lines[0]
+    assert '"POST /demo.Echo/Abort HTTP/2" 200 FI' in lines[1]
+    totals = requests_total(mesh.exchanges[:3])
+    for code, flags in (("12", "NR"), ("14", "FI"), ("4", "FI")):
+        assert any(
+            'request_protocol="grpc",response_code="200",'
+            f'grpc_response_status="{code}",response_flags="{flags}"' in line
+            for line in totals
+        ), (code, totals)
+    plain = requests_total(mesh.exchanges[3:])
+    assert len(plain) == 1 and 'request_protocol="http",response_code="200",grpc_response_status=""' in plain[0]
+
+
+async def test_an_upstream_grpc_status_header_reaches_the_metrics() -> None:
+    app = Backend("app", Reply(headers={"content-type": "application/grpc", "grpc-status": "5"}, body=b""))
+    async with running_mesh(APP + gateway_http(RULES), {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            answer = await client.answer(client.request("POST", "/demo.Echo/Find", GRPC, FRAME))
+        finally:
+            await client.close()
+    assert (answer.status, answer.headers["grpc-status"]) == (200, "5")
+    assert [s.body for s in app.seen] == [FRAME]
+    totals = requests_total(mesh.exchanges)
+    assert len(totals) == 1
+    assert 'request_protocol="grpc",response_code="200",grpc_response_status="5",response_flags="-"' in totals[0]
+
+
+async def test_grpcio_sees_unavailable_with_envoys_text_when_no_upstream_is_healthy() -> None:
+    async with running_mesh(service("web") + gateway_http(RULES)) as mesh:
+        host, port = mesh.gateway.address
+        async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+            say = channel.unary_unary("/demo.Echo/Say")
+            try:
+                await say(b"hi", timeout=10)
+            except grpc.aio.AioRpcError as error:
+                failure = error
+            else:
+                raise AssertionError("the call succeeded with no upstream")
+            abort = channel.unary_unary("/demo.Echo/Late")
+            try:
+                await abort(b"hi", timeout=10)
+            except grpc.aio.AioRpcError as error:
+                late = error
+            else:
+                raise AssertionError("the fault did not abort the call")
+    assert (failure.code(), failure.details()) == (grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
+    assert (late.code(), late.details()) == (grpc.StatusCode.DEADLINE_EXCEEDED, "fault filter abort")
+    assert [e.flag_text for e in mesh.exchanges] == ["UH", "FI"]
+    assert 'grpc_response_status="14",response_flags="UH"' in "".join(requests_total(mesh.exchanges[:1]))
+
+
+async def test_over_http1_the_trailers_only_reply_is_framed_with_content_length_0() -> None:
+    async with running_mesh(service("web") + gateway_http(RULES)) as mesh:
+        answer = await mesh.request("POST", "/other.Svc/Call", headers={"content-type": "application/grpc"})
+    assert (answer.status, answer.body, answer.headers["content-length"]) == (200, b"", "0")
+    assert (answer.headers["content-type"], answer.headers["grpc-status"]) == ("application/grpc", "12")
+    assert mesh.last().flag_text == "NR"
