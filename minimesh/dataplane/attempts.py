@@ -1,6 +1,7 @@
-"""The attempts step, as Envoy's router retries: pick an endpoint (not ejected, not one
-already tried while others remain), send within the per-try timeout, record the result for
-outlier detection, and retry what the route's policy retries, with Envoy's back-off.
+"""The attempts step, as Envoy's router retries: an endpoint for each try (`ClusterState.pick`:
+not ejected, not one already tried while others remain), sent within the per-try timeout, the
+result recorded for outlier detection, and a retry of what the route's policy retries, with
+Envoy's back-off.
 """
 
 from __future__ import annotations
@@ -23,30 +24,12 @@ from minimesh.dataplane.upstream import (
     Upstreams,
 )
 from minimesh.routing.pick import hash_key
-from minimesh.routing.request import RequestView
 from minimesh.routing.retry import RetryDecider
 from minimesh.routing.snapshot import Cluster, Endpoint
 
 RETRY_BACKOFF_BASE = 0.025
 RETRY_BACKOFF_MAX = 0.250
 """Envoy's retry back-off: fully jittered, 25 ms base, at most 250 ms."""
-
-
-def pick(
-    cluster: Cluster, state: ClusterState, view: RequestView, rng: random.Random, tried: list[Endpoint]
-) -> Endpoint | None:
-    """An endpoint that is not ejected, avoiding the ones already tried while others
-    remain (Istio's `previous_hosts` retry predicate)."""
-    ejected = state.ejected(cluster)
-    balancer = state.balancer(cluster, rng)
-    consistent = cluster.policy.load_balancer.consistent_hash
-    key = hash_key(consistent, view) if consistent is not None else None
-    exclude: frozenset[Endpoint] = ejected
-    if tried:
-        avoid = ejected.union(tried)
-        if len(avoid) < len(cluster.endpoints):
-            exclude = avoid
-    return balancer.pick(key=key, exclude=exclude)
 
 
 async def attempts(
@@ -72,10 +55,12 @@ async def attempts(
     tried: list[Endpoint] = []
     attempt_count = 0
     retrying = False
-    original = call.exchange.original if cluster.original_destination else None
+    consistent = cluster.policy.load_balancer.consistent_hash
+    key = hash_key(consistent, call.view) if consistent is not None else None
+    original = call.exchange.original
     while True:
         attempt_count += 1
-        endpoint = Endpoint(None, *original) if original is not None else pick(cluster, state, call.view, rng, tried)
+        endpoint = state.pick(cluster, rng, key, tried, original)
         if endpoint is None:
             if retrying:
                 state.retry_done()

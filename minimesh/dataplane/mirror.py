@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import random
 
-from minimesh.dataplane.attempts import pick
 from minimesh.dataplane.http1 import UpstreamClosed
 from minimesh.dataplane.respond import AUTHORITY_AT
 from minimesh.dataplane.upstream import UpstreamFailure, Upstreams
+from minimesh.routing.pick import hash_key
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import Cluster, Endpoint, Mirror
 
@@ -34,7 +34,8 @@ class Mirrors:
         if len(self.tasks) >= MIRRORS_IN_FLIGHT or not cluster.endpoints:
             return
         state = self.upstreams.state(cluster)
-        endpoint = pick(cluster, state, view, self.rng, [])
+        consistent = cluster.policy.load_balancer.consistent_hash
+        endpoint = state.pick(cluster, self.rng, hash_key(consistent, view) if consistent is not None else None)
         if endpoint is None:
             return
         host, colon, port = head_parts[AUTHORITY_AT].partition(b":")

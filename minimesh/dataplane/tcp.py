@@ -200,7 +200,7 @@ class TcpProxy:
 
     async def _to_cluster(self, relay: Relay, cluster: Cluster, original: tuple[str, int]) -> None:
         """Within `maxConnections`, to an endpoint the load balancer picks among those not
-        ejected (`original` itself for a ServiceEntry of resolution NONE)."""
+        ejected (`original` itself for a ServiceEntry of resolution NONE or DNS)."""
         exchange = relay.exchange
         exchange.cluster = cluster.name
         exchange.destination_service = cluster.host
@@ -212,13 +212,10 @@ class TcpProxy:
             self._opened(exchange)
             relay.close()
             return
-        if cluster.original_destination:
-            endpoint: Endpoint | None = Endpoint(None, *original)
-        else:
-            consistent = cluster.policy.load_balancer.consistent_hash
-            source_ip = consistent is not None and consistent.use_source_ip
-            key = exchange.downstream.rpartition(":")[0] if source_ip else None
-            endpoint = state.balancer(cluster, self.proxy.rng).pick(key=key, exclude=state.ejected(cluster))
+        consistent = cluster.policy.load_balancer.consistent_hash
+        source_ip = consistent is not None and consistent.use_source_ip
+        key = exchange.downstream.rpartition(":")[0] if source_ip else None
+        endpoint = state.pick(cluster, self.proxy.rng, key, original=original)
         if endpoint is None:
             exchange.flags.append("UH")
             self._opened(exchange)

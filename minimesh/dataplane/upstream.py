@@ -13,7 +13,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from minimesh.config import model as m
@@ -190,6 +190,27 @@ class ClusterState:
         if state is None:
             state = self.hosts[key] = HostState(endpoint.address, endpoint.port)
         return state
+
+    def pick(
+        self,
+        cluster: Cluster,
+        rng: random.Random,
+        key: str | None,
+        tried: Collection[Endpoint] = (),
+        original: tuple[str, int] | None = None,
+    ) -> Endpoint | None:
+        """The endpoint a request or connection goes to: where it was headed for a cluster of
+        `original_destination`; else the load balancer's pick (`key` for consistent hashing)
+        among the endpoints not ejected, avoiding the ones already `tried` while others remain
+        (Istio's `previous_hosts` retry predicate)."""
+        if cluster.original_destination and original is not None:
+            return Endpoint(None, *original)
+        exclude = self.ejected(cluster)
+        if tried:
+            avoid = exclude.union(tried)
+            if len(avoid) < len(cluster.endpoints):
+                exclude = avoid
+        return self.balancer(cluster, rng).pick(key=key, exclude=exclude)
 
     def attempt(self, endpoint: Endpoint, *, retry: bool = False) -> Attempt:
         """Start a try at `endpoint` (a `retry` already admitted by `admit_retry`)."""
