@@ -24,6 +24,7 @@ from minimesh.dataplane.sniff import H2_PREFACE
 from minimesh.dataplane.upstream import Upstreams
 from tests.inproc.test_proxy_tcp import SOURCE, Target
 from tests.inproc.upstreams import (
+    REVIEWS,
     Backend,
     H2Client,
     Reply,
@@ -129,19 +130,9 @@ async def test_the_first_bytes_decide_the_version_even_one_at_a_time() -> None:
         assert not mesh.gateway.connections
 
 
-REVIEWS = (
-    service("reviews", "v1", "v2", "v3")
+REVIEWS_SPLIT = (
+    REVIEWS
     + """
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-  - {name: v3, labels: {version: v3}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -161,7 +152,7 @@ spec:
 
 async def test_concurrent_streams_are_routed_and_split_each_on_its_own() -> None:
     parts = {name: Backend(name) for name in ("v1", "v2", "v3")}
-    async with running_mesh(REVIEWS, parts) as mesh:
+    async with running_mesh(REVIEWS_SPLIT, parts) as mesh:
         client = await H2Client.connect(mesh.gateway.address)
         try:
             ids = [client.request("GET", f"/r/{n}") for n in range(60)]

@@ -7,23 +7,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
-from tests.inproc.upstreams import Backend, Reply, gateway_http, running_mesh, service
-
-REVIEWS = (
-    service("reviews", "v1", "v2", "v3")
-    + """
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-  - {name: v3, labels: {version: v3}}
-"""
-)
+from tests.inproc.upstreams import REVIEWS, Backend, Reply, gateway_http, running_mesh
 
 
 def backends(*names: str) -> dict[str, Backend]:

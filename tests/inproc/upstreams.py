@@ -244,6 +244,24 @@ spec: {{address: 127.0.0.1, ports: {{http: ${member}}}, labels: {{app: {name}, $
     return "---".join(docs)
 
 
+REVIEWS = (
+    service("reviews", "v1", "v2", "v3")
+    + """
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+"""
+)
+"""Service `reviews` with members v1, v2 and v3, and a DestinationRule with a subset for each."""
+
+
 def gateway_http(rules: str) -> str:
     """A VirtualService `web` bound to the gateway for every host, with these `http:` rules
     (indented two spaces, as under `http:`)."""
