@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -19,29 +18,9 @@ from string import Template
 import aiohttp
 import pytest
 
-from tests.inproc.upstreams import Backend
+from tests.inproc.upstreams import Backend, free_ports
 
 READY_TIMEOUT = 60.0
-
-
-LISTEN_PORTS = range(20000, 32000)
-"""Where the daemon's ports are picked: below Linux's ephemeral range (32768-60999), so no
-outgoing connection takes one between the pick and the daemon's bind."""
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on 127.0.0.1 right now."""
-    found: list[int] = []
-    for port in random.sample(LISTEN_PORTS, 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        found.append(port)
-        if len(found) == count:
-            return found
-    raise RuntimeError(f"no {count} free ports in {LISTEN_PORTS}")
 
 
 def minimesh(*args: str, cwd: Path | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

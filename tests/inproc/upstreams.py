@@ -176,11 +176,31 @@ class Backend:
         return f"<Backend {self.name} :{self.port} seen={len(self.seen)} max_active={self.max_active}>"
 
 
+LISTEN_PORTS = range(20000, 32000)
+"""Where the daemon's ports are picked: below Linux's ephemeral range (32768-60999), so no
+outgoing connection takes one between the pick and the daemon's bind."""
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 right now."""
+    found: list[int] = []
+    for port in random.sample(LISTEN_PORTS, 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise RuntimeError(f"no {count} free ports in {LISTEN_PORTS}")
+
+
 def refused_port() -> int:
-    """A 127.0.0.1 port nothing listens on (connecting to it is refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A 127.0.0.1 port nothing listens on (connecting to it is refused). Below the ephemeral
+    range, so no listener the test starts on port 0 (a gateway, a backend) can get it: one
+    that did would answer, and the proxy would be talking to itself."""
+    return free_ports(1)[0]
 
 
 class Hangup:
