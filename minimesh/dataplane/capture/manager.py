@@ -19,6 +19,7 @@ from minimesh.dataplane.capture.netns import (
     OUTBOUND_PORT,
     CaptureError,
     Namespace,
+    abort_bypassing,
     install_rules,
     netns_unavailable,
     owners,
@@ -122,6 +123,7 @@ class NetnsCapture:
             await outbound.start("", 0, sock=await namespace.listen(OUTBOUND_PORT))
             await inbound.start("", 0, sock=await namespace.listen(INBOUND_PORT))
             await asyncio.to_thread(install_rules, path, ports)
+            await asyncio.to_thread(abort_bypassing, path, ports)
         except (CaptureError, OSError) as exc:
             await asyncio.gather(outbound.stop(), inbound.stop())
             namespace.stop()

@@ -2,7 +2,8 @@
 
 One helper thread per namespace enters it once (setns through ctypes: Python 3.11 has no
 `os.setns`) and makes sockets there on request; sockets keep the namespace they were made
-in. The iptables rules send the app's outbound TCP to 15001 and its service ports to 15006.
+in. The iptables rules send the app's outbound TCP to 15001 and its service ports to 15006;
+connections the app opened before them are aborted so that it reopens them through the mesh.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
+import logging
 import os
 import queue
 import shlex
@@ -32,6 +34,8 @@ INBOUND_CHAIN = "MINIMESH_INBOUND"
 SO_ORIGINAL_DST = 80
 OWNER_PREFIX = "minimesh:"
 CLONE_NEWNET = 0x40000000
+
+log = logging.getLogger("minimesh.capture")
 
 T = TypeVar("T")
 
@@ -183,6 +187,36 @@ def install_rules(path: str, inbound_ports: Iterable[int]) -> None:
     result = _iptables(path, ["iptables-restore", "--wait", "--noflush"], capture_rules(inbound_ports))
     if result.returncode != 0:
         raise CaptureError(f"iptables-restore failed in {path}: {result.stderr.strip()}; run minimesh as root")
+
+
+def bypass_filter(listening: Iterable[int], inbound_ports: Iterable[int]) -> str:
+    """An `ss` filter for the connections that opened before the rules and so bypass the mesh:
+    established, not loopback, not the mesh's own (marked), and either the app's outbound ones
+    (their local port is no listening one) or inbound ones to a captured service port."""
+    served = sorted((set(listening) | {OUTBOUND_PORT, INBOUND_PORT}) - set(inbound_ports))
+    kept = "".join(f" and not sport = :{port}" for port in served)
+    return f"not dst 127.0.0.0/8 and not dst [::1] and not fwmark = {MESH_MARK:#x}{kept}"
+
+
+def listening_ports(ss_output: str) -> set[int]:
+    """The local ports of `ss -Htln` lines (`LISTEN 0 4096 0.0.0.0:9080 0.0.0.0:*`)."""
+    ports = set()
+    for line in ss_output.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[3].rpartition(":")[2].isdigit():
+            ports.add(int(fields[3].rpartition(":")[2]))
+    return ports
+
+
+def abort_bypassing(path: str, inbound_ports: Iterable[int]) -> None:
+    """Abort the connections the app opened before capture began (a keep-alive pool made at
+    start-up would otherwise bypass the mesh for as long as it lives): the app sees them
+    closed and opens new ones, which the rules now capture. istio-init never needs this, as
+    it runs before the app; minimesh can capture a container that is already running."""
+    listening = listening_ports(_iptables(path, ["ss", "-Htln"]).stdout)
+    result = _iptables(path, ["ss", "-HKtn", "state", "established", bypass_filter(listening, inbound_ports)])
+    if result.returncode != 0:
+        log.debug("aborting connections opened before capture in %s: %s", path, result.stderr.strip())
 
 
 def _jumps(path: str) -> list[str]:

@@ -1,0 +1,97 @@
+"""Capture of a namespace whose app already holds connections: those that would bypass the
+mesh are aborted when the rules go in, loopback and the mesh's own are left alone. A real
+network namespace (`ip netns`), real iptables and `ss`; root only, and never skipped in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from minimesh.dataplane.capture.netns import abort_bypassing, bypass_filter, install_rules, listening_ports
+
+APP = """
+import json, socket, sys
+servers = {port: socket.create_server(("10.77.0.1", port)) for port in (9000, 9080)}
+loopback = socket.create_server(("127.0.0.1", 9001))
+clients = {"out": socket.create_connection(("10.77.0.2", int(sys.argv[1]))), "lo": socket.create_connection(("127.0.0.1", 9001))}
+accepted = {"lo": loopback.accept()[0]}
+print("ready", flush=True)
+sys.stdin.readline()
+accepted.update((port, server.accept()[0]) for port, server in servers.items())
+print("accepted", flush=True)
+sys.stdin.readline()
+state = {f"{side}:{key}": sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+         for side, sockets in (("client", clients), ("accepted", accepted)) for key, sock in sockets.items()}
+print(json.dumps(state), flush=True)
+"""
+ECONNABORTED = 103
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    missing = [tool for tool in ("ip", "ss", "iptables-restore", "nsenter") if shutil.which(tool) is None]
+    if os.geteuid() != 0 or missing:
+        reason = f"needs root and {', '.join(missing) or 'nothing else'}"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root with iproute2 and iptables: {reason}")
+        pytest.skip(reason)
+    name = f"mmtest{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    host_end = f"mm{name[-8:]}"
+    try:
+        subprocess.run(
+            ["ip", "link", "add", host_end, "type", "veth", "peer", "name", "mm0", "netns", name], check=True
+        )
+        for command in (["ip", "addr", "add", "10.77.0.2/24", "dev", host_end], ["ip", "link", "set", host_end, "up"]):
+            subprocess.run(command, check=True)
+        for command in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "10.77.0.1/24", "dev", "mm0"],
+                        ["ip", "link", "set", "mm0", "up"]):  # fmt: skip
+            subprocess.run(["ip", "netns", "exec", name, *command], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "delete", host_end], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_capture_aborts_the_connections_that_would_bypass_it(namespace: str) -> None:
+    with socket.create_server(("10.77.0.2", 0)) as outside:
+        app = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c", APP, str(outside.getsockname()[1])],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert app.stdin is not None and app.stdout is not None
+        try:
+            assert app.stdout.readline().strip() == "ready"
+            peers = [outside.accept()[0], *(socket.create_connection(("10.77.0.1", port)) for port in (9000, 9080))]
+            app.stdin.write("accept\n")
+            app.stdin.flush()
+            assert app.stdout.readline().strip() == "accepted"
+            path = f"/var/run/netns/{namespace}"
+            install_rules(path, [9080])
+            abort_bypassing(path, [9080])
+            app.stdin.write("report\n")
+            app.stdin.flush()
+            state = json.loads(app.stdout.readline())
+        finally:
+            app.kill()
+            app.wait()
+        for peer in peers:
+            peer.close()
+    assert state["client:out"] == ECONNABORTED, "the app's own outbound connection bypasses the mesh"
+    assert state["accepted:9080"] == ECONNABORTED, "an inbound connection to a captured port bypasses it"
+    assert state["accepted:9000"] == 0, "a port the mesh does not capture is the app's own"
+    assert state["client:lo"] == 0 and state["accepted:lo"] == 0, "loopback is never captured"
+
+
+def test_bypass_filter_keeps_listening_ports_that_are_not_captured() -> None:
+    listening = listening_ports("LISTEN 0 4096 0.0.0.0:9080 0.0.0.0:*\nLISTEN 0 128 [::]:22 [::]:*\n")
+    assert listening == {9080, 22}
+    text = bypass_filter(listening, [9080])
+    assert "sport = :22" in text and "sport = :15001" in text and "sport = :9080" not in text
