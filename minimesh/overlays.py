@@ -34,9 +34,10 @@ def _key(document: Document) -> tuple[str, str, str]:
     return (document.kind, document.namespace, document.name)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Layers:
-    """The applied documents and the overlays, in the order they were added."""
+    """The applied documents and the overlays, in the order they were added. A change of layers
+    is a new `Layers` (the dicts are never changed in place); every copy shares one id counter."""
 
     applied: dict[tuple[str, str, str], Document] = field(default_factory=dict)
     overlays: dict[str, Overlay] = field(default_factory=dict)
