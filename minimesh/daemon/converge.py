@@ -155,7 +155,9 @@ class Converger:
                 self._refuse(exc, files is not None, proposals)
             return False
         self.good = inputs
-        await daemon.swap(found if files is not None or proposals else replace(found, warnings=()))
+        await daemon.swap(
+            found if files is not None or proposals else replace(found, warnings=()), reloaded=files is not None
+        )
         if files is not None:
             log.info("minimesh: reloaded: generation %d live in %.0f ms", generation, (time.monotonic() - began) * 1000)
         if inputs.discovered != good.discovered:
@@ -176,13 +178,14 @@ class Converger:
             self._refused(exc, "reload" if files else "recompile for the containers")
 
     def _refused(self, exc: ConfigError, what: str = "reload") -> None:
-        """A reload of the files (or a recompile for new containers) refused: logged, shown as the
-        last reload's error; a reload of the files is counted."""
+        """A reload of the files (or a recompile for new containers, which fails only on a bug)
+        refused: logged; a reload is counted and its error shown until the files load again."""
         daemon = self.daemon
-        daemon.reloads_rejected += what == "reload"
         lines = tuple(str(p) for p in exc.problems)
         for line in lines:
             log.error("%s", line)
         kept = daemon.current.get().generation
         log.error("minimesh: %s refused (%d errors); still serving generation %d", what, len(lines), kept)
-        daemon.config = replace(daemon.config, error=lines)
+        if what == "reload":
+            daemon.reloads_rejected += 1
+            daemon.config = replace(daemon.config, error=lines)

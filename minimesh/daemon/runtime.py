@@ -330,14 +330,15 @@ class Daemon:
 
     # ---- what a converge pass does with its result
 
-    async def swap(self, compiled: Compiled) -> None:
-        """Put the new snapshots in force, with the listeners that read them, in one loop step."""
+    async def swap(self, compiled: Compiled, *, reloaded: bool) -> None:
+        """Put the new snapshots in force, with the listeners that read them, in one loop step;
+        the last reload's error stays shown until the files are `reloaded` without one."""
         for warning in compiled.warnings:
             log.warning("%s", warning)
         self.current.swap(compiled.snapshot)
         self.serving.retarget(compiled.snapshot)
         configure_access_log(self.access_log, compiled.snapshot)
-        self.config = ConfigState(compiled.sources, time.time())
+        self.config = ConfigState(compiled.sources, time.time(), None if reloaded else self.config.error)
 
     async def reconcile(self, snapshot: Snapshot) -> None:
         """The sidecars and the captured containers, made what `snapshot` asks for."""
