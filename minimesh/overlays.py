@@ -3,6 +3,7 @@
 `apply` keeps one layer of documents, each replacing the file document of the same kind,
 namespace and name (as `kubectl apply`). Overlays are layers with an id, an optional time
 to live and an optional scope (then only requests with `x-minimesh-test: SCOPE` see them).
+A change makes a new frozen `Layers`; the converge task swaps it in with the snapshots.
 """
 
 from __future__ import annotations

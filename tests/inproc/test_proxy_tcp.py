@@ -23,7 +23,7 @@ import trustme
 from minimesh.admin.metrics import Metrics
 from minimesh.dataplane.accesslog import text_line
 from minimesh.dataplane.current import Current
-from minimesh.dataplane.exchange import Exchange, Listener
+from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import Upstreams
@@ -117,7 +117,9 @@ async def tcp_mesh(yaml_text: str, values: Mapping[str, int | str], seed: int = 
         openers=(metrics.opened,),
     )
     target = Target()
-    outbound = Serving(proxy, Listener("sidecar", 15001, workload=SOURCE), transparent=True, original_of=target)
+    outbound = Serving(
+        proxy, Listener(ListenerKind.SIDECAR, 15001, workload=SOURCE), transparent=True, original_of=target
+    )
     await outbound.start("127.0.0.1", 0)
     try:
         yield TcpMesh(proxy, outbound, target, exchanges, metrics)
@@ -463,7 +465,7 @@ async def test_the_inbound_side_relays_a_tcp_port_to_the_app(echoes: dict[str, L
     workload = next(w for w in snapshot.workloads if w.name == "tcp-echo-v1")
     target = Target(("127.0.0.1", app.port))
     inbound = Serving(
-        proxy, Listener("inbound", 15006, workload=workload, dial=dial), transparent=True, original_of=target
+        proxy, Listener(ListenerKind.INBOUND, 15006, workload=workload, dial=dial), transparent=True, original_of=target
     )
     await inbound.start("127.0.0.1", 0)
     try:
