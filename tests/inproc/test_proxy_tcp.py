@@ -26,8 +26,10 @@ from minimesh.dataplane.current import Current
 from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Proxy
+from minimesh.dataplane.tcp import IDLE_TIMEOUT
 from minimesh.dataplane.upstream import Upstreams
 from minimesh.registry.model import Workload
+from tests.clocks import on_virtual_time
 from tests.inproc.upstreams import compile_yaml, refused_port
 
 SOURCE = Workload("sleep-1", "127.0.0.9", labels=(("app", "sleep"),), service="sleep")
@@ -135,10 +137,10 @@ async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: 
         return await reader.readline()
 
 
-async def closed_at_once(reader: asyncio.StreamReader) -> bool:
+async def closed_at_once(reader: asyncio.StreamReader, within: float = 10) -> bool:
     """Did the proxy close the connection without a byte (reset or FIN)?"""
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(within):
             return await reader.read() == b""
     except ConnectionResetError:
         return True
@@ -482,23 +484,26 @@ async def test_the_inbound_side_relays_a_tcp_port_to_the_app(echoes: dict[str, L
     assert exchanges[0].cluster == f"inbound|{app.port}||tcp-echo-v1.default"
 
 
-async def test_an_idle_connection_is_closed_and_an_active_one_is_not(
-    echoes: dict[str, LineServer], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Istio's idle timeout (an hour, shortened here): a connection with no byte either way
-    for that long is closed; one that keeps talking stays open across several periods."""
-    monkeypatch.setattr("minimesh.dataplane.tcp.IDLE_TIMEOUT", 0.2)
-    values: dict[str, int | str] = {"v1": echoes["v1"].port}
-    async with tcp_mesh(tcp_service("tcp-echo", "v1"), values) as mesh:
-        active_reader, active_writer = await mesh.open("127.0.0.1", echoes["v1"].port)
-        idle_reader, _ = await mesh.open("127.0.0.1", echoes["v1"].port)
+@on_virtual_time
+async def test_an_idle_connection_is_closed_and_an_active_one_is_not() -> None:
+    """Istio's idle timeout (an hour, on virtual time: no real wait, and a slow machine cannot
+    make the talking connection look idle): a connection with no byte either way for that long
+    is closed; one that keeps talking stays open across several periods."""
+    echo = await LineServer(b"one ").start()
+    async with tcp_mesh(tcp_service("tcp-echo", "v1"), {"v1": echo.port}) as mesh:
+        active_reader, active_writer = await mesh.open("127.0.0.1", echo.port)
+        idle_reader, _ = await mesh.open("127.0.0.1", echo.port)
         assert await ask(active_reader, active_writer, b"0\n") == b"one 0\n"
-        closed = asyncio.ensure_future(closed_at_once(idle_reader))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        closed = asyncio.ensure_future(closed_at_once(idle_reader, IDLE_TIMEOUT + 10))
         talked = 1
         while not closed.done():
             assert await ask(active_reader, active_writer, b"%d\n" % talked) == b"one %d\n" % talked
             talked += 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(IDLE_TIMEOUT / 4)
         assert closed.result()
+        assert IDLE_TIMEOUT <= loop.time() - began <= IDLE_TIMEOUT * 1.25 + 1, "closed after the idle timeout"
         assert await ask(active_reader, active_writer, b"still\n") == b"one still\n"
         active_writer.close()
+    await echo.close()
