@@ -5,6 +5,8 @@ to that source with file and line; a failed compile keeps the default and scoped
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from minimesh.config.source import Document, parse_text
@@ -125,3 +127,28 @@ async def test_a_failed_compile_keeps_the_default_and_scoped_snapshots_together(
     assert swapped.generation == scoped.generation == generation + 1
     assert all("extra" in {vs.meta.name for vs in found.mesh.virtual_services} for found in (swapped, scoped))
     assert entry_subset(swapped) == "v1" and entry_subset(scoped) == "v2"
+
+
+async def test_a_crash_in_the_converge_task_is_counted_logged_and_the_next_trigger_still_converges(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = daemon_of(shop)
+    reconcile = Daemon.reconcile
+
+    async def crashes(self: Daemon, snapshot: Snapshot) -> None:
+        raise RuntimeError("a bug after the swap")
+
+    monkeypatch.setattr(Daemon, "reconcile", crashes)
+    with caplog.at_level(logging.ERROR, logger="minimesh"):
+        generation = await daemon.converger.propose(with_applied(applying(ENTRY.format(subset="v2"))))
+        await daemon.converger.settled()
+    assert generation == daemon.current.get().generation == 2, "live before the listeners were reconciled"
+    assert daemon.internal_errors == 1
+    assert [r.exc_info is not None for r in caplog.records if "background task 'converge'" in r.getMessage()] == [True]
+
+    monkeypatch.setattr(Daemon, "reconcile", reconcile)
+    shop.write(shop.text(extra="---\n" + EXTRA))
+    await daemon.reload()
+    snapshot = daemon.current.get()
+    assert snapshot.generation == 3 and entry_subset(snapshot) == "v2"
+    assert "extra" in {vs.meta.name for vs in snapshot.mesh.virtual_services}
