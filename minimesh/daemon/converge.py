@@ -113,15 +113,17 @@ class Converger:
 
     async def _pass(self, proposals: tuple[Proposal, ...]) -> None:
         """Everything recorded, compiled as one; if that fails and more than one source changed,
-        each on its own: the files (with the containers), then each proposal."""
+        each on its own: the files and containers (committed: they are what is running), then
+        each proposal."""
         files = await self._read() if self.changes != self.read else None
         self.taken = self.discovered
-        if files is None and not proposals and self.taken == self.good.discovered:
+        committed = files is not None or self.taken != self.good.discovered
+        if not committed and not proposals:
             return
-        alone = (files is not None) + len(proposals) <= 1
+        alone = committed + len(proposals) <= 1
         if await self._attempt(files, proposals, report=alone) or alone:
             return
-        if files is not None:
+        if committed:
             await self._attempt(files, (), report=True)
         for proposal in proposals:
             await self._attempt(None, (proposal,), report=True)

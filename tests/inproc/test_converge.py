@@ -95,6 +95,16 @@ async def test_a_bad_apply_in_a_burst_does_not_hold_back_a_good_file_change(shop
     assert daemon.converger.compiles == 3, "together, then the files, then the apply"
 
 
+async def test_a_bad_apply_in_a_burst_does_not_hold_back_new_containers(shop: Shop) -> None:
+    daemon = daemon_of(shop)
+    daemon.converger.containers(Discovered((container(1),)))
+    with pytest.raises(ConfigError):
+        await daemon.converger.propose(with_applied(applying(BAD)))
+    await daemon.converger.settled()
+    assert "web-1" in {w.name for w in daemon.current.get().workloads}
+    assert daemon.layers.applied == {}
+
+
 async def test_a_bad_file_edit_in_a_burst_does_not_hold_back_a_good_apply(shop: Shop) -> None:
     daemon = daemon_of(shop)
     shop.write(shop.text(extra="---\n" + BAD))
