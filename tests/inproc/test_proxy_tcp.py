@@ -30,7 +30,7 @@ from minimesh.dataplane.tcp import IDLE_TIMEOUT
 from minimesh.dataplane.upstream import Upstreams
 from minimesh.registry.model import Workload
 from tests.clocks import on_virtual_time
-from tests.inproc.upstreams import compile_yaml, refused_port
+from tests.inproc.upstreams import PATIENCE, compile_yaml, refused_port
 
 SOURCE = Workload("sleep-1", "127.0.0.9", labels=(("app", "sleep"),), service="sleep")
 
@@ -99,7 +99,7 @@ class TcpMesh:
 
     async def exchange_count(self, count: int) -> None:
         """Wait until `count` connections were reported closed (they close asynchronously)."""
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(PATIENCE):
             while len(self.exchanges) < count:
                 await asyncio.sleep(0.01)
 
@@ -133,11 +133,11 @@ async def tcp_mesh(yaml_text: str, values: Mapping[str, int | str], seed: int = 
 async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes) -> bytes:
     writer.write(line)
     await writer.drain()
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(PATIENCE):
         return await reader.readline()
 
 
-async def closed_at_once(reader: asyncio.StreamReader, within: float = 10) -> bool:
+async def closed_at_once(reader: asyncio.StreamReader, within: float = PATIENCE) -> bool:
     """Did the proxy close the connection without a byte (reset or FIN)?"""
     try:
         async with asyncio.timeout(within):
@@ -203,7 +203,7 @@ async def test_a_server_first_protocol_outside_the_mesh_passes_through_unread() 
     try:
         async with tcp_mesh(tcp_service("other", "a", port=1), {"a": refused_port()}) as mesh:
             reader, writer = await mesh.open("127.0.0.1", greeter.port)
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(PATIENCE):
                 assert await reader.readline() == b"220 hello, I speak first\n"
             assert await ask(reader, writer, b"PING\r\n") == b"PING\r\n"
             writer.close()
@@ -248,7 +248,7 @@ async def test_half_close_is_passed_on_both_ways(echoes: dict[str, LineServer]) 
         reader, writer = await mesh.open("127.0.0.1", echoes["v1"].port)
         writer.write(b"a\nbb\n")
         writer.write_eof()
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(PATIENCE):
             answer = await reader.read()
         assert answer == b"one a\none bb\ngot 5\n"
         writer.close()
@@ -276,7 +276,7 @@ spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
             writer.close()
             reader, writer = await mesh.open("127.0.0.1", outside.port)
             writer.write(b"GET / HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(PATIENCE):
                 status = await reader.readline()
             assert status.startswith(b"HTTP/1.1 502 "), status
             writer.close()
@@ -309,7 +309,7 @@ spec:
     try:
         async with tcp_mesh(text, {"PORT": port}) as mesh:
             reader, _ = await mesh.open("127.0.0.1", port)
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(PATIENCE):
                 assert await reader.readline() == b"+OK ready\n"
     finally:
         await outside.close()
@@ -330,11 +330,11 @@ async def test_undeclared_ports_are_sniffed(echoes: dict[str, LineServer]) -> No
             writer.close()
             reader, writer = await mesh.open("127.0.0.1", echoes["v1"].port)
             writer.write(b"GET /x HTTP/1.1\r\nHost: nowhere.invalid:9000\r\n\r\n")
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(PATIENCE):
                 status = await reader.readline()
             writer.close()
             reader, writer = await mesh.open("127.0.0.1", greeter.port)
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(PATIENCE):
                 assert await reader.readline() == b"* server first\n"
             writer.close()
             await mesh.exchange_count(3)
@@ -474,7 +474,7 @@ async def test_the_inbound_side_relays_a_tcp_port_to_the_app(echoes: dict[str, L
         reader, writer = await asyncio.open_connection(*inbound.address)
         assert await ask(reader, writer, b"in\n") == b"one in\n"
         writer.close()
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(PATIENCE):
             while not exchanges:
                 await asyncio.sleep(0.01)
     finally:

@@ -634,7 +634,7 @@ class H2Client:
         self.h2.reset_stream(stream_id)
         self._flush()
 
-    async def until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def until(self, done: Callable[[], bool], timeout: float = PATIENCE) -> None:
         """Wait until `done()` holds, checking after everything the proxy sends (and every
         10 ms, for conditions on other parties)."""
         async with asyncio.timeout(timeout):
