@@ -22,22 +22,19 @@ from urllib.parse import quote, urlsplit
 from minimesh import HOT_PATH, __version__
 from minimesh.admin.client import DEFAULT_ADMIN, NoDaemon, get, get_json, status_lines, wait_ready
 from minimesh.background import alive, detach, down
-from minimesh.config.check import check_mesh
 from minimesh.config.compose import check_compose
-from minimesh.config.load import Loaded, load_paths
-from minimesh.config.model import Mesh
+from minimesh.config.load import load_paths
 from minimesh.config.names import MESH, is_ip
 from minimesh.config.source import MAX_DOCUMENT_BYTES, expand, too_large
 from minimesh.daemon import Options, serve
+from minimesh.daemon.pipeline import Ask, Passed, read_files, run_pipeline, url_port
 from minimesh.dataplane.capture.manager import scrub_left_rules
 from minimesh.dataplane.capture.netns import netns_unavailable
 from minimesh.errors import ConfigError, MinimeshError, Problem
 from minimesh.registry.model import Workload
 from minimesh.registry.static import workloads_of
-from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.connection import Handling, Reached, handling_of, plan, service_at, trace_connection
 from minimesh.routing.match import trace
-from minimesh.routing.offline import placeholders
 from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import (
     BlackHole,
@@ -50,7 +47,7 @@ from minimesh.routing.snapshot import (
     Snapshot,
     TraceStep,
 )
-from minimesh.routing.verify import Got, run_route_tests, summarize
+from minimesh.routing.verify import Got, summarize
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -74,22 +71,17 @@ def _files(args: argparse.Namespace) -> list[str]:
     return list(args.files or ["mesh.yaml"])
 
 
-def _problems(loaded: Loaded, *, strict: bool) -> list[Problem]:
-    problems = list(loaded.problems)
-    if not loaded.errors:
-        problems.extend(check_mesh(loaded.mesh, loaded.documents))
-        if loaded.mesh.route_tests:
-            ports = [_request_port(test.request.url) for test in loaded.mesh.route_tests]
-            snapshot = offline_snapshot(loaded.mesh, list(workloads_of(loaded.mesh)), ports)
-            problems.extend(run_route_tests(snapshot))
+def _problems(passed: Passed, *, strict: bool) -> list[Problem]:
+    problems = list(passed.problems)
     if strict:
         problems = [replace(p, severity="error") if p.severity == "warning" else p for p in problems]
     return sorted(problems, key=lambda p: (p.location.file, p.location.line, p.location.col))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    loaded = load_paths(_files(args))
-    problems = _problems(loaded, strict=args.strict)
+    passed = run_pipeline(read_files(_files(args)), Ask(route_tests=True))
+    loaded = passed.loaded
+    problems = _problems(passed, strict=args.strict)
     if args.compose:
         try:
             text = Path(args.compose).read_text(encoding="utf-8")
@@ -115,15 +107,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_FAIL if errors else EXIT_OK
 
 
-def offline_snapshot(mesh: Mesh, workloads: list[Workload], ports: Iterable[int]) -> Snapshot:
-    """A snapshot from config alone: the given workloads plus placeholders for the rest."""
-    return compile_snapshot(mesh, [*workloads, *placeholders(mesh, workloads, ports)])
-
-
 def _request_port(url: str) -> int:
-    parts = urlsplit(url if "://" in url else f"http://{url}")
     try:
-        return parts.port or 80
+        return url_port(url)
     except ValueError as exc:
         raise UsageError(f"cannot read URL '{url}': {exc}") from exc
 
@@ -164,12 +150,13 @@ HANDLING: dict[Handling, str] = {
 
 def _explain_snapshot(args: argparse.Namespace, ports: Iterable[int]) -> Snapshot:
     """The snapshot `explain` decides by: the config, `--workloads`, and placeholders that
-    expose `ports` (see `offline_snapshot`)."""
-    mesh = load_paths(_files(args)).raise_errors()
-    workloads = list(workloads_of(mesh))
-    if args.workloads:
-        workloads += workloads_of(load_paths([args.workloads]).raise_errors())
-    return offline_snapshot(mesh, workloads, ports)
+    stand for the services no workload backs, exposing `ports`."""
+    files = read_files(_files(args))
+    workloads = workloads_of(load_paths([args.workloads]).raise_errors()) if args.workloads else ()
+    passed = run_pipeline(files, Ask(workloads=workloads, offline_ports=tuple(ports)))
+    if passed.snapshot is None:
+        raise ConfigError(list(passed.loaded.errors))
+    return passed.snapshot
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

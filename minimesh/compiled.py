@@ -1,6 +1,8 @@
 """Whether the hot path runs compiled: the mypyc extension modules `make native` puts next
 to their sources, and the guard that imports the plain sources instead, all of them, as
-soon as any source changed after the build (a stale build never runs)."""
+soon as any source changed after the build (a stale build never runs). The guard is a
+process-wide import hook on purpose: it must be in place before the first hot-path module is
+imported, when the package is, before any object exists that could own it."""
 
 from __future__ import annotations
 

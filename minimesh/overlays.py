@@ -3,6 +3,7 @@
 `apply` keeps one layer of documents, each replacing the file document of the same kind,
 namespace and name (as `kubectl apply`). Overlays are layers with an id, an optional time
 to live and an optional scope (then only requests with `x-minimesh-test: SCOPE` see them).
+A change makes a new frozen `Layers`; the converge task swaps it in with the snapshots.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ def _key(document: Document) -> tuple[str, str, str]:
     return (document.kind, document.namespace, document.name)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Layers:
-    """The applied documents and the overlays, in the order they were added."""
+    """The applied documents and the overlays, in the order they were added. A change of layers
+    is a new `Layers` (the dicts are never changed in place); every copy shares one id counter."""
 
     applied: dict[tuple[str, str, str], Document] = field(default_factory=dict)
     overlays: dict[str, Overlay] = field(default_factory=dict)

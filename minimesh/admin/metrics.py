@@ -8,7 +8,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 
-from minimesh.dataplane.exchange import Exchange, Listener
+from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.grpc import response_grpc_status
 from minimesh.registry.model import Workload
 from minimesh.routing.request import split_authority
@@ -85,8 +85,8 @@ def labels_of(
     (`grpc`) reports its protocol as `grpc` and `grpc_status` as `grpc_response_status`. A server
     sidecar (inbound) reports as `destination`; its caller is unknown, as in Istio without
     peer metadata, while the calling sidecar reports the same request as `source`."""
-    inbound = listener.kind == "inbound"
-    source = peer(None if inbound else listener.workload, gateway=listener.kind == "gateway")
+    inbound = listener.kind is ListenerKind.INBOUND
+    source = peer(None if inbound else listener.workload, gateway=listener.kind is ListenerKind.GATEWAY)
     target = peer(destination)
     name, namespace = service_parts(service) if service else (UNKNOWN, UNKNOWN)
     labels = (

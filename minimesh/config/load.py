@@ -1,8 +1,9 @@
 """YAML documents → the typed model: schema check, then one builder per kind.
 
-Each document is checked against Istio's schema first; only a valid one is built. The
-builder records every field it reads, so a field Istio knows but minimesh does not
-implement is reported as a warning ("has no effect locally") instead of passing silently.
+Each document is checked against Istio's schema first; only a valid one is built, and a
+problem's severity comes from its issue's code. The builder records every field it reads, so
+a field Istio knows but minimesh does not implement is reported as a warning ("has no effect
+locally") instead of passing silently. A builder that raises is a bug, never a config error.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from minimesh.config import model as m
 from minimesh.config.durations import parse_duration
-from minimesh.config.schema import check_document
+from minimesh.config.schema import IssueCode, check_document
 from minimesh.config.source import SPEC, Document, FieldPath, field_path, read_paths
 from minimesh.errors import ConfigError, Problem, Severity
 
@@ -815,10 +816,12 @@ class Loaded:
 
 
 def build_document(document: Document, problems: list[Problem]) -> Any:
-    """The typed object for one document, or None when it is invalid or of a kind we ignore."""
+    """The typed object for one document, or None when it is invalid or of a kind we ignore.
+    Bad input is the schema check's and the reader's to report, located; an exception out of a
+    builder is a bug in minimesh and propagates as one."""
     found = False
     for issue in check_document(document.body):
-        severity: Severity = "warning" if issue.message.startswith("unknown kind") else "error"
+        severity: Severity = "warning" if issue.code is IssueCode.UNKNOWN_KIND else "error"
         message = issue.message
         if severity == "warning":
             message += "; minimesh ignores this document"
@@ -832,11 +835,7 @@ def build_document(document: Document, problems: list[Problem]) -> Any:
         return None
     reader = _Reader(document, problems)
     before = len(problems)
-    try:
-        built = builder(reader)
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-        reader.error((), f"cannot read this {document.kind}: {exc}")
-        return None
+    built = builder(reader)
     for path in reader.unused():
         reader.warn(path, f"field '{path[-1]}' has no effect locally; minimesh accepts but ignores it", key=True)
     errors = [p for p in problems[before:] if p.severity == "error"]

@@ -1,4 +1,5 @@
-"""Checks one parsed config document against the published schema of its kind, as `kubectl apply` would.
+"""Checks one parsed config document against the published schema of its kind, as `kubectl apply` would;
+each issue carries an `IssueCode` the loader decides its severity by.
 
 Owns Istio's CRD OpenAPI v3 schemas (`schemas/istio.json`, made by `tools/gen_schemas.py`), their
 CEL rules with the Kubernetes CEL functions they call, and ObjectMeta, core `Service` and our own kinds.
@@ -17,6 +18,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from importlib import resources
 from typing import Any, NoReturn
 
@@ -64,13 +66,29 @@ _NUMERIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 _FIELD_PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\['((?:[^'\\]|\\.)*)'\]")
 
 
+class IssueCode(StrEnum):
+    """What kind of problem an issue is: the loader decides its severity by this, never by its text."""
+
+    NOT_A_DOCUMENT = "not-a-document"
+    """The document is not a mapping."""
+    HEAD = "head"
+    """apiVersion or kind is missing, or not a string."""
+    UNKNOWN_KIND = "unknown-kind"
+    """A kind minimesh holds no schema for: the document is ignored."""
+    VERSION = "version"
+    """A known kind under an apiVersion it is not served as."""
+    SCHEMA = "schema"
+    """A value breaks the kind's schema (types, bounds, patterns, required fields, CEL rules)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SchemaIssue:
-    """One way a document breaks its schema: where, and a sentence saying what to change."""
+    """One way a document breaks its schema: where, a sentence saying what to change, and its code."""
 
     path: FieldPath
     message: str
     at_key: bool = False
+    code: IssueCode = IssueCode.SCHEMA
 
 
 # --- the catalog of kinds ---------------------------------------------------------------------
@@ -168,7 +186,7 @@ def check_document(body: object) -> list[SchemaIssue]:
     """Every way `body` breaks the schema of its kind; one `unknown kind` issue for a kind we lack."""
     if not isinstance(body, dict):
         message = f"a config document must be a mapping with apiVersion, kind and metadata, got {_describe(body)}"
-        return [SchemaIssue((), message)]
+        return [SchemaIssue((), message, code=IssueCode.NOT_A_DOCUMENT)]
     head = _check_head(body)
     if head:
         return head
@@ -179,7 +197,7 @@ def check_document(body: object) -> list[SchemaIssue]:
     root = entry.roots.get(api_version)
     if root is None:
         message = f"{kind} is not served as apiVersion '{api_version}'; use {entry.accepted()}"
-        return [SchemaIssue(("apiVersion",), message)]
+        return [SchemaIssue(("apiVersion",), message, code=IssueCode.VERSION)]
     findings = _Findings()
     document = _plain(body)
     _check(document, root, (), findings)
@@ -202,9 +220,9 @@ def _check_head(body: Mapping[str, Any]) -> list[SchemaIssue]:
         value = body.get(key)
         if value is None:
             hint = f"; {kind} uses {entry.accepted()}" if key == "apiVersion" and entry else ""
-            issues.append(SchemaIssue((), f"missing required field '{key}'{hint}"))
+            issues.append(SchemaIssue((), f"missing required field '{key}'{hint}", code=IssueCode.HEAD))
         elif not isinstance(value, str):
-            issues.append(SchemaIssue((key,), f"must be a string, got {_describe(value)}"))
+            issues.append(SchemaIssue((key,), f"must be a string, got {_describe(value)}", code=IssueCode.HEAD))
     return issues
 
 
@@ -214,7 +232,7 @@ def _unknown_kind(kind: str, api_version: str) -> SchemaIssue:
     close = [by_case[kind.lower()]] if kind.lower() in by_case else difflib.get_close_matches(kind, names, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     message = f"unknown kind '{kind}' (apiVersion {api_version}): minimesh ignores this document{hint}"
-    return SchemaIssue(("kind",), message)
+    return SchemaIssue(("kind",), message, code=IssueCode.UNKNOWN_KIND)
 
 
 def _plain(value: Any) -> Any:

@@ -1,6 +1,7 @@
 """The daemon `minimesh up` runs, as one converge loop: `inputs` (what a config is made of),
-`pipeline` (load, check, compile), `listeners` (the gateway and sidecars) and `runtime` (the
-converge task, the triggers that wake it, supervision and the admin API's view)."""
+`pipeline` (read, load, check, compile, RouteTests: `validate` and `explain` use it too),
+`converge` (the one task that compiles and swaps), `listeners` (the gateway and sidecars) and
+`runtime` (the triggers that wake the converge task, supervision and the admin API's view)."""
 
 from minimesh.daemon.listeners import DaemonError
 from minimesh.daemon.pipeline import Compiled, compile_config

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from minimesh.config.labels import SIDECAR_PORT_ANNOTATION
-from minimesh.dataplane.exchange import Listener
+from minimesh.dataplane.exchange import Listener, ListenerKind
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Proxy
 from minimesh.errors import MinimeshError
@@ -67,7 +67,7 @@ class ListenerSet:
     async def start(self, snapshot: Snapshot, bind: str, gateway_port: int) -> None:
         """The gateway on `bind`:`gateway_port` and the sidecars `snapshot` asks for;
         DaemonError if one cannot listen."""
-        listener = Listener("gateway", gateway_port, snapshot.ingress_gateways, address=bind)
+        listener = Listener(ListenerKind.GATEWAY, gateway_port, snapshot.ingress_gateways, address=bind)
         gateway = Serving(self.proxy, listener)
         self.gateway = gateway
         try:
@@ -87,7 +87,7 @@ class ListenerSet:
 
     async def _start_sidecar(self, port: int, workload: Workload) -> str:
         """Listen for `workload`'s outbound traffic on 127.0.0.1:`port`; the problem, or ""."""
-        serving = Serving(self.proxy, Listener("sidecar", port, workload=workload, address=SIDECAR_HOST))
+        serving = Serving(self.proxy, Listener(ListenerKind.SIDECAR, port, workload=workload, address=SIDECAR_HOST))
         try:
             await serving.start(SIDECAR_HOST, port)
         except OSError as exc:

@@ -1,9 +1,12 @@
 """The daemon `minimesh up` runs: the gateway, the explicit sidecars and the admin API over one
-`Current[Snapshot]`, and one converge task. Every trigger (a file change, `apply`, an overlay
-added, expired or deleted, a Docker event) records new `Inputs` and wakes that task; it runs
-the pipeline, swaps the default and scoped snapshots in one step, then reconciles listeners and
-capture. A bad config, or one minimesh fails on, keeps the last good snapshot serving. Each
-background task is supervised: only a deliberate stop ends it.
+`Current[Snapshot]`, and the converge task (daemon/converge.py). Every trigger here (a file
+change, `apply`, an overlay added, expired or deleted, a Docker event) only records what changed
+and wakes that task; it runs the pipeline, swaps the default and scoped snapshots in one step,
+then reconciles listeners and capture. A bad config, or one minimesh fails on, keeps the last
+good snapshots serving. Each background task is supervised: only a deliberate stop ends it.
+`settle_heap` is the one process-wide setting made here, on purpose: the interpreter has one
+collector, so no object can own it; `run` sets it once before serving (measured only as part of
+the hot-path checkpoint f240139 in `make bench`, not alone).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import logging
 import random
 import signal
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +29,7 @@ from watchfiles import Change, awatch
 from minimesh.admin.app import ConfigState, build_app
 from minimesh.admin.metrics import Metrics
 from minimesh.config.source import Document, parse_text
-from minimesh.daemon.inputs import Inputs, Proposal
+from minimesh.daemon.converge import Converger
 from minimesh.daemon.listeners import DaemonError, ListenerSet, bind_problem
 from minimesh.daemon.pipeline import Compiled, compile_config
 from minimesh.dataplane.accesslog import AccessLog
@@ -38,9 +40,7 @@ from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import Upstreams
 from minimesh.errors import ConfigError, Location, Problem
 from minimesh.overlays import Layers, Overlay
-from minimesh.registry.static import workloads_of
 from minimesh.registry.watch import Discovered, DockerUnavailable, DockerWatcher, connect
-from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.snapshot import Snapshot
 
 log = logging.getLogger("minimesh")
@@ -106,143 +106,6 @@ def watch_filter(paths: Iterable[str]) -> tuple[tuple[Path, ...], Callable[[Chan
 
     watched = tuple(sorted(folders | {f.parent for f in files}))
     return watched, concerns
-
-
-def compile_all(paths: tuple[str, ...], generation: int, inputs: Inputs) -> Compiled:
-    """The pipeline for `inputs`: the default snapshot and one per overlay scope, together."""
-    workloads = inputs.discovered.workloads
-    found = compile_config(paths, generation, workloads, inputs.layers.layers())
-    scoped = {
-        scope: compile_config(paths, generation, workloads, inputs.layers.layers(scope)).snapshot
-        for scope in sorted(inputs.layers.scopes())
-    }
-    return replace(found, snapshot=replace(found.snapshot, scoped=scoped))
-
-
-def recompile(snapshot: Snapshot, discovered: Discovered, generation: int) -> Snapshot:
-    """The config of `snapshot` (and of each scoped one) compiled again with other containers."""
-
-    def again(found: Snapshot) -> Snapshot:
-        workloads = (*workloads_of(found.mesh), *discovered.workloads)
-        return compile_snapshot(found.mesh, workloads, generation=generation)
-
-    return replace(again(snapshot), scoped={scope: again(found) for scope, found in snapshot.scoped.items()})
-
-
-class Converger:
-    """The one task that turns inputs into the snapshot in force. Committed inputs (files,
-    containers) coalesce: a pass takes the newest. A proposal gets a pass of its own, in order."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.good = Inputs()
-        """The inputs of the snapshot in force."""
-        self.wanted = Inputs()
-        """The newest files count and containers; `layers` is unused here."""
-        self.tried = Inputs()
-        """What the last pass without a proposal tried: it is not tried again unchanged."""
-        self.proposals: deque[Proposal] = deque()
-        self.layers_changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain(), name="converge")
-
-    def files_changed(self) -> None:
-        self.wanted = replace(self.wanted, files=self.wanted.files + 1)
-        self.wake()
-
-    def containers(self, discovered: Discovered) -> None:
-        self.wanted = replace(self.wanted, discovered=discovered)
-        self.wake()
-
-    async def settled(self) -> None:
-        """Wait until the passes for the inputs recorded so far are done."""
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
-
-    async def propose(self, change: Callable[[Layers], Layers]) -> int:
-        """The generation a change of layers is live in; ConfigError if it is refused."""
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.proposals.append(Proposal(change, done))
-        self.wake()
-        return await done
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _drain(self) -> None:
-        while self.proposals or (self.wanted.files, self.wanted.discovered) != (
-            self.tried.files,
-            self.tried.discovered,
-        ):
-            proposal = self.proposals.popleft() if self.proposals else None
-            try:
-                await self._pass(proposal)
-            except Exception as exc:
-                self.daemon.supervisor.bug("in the background task 'converge'")
-                if proposal is not None and not proposal.done.done():
-                    proposal.done.set_exception(exc)
-
-    async def _pass(self, proposal: Proposal | None) -> None:
-        """One pass: the inputs, compiled off the loop, swapped in; or the last good kept."""
-        daemon, good, wanted = self.daemon, self.good, self.wanted
-        began = time.monotonic()
-        reload = wanted.files != self.tried.files
-        layers = proposal.change(good.layers) if proposal is not None else good.layers
-        inputs = Inputs(wanted.files if reload else good.files, layers, wanted.discovered)
-        generation = daemon.current.get().generation + 1
-        try:
-            if reload or proposal is not None:
-                paths = daemon.options.paths
-                compiled = await daemon.supervisor.off_loop(paths[0], compile_all, paths, generation, inputs)
-            else:
-                compiled = await self._recompiled(inputs.discovered, generation)
-        except ConfigError as exc:
-            if proposal is not None:
-                proposal.done.set_exception(exc)
-                return
-            self.tried = wanted
-            if reload:
-                self._refused(exc)
-            return
-        self.tried = wanted if proposal is None or reload else self.tried
-        self.good = inputs
-        await daemon.swap(compiled)
-        if proposal is not None:
-            proposal.done.set_result(generation)
-            self.layers_changed.set()
-        elif reload:
-            log.info("minimesh: reloaded: generation %d live in %.0f ms", generation, (time.monotonic() - began) * 1000)
-        else:
-            names = ", ".join(w.name for w in inputs.discovered.workloads) or "none"
-            log.info("minimesh: containers changed: generation %d, containers: %s", generation, names)
-        await daemon.reconcile(compiled.snapshot)
-
-    def _refused(self, exc: ConfigError) -> None:
-        """A reload of the files refused: counted, logged, and shown as the last reload's error."""
-        daemon = self.daemon
-        daemon.reloads_rejected += 1
-        lines = tuple(str(p) for p in exc.problems)
-        for line in lines:
-            log.error("%s", line)
-        kept = daemon.current.get().generation
-        log.error("minimesh: reload refused (%d errors); still serving generation %d", len(lines), kept)
-        daemon.config = replace(daemon.config, error=lines)
-
-    async def _recompiled(self, discovered: Discovered, generation: int) -> Compiled:
-        """The config in force with other containers; a bug refuses it as a ConfigError."""
-        daemon = self.daemon
-        try:
-            snapshot = await asyncio.to_thread(recompile, daemon.current.get(), discovered, generation)
-        except Exception as exc:
-            daemon.supervisor.bug("in the background task 'recompile for containers'")
-            raise ConfigError([]) from exc
-        return Compiled(snapshot, daemon.config.sources, ())
 
 
 class Supervisor:
@@ -385,7 +248,7 @@ class Daemon:
         self.capture = NetnsCapture(self.proxy) if options.capture == "netns" else None
         self.docker = docker
         self.supervisor = Supervisor()
-        self.converger = Converger(self)
+        self.converger = Converger(self, first.files)
         self.ready = False
         self.reloads_rejected = 0
         """Reloads of the files refused, the last good config serving on."""
@@ -470,14 +333,15 @@ class Daemon:
 
     # ---- what a converge pass does with its result
 
-    async def swap(self, compiled: Compiled) -> None:
-        """Put the new snapshots in force, with the listeners that read them, in one loop step."""
+    async def swap(self, compiled: Compiled, *, reloaded: bool) -> None:
+        """Put the new snapshots in force, with the listeners that read them, in one loop step;
+        the last reload's error stays shown until the files are `reloaded` without one."""
         for warning in compiled.warnings:
             log.warning("%s", warning)
         self.current.swap(compiled.snapshot)
         self.serving.retarget(compiled.snapshot)
         configure_access_log(self.access_log, compiled.snapshot)
-        self.config = ConfigState(compiled.sources, time.time())
+        self.config = ConfigState(compiled.sources, time.time(), None if reloaded else self.config.error)
 
     async def reconcile(self, snapshot: Snapshot) -> None:
         """The sidecars and the captured containers, made what `snapshot` asks for."""
@@ -551,7 +415,7 @@ class Daemon:
 
     def _discovered(self, discovered: Discovered) -> None:
         """The watcher's callback: the set of containers changed."""
-        if discovered != self.converger.wanted.discovered and not self.supervisor.stopping.is_set():
+        if discovered != self.converger.discovered and not self.supervisor.stopping.is_set():
             self.converger.containers(discovered)
 
     def __repr__(self) -> str:

@@ -1,7 +1,8 @@
 """The access log, an `Exchange` observer: one line per request (or per TCP connection, in
 Envoy's TCP form: `"- - -" 0 FLAGS`, bytes each way, upstream host and cluster, SNI) in
 Istio's default format (TEXT or JSON) plus the source and destination workload, buffered and
-written once per loop tick.
+written once per loop tick. `start_time` is module-level on purpose: a cache of the formatted
+second, a pure function of its input, shared by every log.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from minimesh.dataplane.exchange import Exchange
+from minimesh.dataplane.exchange import Exchange, ListenerKind
 
 log = logging.getLogger("minimesh")
 
@@ -79,7 +80,7 @@ def response_code_details(exchange: Exchange) -> str:
 def source_workload(exchange: Exchange) -> str | None:
     """Who sent the request: the listener's own workload; unknown at a server sidecar."""
     listener = exchange.listener
-    return None if listener.kind == "inbound" else listener.name
+    return None if listener.kind is ListenerKind.INBOUND else listener.name
 
 
 def downstream_local(exchange: Exchange) -> str | None:

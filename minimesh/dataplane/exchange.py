@@ -2,7 +2,10 @@
 it (`Listener`), and the request ids it gives: read by the access log and the metrics.
 
 Plain classes for what is made per request: compiled, their `__init__` costs a tenth of a
-dataclass's.
+dataclass's. `_ID_BITS`, the request ids' generator, is a module global on purpose: its state
+never matters (seeded from the OS, never reseeded; ids need only be unique), and measured, an
+owned one passed per call costs the same (3.4 vs 3.6 us per id, plain Python), so owning it buys
+nothing but a change to every caller.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from minimesh.dataplane.upstream import Dial
@@ -24,13 +28,22 @@ FLAG_ORDER = (
 FLAG_RANK = {flag: rank for rank, flag in enumerate(FLAG_ORDER)}
 
 
+class ListenerKind(StrEnum):
+    """Who serves a connection: the ingress gateway, the outbound side of a workload's sidecar,
+    or its inbound side (netns capture only)."""
+
+    GATEWAY = "gateway"
+    SIDECAR = "sidecar"
+    INBOUND = "inbound"
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     """Who is serving, on `address:port`: the ingress gateway (`gateway`), the outbound side
     of `workload`'s sidecar (`sidecar`), or its inbound side (`inbound`), which hands requests
     to the app through `dial` (a socket made inside the app's network namespace)."""
 
-    kind: str
+    kind: ListenerKind
     port: int
     gateways: tuple[str, ...] = ()
     workload: Workload | None = None

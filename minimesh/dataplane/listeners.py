@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 from minimesh.dataplane.capture.netns import original_destination
-from minimesh.dataplane.exchange import Listener
+from minimesh.dataplane.exchange import Listener, ListenerKind
 from minimesh.dataplane.http1 import DEFAULT_LIMITS, ConnectionLimits, Downstream, Request, Responder
 from minimesh.dataplane.http2 import Http2Downstream, Stream
 from minimesh.dataplane.proxy import Proxy
@@ -82,7 +82,7 @@ class Serving:
         """How a connection headed to `original` is served, by the snapshot in force."""
         snapshot = self.proxy.current.get()
         workload = self.listener.workload
-        if self.listener.kind == "inbound" and workload is not None:
+        if self.listener.kind is ListenerKind.INBOUND and workload is not None:
             return inbound_plan(snapshot, workload, original[1])
         return plan(snapshot, *original).handling
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from minimesh.config.names import MESH
-from minimesh.dataplane.exchange import Exchange, Listener
+from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import CONNECT_TIMEOUT, UNLIMITED, ClusterState
 from minimesh.routing.connection import decide_connection, service_at
@@ -173,7 +173,7 @@ class TcpProxy:
     async def _connect(self, relay: Relay, listener: Listener, original: tuple[str, int], sni: str | None) -> None:
         exchange = relay.exchange
         address, port = original
-        if listener.kind == "inbound" and listener.workload is not None:
+        if listener.kind is ListenerKind.INBOUND and listener.workload is not None:
             cluster = self.proxy.inbound_cluster(listener.workload, port, listener.dial)
             await self._to_cluster(relay, cluster, original)
             return

@@ -21,7 +21,7 @@ from minimesh.config.labels import (
     parse_ports,
 )
 from minimesh.config.model import labels_of
-from minimesh.registry.model import Workload
+from minimesh.registry.model import Origin, Workload
 
 HIDDEN_LABEL_PREFIXES = ("minimesh.", "com.docker.", "org.opencontainers.")
 """Labels that describe the container to Docker or to minimesh, not the workload to the mesh."""
@@ -98,7 +98,7 @@ def workload_of(record: Mapping[str, Any], network: str | None = None) -> Worklo
         service_ports=ports,
         inject=inject == "true",
         netns=f"/proc/{pid}/ns/net" if pid else None,
-        origin="container",
+        origin=Origin.CONTAINER,
     )
 
 

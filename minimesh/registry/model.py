@@ -1,4 +1,5 @@
-"""The registry's records: a `Workload` is one container or WorkloadEntry in the mesh.
+"""The registry's records: a `Workload` is one container or WorkloadEntry in the mesh (or a
+placeholder for a service deciding offline does not know), and its `Origin`.
 
 Pure data: discovery (Docker labels, WorkloadEntry documents) produces these, and
 routing.compile turns them into endpoints of services.
@@ -8,9 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from minimesh.config.labels import ServicePortSpec
 from minimesh.config.model import Labels
+
+
+class Origin(StrEnum):
+    """Where a workload comes from: a WorkloadEntry, a Docker container, or a placeholder that
+    stands for an unknown service when deciding offline (`explain`, RouteTests)."""
+
+    WORKLOAD_ENTRY = "WorkloadEntry"
+    CONTAINER = "container"
+    OFFLINE = "offline placeholder"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +39,7 @@ class Workload:
     inject: bool = True
     sidecar_port: int | None = None
     netns: str | None = None
-    origin: str = "WorkloadEntry"
+    origin: Origin = Origin.WORKLOAD_ENTRY
     label_map: Mapping[str, str] = field(init=False, repr=False, compare=False)
     """`labels` as a mapping, made once: sidecar routing reads it on every request."""
 

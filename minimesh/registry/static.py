@@ -1,4 +1,5 @@
-"""Workloads declared in config: `WorkloadEntry` documents and `ServiceEntry` endpoints.
+"""Workloads declared in config: `WorkloadEntry` documents (a ServiceEntry's own endpoints
+become endpoints in routing.compile, not workloads).
 
 With `--no-docker` these are the only workloads; a WorkloadEntry annotated
 `minimesh.sidecar-port` gets an explicit outbound sidecar on that port.
@@ -14,7 +15,7 @@ from minimesh.config.labels import (
     ServicePortSpec,
     parse_ports,
 )
-from minimesh.registry.model import Workload
+from minimesh.registry.model import Origin, Workload
 
 
 def _service_ports(entry: m.WorkloadEntry, labels: dict[str, str]) -> tuple[ServicePortSpec, ...]:
@@ -44,7 +45,7 @@ def from_workload_entry(entry: m.WorkloadEntry) -> Workload:
         service_ports=_service_ports(entry, labels),
         named_ports=entry.ports,
         sidecar_port=int(sidecar) if sidecar.isdigit() else None,
-        origin="WorkloadEntry",
+        origin=Origin.WORKLOAD_ENTRY,
     )
 
 

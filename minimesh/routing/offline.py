@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from minimesh.config import model as m
 from minimesh.config.labels import ServicePortSpec
 from minimesh.config.names import fqdn
-from minimesh.registry.model import Workload
+from minimesh.registry.model import Origin, Workload
 
 CLUSTER_SUFFIX = ".svc.cluster.local"
 OFFLINE_ADDRESS = "192.0.2.1"
@@ -66,7 +66,7 @@ def placeholders(mesh: m.Mesh, known: Iterable[Workload], ports: Iterable[int]) 
                     labels=labels,
                     service=short,
                     service_ports=specs,
-                    origin="offline placeholder",
+                    origin=Origin.OFFLINE,
                 )
             )
     return tuple(found)

@@ -20,7 +20,7 @@ from yarl import URL
 
 from minimesh.admin.app import build_app
 from minimesh.config.source import MAX_DOCUMENT_BYTES
-from minimesh.daemon import Daemon, Options, compile_config
+from minimesh.daemon import Daemon, Options, compile_config, converge, pipeline
 from minimesh.daemon import runtime as daemon_module
 from minimesh.errors import ConfigError
 from minimesh.registry.model import Workload
@@ -156,7 +156,7 @@ async def test_a_bug_in_the_loader_refuses_the_reload_and_shows_as_a_bug(
     shop: Shop, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     daemon = daemon_of(shop)
-    monkeypatch.setattr(daemon_module, "compile_config", broken)
+    monkeypatch.setattr(converge, "compile_all", broken)
     with caplog.at_level(logging.ERROR, logger="minimesh"):
         await daemon.reload()
         with pytest.raises(ConfigError) as applied:
@@ -197,12 +197,12 @@ async def test_no_background_task_ends_the_daemon(
         await until(lambda: daemon.ready and starts == 3, "the watcher running again")
         assert daemon.internal_errors == 1
 
-        compiling = daemon_module.compile_snapshot
-        monkeypatch.setattr(daemon_module, "compile_snapshot", broken)
+        compiling = pipeline.compile_snapshot
+        monkeypatch.setattr(pipeline, "compile_snapshot", broken)
         container = Workload(name="web-1", address="172.18.0.5", labels=(("app", "web"),), origin="Docker")
         daemon._discovered(Discovered((container,)))  # the containers changed, and recompiling fails
         await until(lambda: daemon.internal_errors == 2, "the failed recompile counted")
-        monkeypatch.setattr(daemon_module, "compile_snapshot", compiling)
+        monkeypatch.setattr(pipeline, "compile_snapshot", compiling)
 
         loop = asyncio.get_running_loop()
         loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": KeyError("x")})
@@ -217,7 +217,7 @@ async def test_no_background_task_ends_the_daemon(
     messages = [r.getMessage() for r in caplog.records if r.exc_info]
     assert sum("background task 'watch config files'" in m for m in messages) == 1
     assert "minimesh: the background task 'watch config files' ended while the daemon runs" in caplog.messages
-    assert sum("background task 'recompile for containers'" in m for m in messages) == 1
+    assert sum("internal error while loading" in m for m in messages) == 1
 
 
 # ---------------------------------------------------------------- fuzzing the admin API

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minimesh.dataplane.http1 import ConnectionLimits, Downstream
-from tests.inproc.upstreams import Backend, Mesh, RawClient, Seen, running_mesh, service, until, web_route
+from tests.inproc.upstreams import PATIENCE, Backend, Mesh, RawClient, Seen, running_mesh, service, until, web_route
 
 APP = service("web", "app")
 ROUTE = web_route("retries: {attempts: 0}", "timeout: 1s")
@@ -206,7 +206,7 @@ async def exchange(mesh: Mesh, data: bytes) -> list[int]:
     client.send(data)
     statuses: list[int] = []
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(PATIENCE):
             while True:
                 chunk = await client.reader.read(65536)
                 if not chunk:

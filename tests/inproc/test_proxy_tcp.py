@@ -23,12 +23,14 @@ import trustme
 from minimesh.admin.metrics import Metrics
 from minimesh.dataplane.accesslog import text_line
 from minimesh.dataplane.current import Current
-from minimesh.dataplane.exchange import Exchange, Listener
+from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Proxy
+from minimesh.dataplane.tcp import IDLE_TIMEOUT
 from minimesh.dataplane.upstream import Upstreams
 from minimesh.registry.model import Workload
-from tests.inproc.upstreams import compile_yaml, refused_port
+from tests.clocks import on_virtual_time
+from tests.inproc.upstreams import PATIENCE, compile_yaml, refused_port
 
 SOURCE = Workload("sleep-1", "127.0.0.9", labels=(("app", "sleep"),), service="sleep")
 
@@ -97,7 +99,7 @@ class TcpMesh:
 
     async def exchange_count(self, count: int) -> None:
         """Wait until `count` connections were reported closed (they close asynchronously)."""
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(PATIENCE):
             while len(self.exchanges) < count:
                 await asyncio.sleep(0.01)
 
@@ -117,7 +119,9 @@ async def tcp_mesh(yaml_text: str, values: Mapping[str, int | str], seed: int = 
         openers=(metrics.opened,),
     )
     target = Target()
-    outbound = Serving(proxy, Listener("sidecar", 15001, workload=SOURCE), transparent=True, original_of=target)
+    outbound = Serving(
+        proxy, Listener(ListenerKind.SIDECAR, 15001, workload=SOURCE), transparent=True, original_of=target
+    )
     await outbound.start("127.0.0.1", 0)
     try:
         yield TcpMesh(proxy, outbound, target, exchanges, metrics)
@@ -129,14 +133,14 @@ async def tcp_mesh(yaml_text: str, values: Mapping[str, int | str], seed: int = 
 async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes) -> bytes:
     writer.write(line)
     await writer.drain()
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(PATIENCE):
         return await reader.readline()
 
 
-async def closed_at_once(reader: asyncio.StreamReader) -> bool:
+async def closed_at_once(reader: asyncio.StreamReader, within: float = PATIENCE) -> bool:
     """Did the proxy close the connection without a byte (reset or FIN)?"""
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(within):
             return await reader.read() == b""
     except ConnectionResetError:
         return True
@@ -199,7 +203,7 @@ async def test_a_server_first_protocol_outside_the_mesh_passes_through_unread() 
     try:
         async with tcp_mesh(tcp_service("other", "a", port=1), {"a": refused_port()}) as mesh:
             reader, writer = await mesh.open("127.0.0.1", greeter.port)
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(PATIENCE):
                 assert await reader.readline() == b"220 hello, I speak first\n"
             assert await ask(reader, writer, b"PING\r\n") == b"PING\r\n"
             writer.close()
@@ -244,7 +248,7 @@ async def test_half_close_is_passed_on_both_ways(echoes: dict[str, LineServer]) 
         reader, writer = await mesh.open("127.0.0.1", echoes["v1"].port)
         writer.write(b"a\nbb\n")
         writer.write_eof()
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(PATIENCE):
             answer = await reader.read()
         assert answer == b"one a\none bb\ngot 5\n"
         writer.close()
@@ -272,7 +276,7 @@ spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
             writer.close()
             reader, writer = await mesh.open("127.0.0.1", outside.port)
             writer.write(b"GET / HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(PATIENCE):
                 status = await reader.readline()
             assert status.startswith(b"HTTP/1.1 502 "), status
             writer.close()
@@ -305,7 +309,7 @@ spec:
     try:
         async with tcp_mesh(text, {"PORT": port}) as mesh:
             reader, _ = await mesh.open("127.0.0.1", port)
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(PATIENCE):
                 assert await reader.readline() == b"+OK ready\n"
     finally:
         await outside.close()
@@ -326,11 +330,11 @@ async def test_undeclared_ports_are_sniffed(echoes: dict[str, LineServer]) -> No
             writer.close()
             reader, writer = await mesh.open("127.0.0.1", echoes["v1"].port)
             writer.write(b"GET /x HTTP/1.1\r\nHost: nowhere.invalid:9000\r\n\r\n")
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(PATIENCE):
                 status = await reader.readline()
             writer.close()
             reader, writer = await mesh.open("127.0.0.1", greeter.port)
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(PATIENCE):
                 assert await reader.readline() == b"* server first\n"
             writer.close()
             await mesh.exchange_count(3)
@@ -463,14 +467,14 @@ async def test_the_inbound_side_relays_a_tcp_port_to_the_app(echoes: dict[str, L
     workload = next(w for w in snapshot.workloads if w.name == "tcp-echo-v1")
     target = Target(("127.0.0.1", app.port))
     inbound = Serving(
-        proxy, Listener("inbound", 15006, workload=workload, dial=dial), transparent=True, original_of=target
+        proxy, Listener(ListenerKind.INBOUND, 15006, workload=workload, dial=dial), transparent=True, original_of=target
     )
     await inbound.start("127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection(*inbound.address)
         assert await ask(reader, writer, b"in\n") == b"one in\n"
         writer.close()
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(PATIENCE):
             while not exchanges:
                 await asyncio.sleep(0.01)
     finally:
@@ -480,23 +484,26 @@ async def test_the_inbound_side_relays_a_tcp_port_to_the_app(echoes: dict[str, L
     assert exchanges[0].cluster == f"inbound|{app.port}||tcp-echo-v1.default"
 
 
-async def test_an_idle_connection_is_closed_and_an_active_one_is_not(
-    echoes: dict[str, LineServer], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Istio's idle timeout (an hour, shortened here): a connection with no byte either way
-    for that long is closed; one that keeps talking stays open across several periods."""
-    monkeypatch.setattr("minimesh.dataplane.tcp.IDLE_TIMEOUT", 0.2)
-    values: dict[str, int | str] = {"v1": echoes["v1"].port}
-    async with tcp_mesh(tcp_service("tcp-echo", "v1"), values) as mesh:
-        active_reader, active_writer = await mesh.open("127.0.0.1", echoes["v1"].port)
-        idle_reader, _ = await mesh.open("127.0.0.1", echoes["v1"].port)
+@on_virtual_time
+async def test_an_idle_connection_is_closed_and_an_active_one_is_not() -> None:
+    """Istio's idle timeout (an hour, on virtual time: no real wait, and a slow machine cannot
+    make the talking connection look idle): a connection with no byte either way for that long
+    is closed; one that keeps talking stays open across several periods."""
+    echo = await LineServer(b"one ").start()
+    async with tcp_mesh(tcp_service("tcp-echo", "v1"), {"v1": echo.port}) as mesh:
+        active_reader, active_writer = await mesh.open("127.0.0.1", echo.port)
+        idle_reader, _ = await mesh.open("127.0.0.1", echo.port)
         assert await ask(active_reader, active_writer, b"0\n") == b"one 0\n"
-        closed = asyncio.ensure_future(closed_at_once(idle_reader))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        closed = asyncio.ensure_future(closed_at_once(idle_reader, IDLE_TIMEOUT + 10))
         talked = 1
         while not closed.done():
             assert await ask(active_reader, active_writer, b"%d\n" % talked) == b"one %d\n" % talked
             talked += 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(IDLE_TIMEOUT / 4)
         assert closed.result()
+        assert IDLE_TIMEOUT <= loop.time() - began <= IDLE_TIMEOUT * 1.25 + 1, "closed after the idle timeout"
         assert await ask(active_reader, active_writer, b"still\n") == b"one still\n"
         active_writer.close()
+    await echo.close()

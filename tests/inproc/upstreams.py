@@ -43,7 +43,7 @@ from h2.settings import SettingCodes, Settings
 from minimesh.config.load import load_layers
 from minimesh.config.source import parse_text
 from minimesh.dataplane.current import Current
-from minimesh.dataplane.exchange import Exchange, Listener
+from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.http1 import DEFAULT_LIMITS, ConnectionLimits
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Proxy
@@ -408,8 +408,8 @@ async def running_mesh(
     upstreams = Upstreams(clock=clock) if clock is not None else Upstreams()
     exchanges: list[Exchange] = []
     proxy = Proxy(Current(snapshot), upstreams, rng=random.Random(seed), observers=(exchanges.append,))
-    gateway = Serving(proxy, Listener("gateway", 8080, gateways=snapshot.ingress_gateways), limits)
-    sidecar = Serving(proxy, Listener("sidecar", 15001, workload=source), limits)
+    gateway = Serving(proxy, Listener(ListenerKind.GATEWAY, 8080, gateways=snapshot.ingress_gateways), limits)
+    sidecar = Serving(proxy, Listener(ListenerKind.SIDECAR, 15001, workload=source), limits)
     await gateway.start("127.0.0.1", 0)
     await sidecar.start("127.0.0.1", 0)
     session = aiohttp.ClientSession(
@@ -634,7 +634,7 @@ class H2Client:
         self.h2.reset_stream(stream_id)
         self._flush()
 
-    async def until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def until(self, done: Callable[[], bool], timeout: float = PATIENCE) -> None:
         """Wait until `done()` holds, checking after everything the proxy sends (and every
         10 ms, for conditions on other parties)."""
         async with asyncio.timeout(timeout):

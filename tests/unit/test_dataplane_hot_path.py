@@ -19,7 +19,7 @@ from minimesh.admin.metrics import KEYS_KEPT, Metrics
 from minimesh.config.names import host_covers
 from minimesh.dataplane.accesslog import _StartTimes, fields, text_line
 from minimesh.dataplane.deadline import Deadline
-from minimesh.dataplane.exchange import Exchange, LazyHeaders, Listener, request_id
+from minimesh.dataplane.exchange import Exchange, LazyHeaders, Listener, ListenerKind, request_id
 from minimesh.dataplane.http1 import Outbox
 from minimesh.registry.model import Workload
 from minimesh.routing.compile import compile_snapshot
@@ -111,8 +111,8 @@ def reference_text_line(exchange: Exchange) -> str:
 
 
 REVIEWS = Workload(name="reviews-v1", namespace="default", address="10.0.0.5", labels=(("app", "reviews"),))
-GATEWAY = Listener("gateway", 8080, ("default/bookinfo-gateway",), address="127.0.0.1")
-SIDECAR = Listener("sidecar", 15001, workload=REVIEWS)
+GATEWAY = Listener(ListenerKind.GATEWAY, 8080, ("default/bookinfo-gateway",), address="127.0.0.1")
+SIDECAR = Listener(ListenerKind.SIDECAR, 15001, workload=REVIEWS)
 
 
 def exchange(listener: Listener = GATEWAY, **changes: object) -> Exchange:
@@ -145,7 +145,7 @@ def exchange(listener: Listener = GATEWAY, **changes: object) -> Exchange:
         ),
         exchange(SIDECAR, status=503, flags=["URX", "UF"], duration=2.5, authority="", downstream=""),
         exchange(status=404, flags=["NR"], route="r", destination=Endpoint(None, "example.com", 80)),
-        exchange(Listener("gateway", 80), status=0, flags=["DC"], request_id=""),
+        exchange(Listener(ListenerKind.GATEWAY, 80), status=0, flags=["DC"], request_id=""),
     ],
 )
 def test_the_text_line_is_the_json_fields_in_istio_order(made: Exchange) -> None:
@@ -157,7 +157,7 @@ def test_the_text_line_is_the_json_fields_in_istio_order(made: Exchange) -> None
 
 def test_metrics_count_equal_listeners_and_workloads_as_one_label_set() -> None:
     metrics = Metrics()
-    for listener in (GATEWAY, Listener("gateway", 8080, ("default/bookinfo-gateway",), address="127.0.0.1")):
+    for listener in (GATEWAY, Listener(ListenerKind.GATEWAY, 8080, ("default/bookinfo-gateway",), address="127.0.0.1")):
         metrics(exchange(listener, status=200, destination=Endpoint(REVIEWS, "10.0.0.5", 9080)))
     assert repr(metrics) == "<Metrics series=1 requests=2>"
 
@@ -165,7 +165,7 @@ def test_metrics_count_equal_listeners_and_workloads_as_one_label_set() -> None:
 def test_metrics_keep_counting_past_the_keys_they_remember() -> None:
     metrics = Metrics()
     for index in range(KEYS_KEPT + 10):
-        metrics(exchange(Listener("gateway", 8080 + index % 3), status=200))
+        metrics(exchange(Listener(ListenerKind.GATEWAY, 8080 + index % 3), status=200))
     assert repr(metrics) == f"<Metrics series=1 requests={KEYS_KEPT + 10}>"
 
 

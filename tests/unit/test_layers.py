@@ -5,6 +5,8 @@ then unscoped overlays, then a scope's own) are stacked in that order."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from minimesh.config.load import Layer, Loaded, load_layers
@@ -121,7 +123,7 @@ def documents(text: str, source: str) -> tuple[Document, ...]:
 
 def test_applied_then_unscoped_overlays_then_the_scopes_own() -> None:
     layers = Layers()
-    layers.applied = layers.with_applied(list(documents(vs("a", "applied"), "applied")))
+    layers = replace(layers, applied=layers.with_applied(list(documents(vs("a", "applied"), "applied"))))
     for number, scope in enumerate((None, "alice", None, "bob")):
         overlay_id = layers.next_id()
         layers.overlays[overlay_id] = Overlay(overlay_id, documents(vs("a", f"ov{number}"), overlay_id), None, scope)
@@ -137,7 +139,9 @@ def test_applied_then_unscoped_overlays_then_the_scopes_own() -> None:
 
 def test_apply_replaces_an_applied_document_of_the_same_name() -> None:
     layers = Layers()
-    layers.applied = layers.with_applied(list(documents(vs("a", "one") + "---\n" + vs("b", "two"), "x")))
+    layers = replace(
+        layers, applied=layers.with_applied(list(documents(vs("a", "one") + "---\n" + vs("b", "two"), "x")))
+    )
     merged = layers.with_applied(list(documents(vs("a", "ONE"), "y")))
     assert [(d.name, d.file) for d in merged.values()] == [("a", "y"), ("b", "x")]
     assert [d.file for d in layers.applied.values()] == ["x", "x"], "the layers held are not changed"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import textwrap
+from typing import Any
 
 import pytest
 import yaml
@@ -13,7 +15,7 @@ from minimesh.config import model as m
 from minimesh.config.load import Loaded, load_layers, load_paths
 from minimesh.config.source import parse_text
 from minimesh.errors import ConfigError
-from tests.conftest import BOOKINFO
+from tests.conftest import BOOKINFO, ROOT
 
 VS_HEAD = """\
 apiVersion: networking.istio.io/v1
@@ -323,3 +325,43 @@ def test_cookie_attributes_are_read() -> None:
         http_cookie_ttl=3600.0,
         http_cookie_attributes=(("SameSite", "Lax"), ("Secure", "")),
     )
+
+
+def leaves(value: object, path: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Every path to a value inside `value` (mappings and lists walked, the rest leaves)."""
+    if isinstance(value, dict):
+        return [path, *(p for key, child in value.items() for p in leaves(child, (*path, key)))]
+    if isinstance(value, list):
+        return [path, *(p for index, child in enumerate(value) for p in leaves(child, (*path, index)))]
+    return [path]
+
+
+def replaced(value: Any, path: tuple[object, ...], new: object) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = replaced(copy[path[0]], path[1:], new)  # type: ignore[index]
+    return copy
+
+
+CORPUS = [BOOKINFO / "mesh.yaml", *sorted((ROOT / "tests" / "data" / "corpus").glob("*.yaml"))]
+CORPUS_DOCUMENTS = [d.body for path in CORPUS for d in parse_text(path.read_text(), str(path))[0]]
+
+
+TRICKY = ["0", "-1", "1.5", "1e400", "99999999999999999999", "", "*", "0s", "-1s", "1h", "99999999999h", "1ms5",
+          "0.0.0.0", "::1", "a..b", ".", "/", "[", "%", "nan", "inf", "-inf", "0x10", "v1", "HTTP", "GRPC"]  # fmt: skip
+values = yaml_values | st.sampled_from(TRICKY) | st.integers(min_value=-(2**70), max_value=2**70)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(CORPUS_DOCUMENTS), st.randoms(use_true_random=False), values)
+def test_any_value_anywhere_in_a_real_document_is_a_located_problem_never_a_crash(
+    body: dict[str, Any], rng: random.Random, new: object
+) -> None:
+    """A builder only meets documents the schema check passed; whatever value a user puts at any
+    place in a real document, loading it reports problems (located) or builds it, and never
+    raises: a builder's exception is a bug, not a config error."""
+    path = rng.choice(leaves(body)[1:])
+    text = yaml.safe_dump(replaced(body, path, new))
+    loaded = load(text)
+    assert all(p.location.line >= 1 and p.message for p in loaded.problems)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from minimesh.config import own_schemas
 from minimesh.config.schema import (
+    IssueCode,
     SchemaIssue,
     check_document,
     check_value,
@@ -187,8 +188,10 @@ def route(**extra: Any) -> dict[str, Any]:
     return {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}], **extra}]}
 
 
-def issue(path: tuple[str | int, ...], message: str, at_key: bool = False) -> SchemaIssue:
-    return SchemaIssue(path, message, at_key)
+def issue(
+    path: tuple[str | int, ...], message: str, at_key: bool = False, code: IssueCode = IssueCode.SCHEMA
+) -> SchemaIssue:
+    return SchemaIssue(path, message, at_key, code)
 
 
 HTTP0 = ("spec", "http", 0)
@@ -526,6 +529,7 @@ BAD: dict[str, tuple[Any, list[SchemaIssue]]] = {
                 ("apiVersion",),
                 "VirtualService is not served as apiVersion 'networking.istio.io/v2'; use networking.istio.io/v1, "
                 "networking.istio.io/v1beta1 or networking.istio.io/v1alpha3",
+                code=IssueCode.VERSION,
             )
         ],
     ),
@@ -536,16 +540,29 @@ BAD: dict[str, tuple[Any, list[SchemaIssue]]] = {
                 ("apiVersion",),
                 "PeerAuthentication is not served as apiVersion 'security.istio.io/v1alpha3'; "
                 "use security.istio.io/v1 or security.istio.io/v1beta1",
+                code=IssueCode.VERSION,
             )
         ],
     ),
     "service in the wrong group": (
         {**service({"ports": [{"port": 80}]}), "apiVersion": "networking.istio.io/v1"},
-        [issue(("apiVersion",), "Service is not served as apiVersion 'networking.istio.io/v1'; use v1")],
+        [
+            issue(
+                ("apiVersion",),
+                "Service is not served as apiVersion 'networking.istio.io/v1'; use v1",
+                code=IssueCode.VERSION,
+            )
+        ],
     ),
     "unknown kind": (
         resource("example.com/v1", "Widget", {}),
-        [issue(("kind",), "unknown kind 'Widget' (apiVersion example.com/v1): minimesh ignores this document")],
+        [
+            issue(
+                ("kind",),
+                "unknown kind 'Widget' (apiVersion example.com/v1): minimesh ignores this document",
+                code=IssueCode.UNKNOWN_KIND,
+            )
+        ],
     ),
     "unknown kind with did-you-mean": (
         resource("networking.istio.io/v1", "VirtualServce", {}),
@@ -554,6 +571,7 @@ BAD: dict[str, tuple[Any, list[SchemaIssue]]] = {
                 ("kind",),
                 "unknown kind 'VirtualServce' (apiVersion networking.istio.io/v1): minimesh ignores this document; "
                 "did you mean 'VirtualService'?",
+                code=IssueCode.UNKNOWN_KIND,
             )
         ],
     ),
@@ -564,16 +582,26 @@ BAD: dict[str, tuple[Any, list[SchemaIssue]]] = {
                 (),
                 "missing required field 'apiVersion'; VirtualService uses networking.istio.io/v1, "
                 "networking.istio.io/v1beta1 or networking.istio.io/v1alpha3",
+                code=IssueCode.HEAD,
             )
         ],
     ),
     "missing kind and a non-string apiVersion": (
         {"apiVersion": 1, "metadata": {"name": "r"}},
-        [issue(("apiVersion",), "must be a string, got integer 1"), issue((), "missing required field 'kind'")],
+        [
+            issue(("apiVersion",), "must be a string, got integer 1", code=IssueCode.HEAD),
+            issue((), "missing required field 'kind'", code=IssueCode.HEAD),
+        ],
     ),
     "not a mapping": (
         ["a"],
-        [issue((), "a config document must be a mapping with apiVersion, kind and metadata, got a list")],
+        [
+            issue(
+                (),
+                "a config document must be a mapping with apiVersion, kind and metadata, got a list",
+                code=IssueCode.NOT_A_DOCUMENT,
+            )
+        ],
     ),
     "missing metadata": (
         {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "spec": {}},

@@ -25,7 +25,7 @@ from minimesh.dataplane.capture.netns import (
     owners,
     remove_rules,
 )
-from minimesh.dataplane.exchange import Listener
+from minimesh.dataplane.exchange import Listener, ListenerKind
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Proxy
 from minimesh.registry.model import Workload
@@ -114,8 +114,10 @@ class NetnsCapture:
 
     async def _capture(self, path: str, workload: Workload) -> None:
         namespace = Namespace(path)
-        outbound = Serving(self.proxy, Listener("sidecar", OUTBOUND_PORT, workload=workload), transparent=True)
-        inbound_listener = Listener("inbound", INBOUND_PORT, workload=workload, dial=namespace.connect)
+        outbound = Serving(
+            self.proxy, Listener(ListenerKind.SIDECAR, OUTBOUND_PORT, workload=workload), transparent=True
+        )
+        inbound_listener = Listener(ListenerKind.INBOUND, INBOUND_PORT, workload=workload, dial=namespace.connect)
         inbound = Serving(self.proxy, inbound_listener, transparent=True)
         ports = inbound_ports(workload)
         try:
