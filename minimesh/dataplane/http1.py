@@ -3,8 +3,8 @@
 `Downstream` is one client connection: its `RequestReader` parses requests, its worker hands
 each to the proxy's handler in order, and `Responder`s frame the responses onto its `Output`;
 bytes it cannot parse get Envoy's answer (400, 431, 408) once the requests before them are
-answered. `UpstreamConnection` is one keep-alive connection to an endpoint. Header names are
-lower-cased, as Envoy forwards them.
+answered. `UpstreamConnection` is one keep-alive connection to an endpoint; its
+`ResponseReader` parses the responses. Header names are lower-cased, as Envoy forwards them.
 """
 
 from __future__ import annotations
@@ -954,34 +954,121 @@ class UpstreamResponse:
         return self.header(b"content-length") is None and b"chunked" not in (self.header(b"transfer-encoding") or b"")
 
 
+class ResponseReader:
+    """The parsing side of an upstream connection, llhttp's callbacks: the response to the
+    request in flight resolves `head` once its head is in (interim 1xx skipped), its body
+    follows as it arrives, and at its end the connection is handed back (`on_idle`), or
+    closed when it cannot be reused. After a 101 (`switched`) the bytes are a tunnel's."""
+
+    __slots__ = ("_conn", "_headers", "_on_idle", "_reason", "head", "head_request", "parser", "response", "switched")
+
+    def __init__(self, conn: UpstreamConnection, on_idle: Callable[[UpstreamConnection], None] | None) -> None:
+        self._conn = conn
+        self._on_idle = on_idle
+        self.parser = httptools.HttpResponseParser(self)
+        self._headers: HeaderList = []
+        self._reason = b""
+        self.head: asyncio.Future[UpstreamResponse] | None = None
+        """Resolved with the response once its head is in."""
+        self.head_request = False
+        self.response: UpstreamResponse | None = None
+        """The response whose body is arriving."""
+        self.switched = False
+
+    def lost(self, *, sent_nothing: bool) -> None:
+        """The upstream closed: the response awaited fails, a close-delimited body ends."""
+        response = self.response
+        if self.head is not None and not self.head.done():
+            error = UpstreamClosed("upstream closed the connection", before_headers=True, sent_nothing=sent_nothing)
+            self.head.set_exception(error)
+        elif response is not None and not response.body.complete:
+            if response.close_delimited:
+                response.keep_alive = False
+                response.body.finish()
+            else:
+                response.body.fail(UpstreamClosed("upstream closed mid-response", before_headers=False))
+
+    def broken(self, message: str) -> None:
+        """The upstream sent bytes that are not HTTP: the response awaited fails with `message`."""
+        pending = self.head is not None and not self.head.done()
+        error = UpstreamClosed(message, before_headers=pending)
+        if self.head is not None and pending:
+            self.head.set_exception(error)
+        elif self.response is not None and not self.response.body.complete:
+            self.response.body.fail(error)
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200 and status != 101:
+            return
+        if status == 101:
+            self.switched = True
+        response = UpstreamResponse(self._conn, status, self._reason, self._headers)
+        response.keep_alive = self.parser.should_keep_alive()
+        self.response = response
+        if self.head is not None and not self.head.done():
+            self.head.set_result(response)
+        if self.head_request or status in (204, 304):
+            self._complete(response, reusable=not self.head_request)
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        if response is not None and not response.body.complete:
+            response.body.feed(body)
+            if response.body.buffered > READ_HIGH_WATER:
+                self._conn.pause()
+
+    def on_message_complete(self) -> None:
+        response = self.response
+        if response is not None and not response.body.complete:
+            self._complete(response, reusable=response.keep_alive)
+
+    def _complete(self, response: UpstreamResponse, *, reusable: bool) -> None:
+        response.body.finish()
+        self.response = None
+        self.head = None
+        if response.status == 101:
+            return  # the connection becomes a tunnel, or is closed: never pooled again
+        if not reusable:
+            response.keep_alive = False
+            self._conn.close()
+        elif self._on_idle is not None:
+            self._on_idle(self._conn)
+
+
 class UpstreamConnection(asyncio.Protocol):
-    """One connection to an endpoint; one exchange at a time; reusable while keep-alive holds."""
+    """One connection to an endpoint; one exchange at a time; reusable while keep-alive holds.
+    It writes requests (bodies no faster than the upstream takes them); its `ResponseReader`
+    reads the responses."""
 
     def __init__(
         self,
         on_idle: Callable[[UpstreamConnection], None] | None = None,
         on_lost: Callable[[UpstreamConnection], None] | None = None,
     ) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        self._reader = ResponseReader(self, on_idle)
         self.loop = asyncio.get_running_loop()
         self._outbox = outbox(self.loop)
         self.transport: asyncio.Transport | None = None
-        self._response: UpstreamResponse | None = None
-        self._head: asyncio.Future[UpstreamResponse] | None = None
-        self._headers: HeaderList = []
-        self._reason = b""
-        self._head_request = False
         self._received_any = False
         self._paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._on_idle = on_idle
         self._on_lost = on_lost
         self.closed = False
         self.requests = 0
         self._held = b""
         self._early = b""
-        self._switched = False
         self._tunnel: Tunnel | None = None
         self.producer: asyncio.Transport | None = None
         """The downstream transport to pause while this upstream reads slower (a tunnel)."""
@@ -1003,18 +1090,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.close()
             return
-        error = UpstreamClosed(
-            "upstream closed the connection", before_headers=True, sent_nothing=not self._received_any
-        )
-        response = self._response
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(error)
-        elif response is not None and not response.body.complete:
-            if response.close_delimited:
-                response.keep_alive = False
-                response.body.finish()
-            else:
-                response.body.fail(UpstreamClosed("upstream closed mid-response", before_headers=False))
+        self._reader.lost(sent_nothing=not self._received_any)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -1038,71 +1114,16 @@ class UpstreamConnection(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.down(data)
             return
-        if self._switched:
+        if self._reader.switched:
             self._early += data
             return
         try:
-            self._parser.feed_data(data)
+            self._reader.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._early += data[int(upgrade.args[0]) :]
         except httptools.HttpParserError as exc:
-            self._broken(f"invalid upstream response: {exc}")
-
-    def _broken(self, message: str) -> None:
-        error = UpstreamClosed(message, before_headers=self._head is not None and not self._head.done())
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(error)
-        elif self._response is not None and not self._response.body.complete:
-            self._response.body.fail(error)
-        self.close()
-
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._reason = b""
-
-    def on_status(self, status: bytes) -> None:
-        self._reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if status < 200 and status != 101:
-            return
-        if status == 101:
-            self._switched = True
-        response = UpstreamResponse(self, status, self._reason, self._headers)
-        response.keep_alive = self._parser.should_keep_alive()
-        self._response = response
-        if self._head is not None and not self._head.done():
-            self._head.set_result(response)
-        if self._head_request or status in (204, 304):
-            self._complete(response, reusable=not self._head_request)
-
-    def on_body(self, body: bytes) -> None:
-        response = self._response
-        if response is not None and not response.body.complete:
-            response.body.feed(body)
-            if response.body.buffered > READ_HIGH_WATER:
-                self.pause()
-
-    def on_message_complete(self) -> None:
-        response = self._response
-        if response is not None and not response.body.complete:
-            self._complete(response, reusable=response.keep_alive)
-
-    def _complete(self, response: UpstreamResponse, *, reusable: bool) -> None:
-        response.body.finish()
-        self._response = None
-        self._head = None
-        if response.status == 101:
-            return  # the connection becomes a tunnel, or is closed: never pooled again
-        if not reusable:
-            response.keep_alive = False
+            self._reader.broken(f"invalid upstream response: {exc}")
             self.close()
-        elif self._on_idle is not None:
-            self._on_idle(self)
 
     def splice(self, tunnel: Tunnel, downstream: asyncio.Transport | None) -> None:
         """Carry `tunnel` from now on: what the upstream sent past its 101 goes first."""
@@ -1121,8 +1142,9 @@ class UpstreamConnection(asyncio.Protocol):
         out chunked, or as it arrives when the head carries its content-length."""
         assert self.transport is not None
         arrived: asyncio.Future[UpstreamResponse] = self.loop.create_future()
-        self._head = arrived
-        self._head_request = head_request
+        reader = self._reader
+        reader.head = arrived
+        reader.head_request = head_request
         self._received_any = False
         self.requests += 1
         if isinstance(body, bytes) and len(body) < 65536:
@@ -1170,7 +1192,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return self._head is None and self._response is None and not self.closed
+        return self._reader.head is None and self._reader.response is None and not self.closed
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("idle" if self.idle else "busy")
