@@ -7,8 +7,10 @@ from __future__ import annotations
 from dataclasses import fields, is_dataclass
 from typing import Any
 
+from minimesh.config.model import DestinationRule, Gateway
 from minimesh.config.names import resource_ref
-from minimesh.routing.snapshot import CompiledVirtualService, Snapshot
+from minimesh.registry.model import Workload
+from minimesh.routing.snapshot import CompiledVirtualService, MeshService, Snapshot
 
 
 def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
@@ -18,44 +20,13 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
     return {
         "generation": snapshot.generation,
         "virtualServices": [_virtual_service_json(vs) for vs in snapshot.virtual_services],
-        "destinationRules": [
-            {
-                "ref": resource_ref(dr.meta),
-                "location": str(dr.meta.location),
-                "host": dr.host,
-                "trafficPolicy": _plain(dr.traffic_policy),
-                "subsets": [
-                    {"name": s.name, "labels": dict(s.labels), "location": str(s.location)} for s in dr.subsets
-                ],
-            }
-            for dr in mesh.destination_rules
-        ],
-        "gateways": [
-            {
-                "ref": f"Gateway/{name}",
-                "location": str(gw.meta.location),
-                "selector": dict(gw.selector),
-                "servers": [
-                    {"port": s.port.number, "protocol": s.port.protocol, "hosts": list(s.hosts)} for s in gw.servers
-                ],
-            }
-            for name, gw in snapshot.gateways.items()
-        ],
+        "destinationRules": [_destination_rule_json(dr) for dr in mesh.destination_rules],
+        "gateways": [_gateway_json(name, gw) for name, gw in snapshot.gateways.items()],
         "serviceEntries": [
             {"ref": resource_ref(se.meta), "location": str(se.meta.location), "hosts": list(se.hosts)}
             for se in mesh.service_entries
         ],
-        "services": [
-            {
-                "host": svc.host,
-                "namespace": svc.namespace,
-                "origin": svc.origin,
-                "external": svc.external,
-                "ports": [str(p) for p in svc.ports],
-                "endpoints": {str(port): [str(e) for e in found] for port, found in svc.endpoints.items()},
-            }
-            for svc in snapshot.services.values()
-        ],
+        "services": [_service_json(svc) for svc in snapshot.services.values()],
         "clusters": [
             {
                 "name": c.name,
@@ -65,21 +36,52 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
             }
             for c in snapshot.clusters.values()
         ],
-        "workloads": [
-            {
-                "name": w.name,
-                "namespace": w.namespace,
-                "address": w.address,
-                "service": w.service,
-                "labels": dict(w.labels),
-                "origin": w.origin,
-            }
-            for w in snapshot.workloads
-        ],
+        "workloads": [_workload_json(w) for w in snapshot.workloads],
         "meshConfig": {
             "outboundTrafficPolicy": mesh.mesh_config.outbound_mode,
             "defaultRetry": _plain(mesh.mesh_config.default_retry),
         },
+    }
+
+
+def _destination_rule_json(dr: DestinationRule) -> dict[str, Any]:
+    return {
+        "ref": resource_ref(dr.meta),
+        "location": str(dr.meta.location),
+        "host": dr.host,
+        "trafficPolicy": _plain(dr.traffic_policy),
+        "subsets": [{"name": s.name, "labels": dict(s.labels), "location": str(s.location)} for s in dr.subsets],
+    }
+
+
+def _gateway_json(name: str, gw: Gateway) -> dict[str, Any]:
+    return {
+        "ref": f"Gateway/{name}",
+        "location": str(gw.meta.location),
+        "selector": dict(gw.selector),
+        "servers": [{"port": s.port.number, "protocol": s.port.protocol, "hosts": list(s.hosts)} for s in gw.servers],
+    }
+
+
+def _service_json(svc: MeshService) -> dict[str, Any]:
+    return {
+        "host": svc.host,
+        "namespace": svc.namespace,
+        "origin": svc.origin,
+        "external": svc.external,
+        "ports": [str(p) for p in svc.ports],
+        "endpoints": {str(port): [str(e) for e in found] for port, found in svc.endpoints.items()},
+    }
+
+
+def _workload_json(w: Workload) -> dict[str, Any]:
+    return {
+        "name": w.name,
+        "namespace": w.namespace,
+        "address": w.address,
+        "service": w.service,
+        "labels": dict(w.labels),
+        "origin": w.origin,
     }
 
 
