@@ -432,6 +432,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    for add in (_add_validate, _add_explain, _add_up, _add_apply):
+        add(commands)
+
+    status = commands.add_parser("status", help="what a running daemon serves; exit 1 if none answers")
+    status.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL", help="the daemon's admin API")
+    status.set_defaults(run=cmd_status)
+
+    wait = commands.add_parser("wait", help="wait until a daemon is ready; exit 1 on timeout")
+    wait.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL", help="the daemon's admin API")
+    wait.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait")
+    wait.set_defaults(run=cmd_wait)
+
+    down_ = commands.add_parser("down", help="stop the daemon `up --detach` started")
+    down_.set_defaults(run=cmd_down)
+
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(run=cmd_version)
+    return parser
+
+
+def _add_validate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     validate = commands.add_parser("validate", help="check config offline; exit 0 valid, 1 invalid")
     _add_files(validate)
     validate.add_argument("--format", choices=("text", "json"), default="text")
@@ -439,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--compose", metavar="FILE", help="also check a compose file's labels, ports and aliases")
     validate.set_defaults(run=cmd_validate)
 
+
+def _add_explain(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     explain = commands.add_parser(
         "explain", help="trace one request, or a tcp:// or tls:// connection, through the routing rules, offline"
     )
@@ -452,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--seed", type=int, default=0, help="seed for the weighted split draw")
     explain.set_defaults(run=cmd_explain)
 
+
+def _add_up(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = commands.add_parser("up", help="run the daemon: gateway, sidecars, admin API, hot reload")
     _add_files(up)
     up.add_argument("--gateway-port", type=int, default=8080, metavar="PORT", help="ingress gateway HTTP port")
@@ -478,27 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--detach", action="store_true", help="run in the background; stop it with minimesh down")
     up.set_defaults(run=cmd_up)
 
+
+def _add_apply(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     apply = commands.add_parser("apply", help="add or replace documents in a running daemon, like kubectl apply")
     _add_files(apply)
     apply.add_argument("--reset", action="store_true", help="drop every document applied so far")
     apply.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL")
     apply.set_defaults(run=cmd_apply)
-
-    status = commands.add_parser("status", help="what a running daemon serves; exit 1 if none answers")
-    status.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL", help="the daemon's admin API")
-    status.set_defaults(run=cmd_status)
-
-    wait = commands.add_parser("wait", help="wait until a daemon is ready; exit 1 on timeout")
-    wait.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL", help="the daemon's admin API")
-    wait.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait")
-    wait.set_defaults(run=cmd_wait)
-
-    down_ = commands.add_parser("down", help="stop the daemon `up --detach` started")
-    down_.set_defaults(run=cmd_down)
-
-    version = commands.add_parser("version", help="print the version")
-    version.set_defaults(run=cmd_version)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

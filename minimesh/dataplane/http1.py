@@ -1,9 +1,10 @@
 """HTTP/1.1 on the wire, both sides: llhttp (httptools) parses, bytes pass through untouched.
 
-`Downstream` is one client connection: it parses requests, hands each to the proxy's
-handler in order, and frames the responses; bytes it cannot parse get Envoy's answer (400,
-431, 408) once the requests before them are answered. `UpstreamConnection` is one keep-alive
-connection to an endpoint. Header names are lower-cased, as Envoy forwards them.
+`Downstream` is one client connection: its `RequestReader` parses requests, its worker hands
+each to the proxy's handler in order, and `Responder`s frame the responses onto its `Output`;
+bytes it cannot parse get Envoy's answer (400, 431, 408) once the requests before them are
+answered. `UpstreamConnection` is one keep-alive connection to an endpoint; its
+`ResponseReader` parses the responses. Header names are lower-cased, as Envoy forwards them.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def local_reply_headers(body: bytes, given: HeaderList | None) -> HeaderList:
 
 
 class Sender(Protocol):
-    """A connection with a write held back by the outbox."""
+    """A writer with a write held back by the outbox (an upstream connection, a downstream's `Output`)."""
 
     def send_held(self) -> None: ...
 
@@ -330,7 +331,7 @@ class Responder:
 
     def send_head(self, status: int, headers: HeaderList, length: int | None, *, reason_phrase: bytes = b"") -> None:
         """Status line and headers; `length` None means chunked (or close-delimited for HTTP/1.0)."""
-        self._conn.write(self._head(status, headers, length, reason_phrase))
+        self._conn.out.write(self._head(status, headers, length, reason_phrase))
 
     def send_whole(
         self, status: int, headers: HeaderList, length: int | None, body: bytes, *, reason_phrase: bytes = b""
@@ -343,9 +344,10 @@ class Responder:
             data += b"%x\r\n%b\r\n" % (len(body), body) if self._chunked else body
         if self._chunked:
             data += b"0\r\n\r\n"
-        self._conn.write_soon(data)
+        self._conn.out.write_soon(data)
         self._ended = True
-        self._conn.response_done(keep_alive=self._keep_alive)
+        if not self._keep_alive:
+            self._conn.close()
 
     def _head(self, status: int, headers: HeaderList, length: int | None, reason_phrase: bytes) -> bytes:
         self.status = status
@@ -362,7 +364,7 @@ class Responder:
                 parts.append(b"transfer-encoding: chunked\r\n")
             else:
                 self._keep_alive = False
-        if not self._keep_alive or self._conn.closing:
+        if not self._keep_alive or self._conn.out.closing:
             self._keep_alive = False
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
@@ -373,17 +375,18 @@ class Responder:
             return
         self.bytes_sent += len(data)
         if self._chunked:
-            self._conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self._conn.out.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
-            self._conn.write(data)
+            self._conn.out.write(data)
 
     def end(self) -> None:
         if self._ended:
             return
         self._ended = True
         if self._chunked:
-            self._conn.write(b"0\r\n\r\n")
-        self._conn.response_done(keep_alive=self._keep_alive)
+            self._conn.out.write(b"0\r\n\r\n")
+        if not self._keep_alive:
+            self._conn.close()
 
     def answered(self, status: int, sent: int) -> None:
         """The connection answered this request itself (a local reply for bad bytes in its
@@ -396,15 +399,15 @@ class Responder:
     def abort(self) -> None:
         """Reset the connection mid-response (the upstream died after the head was sent)."""
         self._ended = True
-        self._conn.response_done(keep_alive=False)
+        self._conn.close()
 
     async def drain(self) -> None:
-        await self._conn.drain()
+        await self._conn.out.drain()
 
     @property
     def blocked(self) -> bool:
         """The client reads slower than we write: `drain` would wait."""
-        return self._conn.blocked
+        return self._conn.out.blocked
 
     def switch(self, headers: HeaderList, upstream: UpstreamConnection) -> Tunnel:
         """Answer 101 Switching Protocols with the upstream's `headers`; from then on the
@@ -420,7 +423,7 @@ class Responder:
 
     def set_producer(self, producer: asyncio.BaseTransport | None) -> None:
         """The transport to pause while the client is slower than the upstream."""
-        self._conn.producer = producer
+        self._conn.out.producer = producer
 
     def reply(self, status: int, body: bytes = b"", headers: HeaderList | None = None) -> None:
         """A whole local reply, with Envoy's headers for one (see `local_reply_headers`)."""
@@ -439,148 +442,113 @@ class Responder:
         return self._conn
 
 
-class Downstream(asyncio.Protocol):
-    """One client connection: requests are parsed and answered strictly in order."""
+class Deadline:
+    """A connection's one timeout: `at` (loop time; 0 while none), its timer moved only when
+    it would fire too late. The timer already running is kept when it fires no later (it then
+    finds `at` moved and waits again), so a busy connection sets no timers; `on_expire` runs
+    once `at` has passed."""
 
-    def __init__(
-        self,
-        handler: Handler,
-        on_close: Callable[[Downstream], None] | None = None,
-        limits: ConnectionLimits = DEFAULT_LIMITS,
-        on_reject: Rejected | None = None,
-    ) -> None:
-        self._handler = handler
-        self._on_close = on_close
-        self._on_reject = on_reject
-        self._limits = limits
-        self._parser = httptools.HttpRequestParser(self)
-        self._transport: asyncio.Transport | None = None
-        self._queue: collections.deque[Request] = collections.deque()
-        self._current: Request | None = None
-        self._headers: HeaderList = []
-        self._header_bytes = 0
-        self._in_head = False
-        self._head_bytes = 0
-        """Raw bytes of the head still arriving, counted a whole read at a time."""
-        self._begun = 0
-        """Requests begun in the bytes being parsed."""
-        self._url = b""
-        self._worker: asyncio.Task[None] | None = None
-        self._responder: Responder | None = None
-        """The responder of the request the worker serves."""
-        self._failed = 0
-        self._failed_body = b""
-        """The status of the local reply (and its body) that ends this connection once the
-        requests parsed before the bad bytes are answered; 0 while none."""
-        self._wakeup: asyncio.Future[None] | None = None
-        self._busy = False
-        self._loop = asyncio.get_running_loop()
-        self._outbox = outbox(self._loop)
-        self._deadline = 0.0
+    __slots__ = ("_loop", "_on_expire", "_timer", "_timer_at", "at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_expire: Callable[[], None]) -> None:
+        self._loop = loop
+        self._on_expire = on_expire
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._held = b""
-        self._read_paused = False
-        self._upgraded = False
-        """Bytes from the client are no longer HTTP: a tunnel's after a 101, or dropped after `_finish`."""
-        self._early = b""
-        self._tunnel: Tunnel | None = None
-        self.closing = False
-        self.producer: asyncio.BaseTransport | None = None
-        self.peer: tuple[str, int] = ("", 0)
-        self.peer_text = ":0"
-        """`host:port` of the peer, as the access log and x-forwarded-for write it."""
-        self.extra: dict[str, Any] = {}
+        self.at = 0.0
 
-    def socket(self) -> Any:
-        """The connection's socket (for socket options such as SO_ORIGINAL_DST)."""
-        return self._transport.get_extra_info("socket") if self._transport is not None else None
+    def set(self, delay: float) -> None:
+        """Expire `delay` seconds from now."""
+        at = self._loop.time() + delay
+        self.at = at
+        if self._timer is None or at < self._timer_at:
+            self._arm(at)
 
-    # ---- asyncio.Protocol
+    def stop(self) -> None:
+        """No deadline and no timer: the connection is gone."""
+        self.at = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's subclasses
-        peer = transport.get_extra_info("peername")
-        self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
-        self.peer_text = f"{self.peer[0]}:{self.peer[1]}"
-        self._set_deadline(self._limits.idle_timeout)
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._expire)
 
-    def data_received(self, data: bytes) -> None:
-        if self._upgraded:
-            if not self._failed:
-                self._tunnel_in(data)
+    def _expire(self) -> None:
+        self._timer = None
+        at = self.at
+        if not at:
             return
-        in_head = self._in_head
-        idle = self._current is None
-        self._begun = 0
-        try:
-            self._parser.feed_data(data)
-            if self._in_head:
-                self._head_arriving(len(data), in_head, idle)
-        except httptools.HttpParserUpgrade as upgrade:
-            self._upgraded = True
-            self._pause_reading()
-            self._tunnel_in(data[int(upgrade.args[0]) :])
-        except httptools.HttpParserError:
-            if self._header_bytes > self._limits.max_header_bytes:
-                self._fail(431, reason(431))
-            else:
-                self._fail(400, reason(400))
+        if self._loop.time() < at:
+            self._arm(at)
+        else:
+            self._on_expire()
 
-    def _head_arriving(self, size: int, in_head: bool, idle: bool) -> None:
+
+class RequestReader:
+    """The parsing side of a downstream connection, llhttp's callbacks: each head becomes a
+    `Request` (within the connection's header limit) appended to `queue`, and the worker
+    parked on `waiter` is woken; its body follows as it arrives. The connection feeds
+    `parser` and calls `head_arriving` when a read ends inside a head."""
+
+    __slots__ = (
+        "_conn", "_drained", "_header_bytes", "_headers", "_limits", "_loop", "_timeout", "_url",
+        "begun", "current", "head_bytes", "in_head", "parser", "queue", "started", "waiter",
+    )  # fmt: skip
+
+    def __init__(self, conn: Downstream, limits: ConnectionLimits, timeout: Deadline) -> None:
+        self._conn = conn
+        self._drained = conn.resume_reading
+        self._limits = limits
+        self._loop = conn.loop
+        self._timeout = timeout
+        self.parser = httptools.HttpRequestParser(self)
+        self._headers: HeaderList = []
+        self._header_bytes = 0
+        self._url = b""
+        self.in_head = False
+        self.head_bytes = 0
+        """Raw bytes of the head still arriving, counted a whole read at a time."""
+        self.begun = 0
+        """Requests begun in the bytes being parsed."""
+        self.current: Request | None = None
+        """The request whose head or body is being parsed."""
+        self.queue: collections.deque[Request] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        """Set while the connection's worker waits for a request."""
+        self.started = False
+        """The worker was started (at the first request)."""
+
+    @property
+    def too_large(self) -> bool:
+        """The head parsed so far passes the header limit."""
+        return self._header_bytes > self._limits.max_header_bytes
+
+    def head_arriving(self, size: int, in_head: bool, idle: bool) -> None:
         """A read ended inside a request head: count it, refuse it past the limit (431, as
         Envoy does while the bytes arrive), and start the headers timeout. The `size` bytes are
         all head when the read began inside it, or on an idle connection where it began (a head
         that began after other bytes of the read is counted from the next read on)."""
-        if in_head and self._begun == 0:
-            self._head_bytes += size
-        elif not in_head and idle and self._begun == 1:
-            self._head_bytes = size
-        if self._head_bytes > self._limits.max_header_bytes:
-            self._fail(431, reason(431))
-        elif not self._deadline:
-            self._set_deadline(self._limits.headers_timeout)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        self._deadline = 0.0
-        tunnel = self._tunnel
-        if tunnel is not None:
-            tunnel.close()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._current is not None and not self._current.body.complete:
-            self._current.body.fail(ConnectionResetError("downstream closed the connection"))
-        if self._worker is not None and tunnel is None:
-            self._worker.cancel()
-        self._wake_drain()
-        if self._on_close is not None:
-            self._on_close(self)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        if self.producer is not None and hasattr(self.producer, "pause_reading"):
-            self.producer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self.producer is not None and hasattr(self.producer, "resume_reading"):
-            self.producer.resume_reading()
-        self._wake_drain()
-
-    # ---- llhttp callbacks
+        if in_head and self.begun == 0:
+            self.head_bytes += size
+        elif not in_head and idle and self.begun == 1:
+            self.head_bytes = size
+        if self.head_bytes > self._limits.max_header_bytes:
+            self._conn.fail(431, reason(431))
+        elif not self._timeout.at:
+            self._timeout.set(self._limits.headers_timeout)
 
     def on_message_begin(self) -> None:
         self._headers = []
         self._header_bytes = 0
-        self._head_bytes = 0
-        self._begun += 1
+        self.head_bytes = 0
+        self.begun += 1
         self._url = b""
-        self._in_head = True
-        self._deadline = 0.0
+        self.in_head = True
+        self._timeout.at = 0.0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -595,66 +563,247 @@ class Downstream(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
+        parser = self.parser
         request = Request(
             parser.get_method(),
             self._url,
             self._headers,
-            Body(self._resume_reading, self._loop),
+            Body(self._drained, self._loop),
             VERSIONS.get(parser.get_http_version()) or parser.get_http_version().encode(),
             parser.should_keep_alive(),
         )
         request.expects_continue = request.header(b"expect") == b"100-continue"
         if parser.should_upgrade():
             request.upgrade = request.header(b"upgrade") or b""
-        self._current = request
-        self._in_head = False
-        self._deadline = 0.0
-        self._busy = True
-        self._queue.append(request)
-        if len(self._queue) > PIPELINE_DEPTH:
-            self._pause_reading()
-        if self._worker is None:
-            self._worker = self._loop.create_task(self._work())
-        else:
-            wakeup = self._wakeup
-            if wakeup is not None and not wakeup.done():
-                wakeup.set_result(None)
+        self.current = request
+        self.in_head = False
+        self._timeout.at = 0.0
+        queue = self.queue
+        queue.append(request)
+        if len(queue) > PIPELINE_DEPTH:
+            self._conn.pause_reading()
+        waiter = self.waiter
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif not self.started:
+            self.started = True
+            self._conn.start()
 
     def on_body(self, body: bytes) -> None:
-        assert self._current is not None
-        self._current.body.feed(body)
-        if self._current.body.buffered > READ_HIGH_WATER:
-            self._pause_reading()
+        current = self.current
+        assert current is not None
+        current.body.feed(body)
+        if current.body.buffered > READ_HIGH_WATER:
+            self._conn.pause_reading()
 
     def on_message_complete(self) -> None:
-        if self._current is not None:
-            self._current.body.finish()
-            self._current = None
+        if self.current is not None:
+            self.current.body.finish()
+            self.current = None
+
+
+class Output:
+    """What a downstream connection writes, in order: at once, or (a whole response) with the
+    outbox's next burst; `blocked` while the client reads slower than that, with the
+    `producer` feeding it (a tunnel's upstream) paused meanwhile. Once `closing`, the
+    connection is ending."""
+
+    __slots__ = ("_drain_waiter", "_held", "_loop", "_outbox", "_paused", "closing", "producer", "transport")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._outbox = outbox(loop)
+        self._held = b""
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.closing = False
+        self.producer: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def write(self, data: bytes) -> None:
+        """Write now (after anything the outbox holds for this connection, to keep the order)."""
+        if self._held:
+            self.send_held()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def write_soon(self, data: bytes) -> None:
+        """Write with the outbox's next burst (a whole response: nothing else waits on it)."""
+        if self._held:
+            self._held += data
+        elif self.transport is not None and not self.transport.is_closing():
+            if self._outbox.defer(self):
+                self._held = data
+            else:
+                self.transport.write(data)
+
+    def send_held(self) -> None:
+        data, self._held = self._held, b""
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    @property
+    def blocked(self) -> bool:
+        return self._paused and not self.closing
+
+    async def drain(self) -> None:
+        if self._paused and not self.closing:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+
+    def pause(self) -> None:
+        """The transport's buffer is full: pause the producer too."""
+        self._paused = True
+        if self.producer is not None and hasattr(self.producer, "pause_reading"):
+            self.producer.pause_reading()
+
+    def resume(self) -> None:
+        """The transport's buffer drained: resume the producer and whoever waits in `drain`."""
+        self._paused = False
+        if self.producer is not None and hasattr(self.producer, "resume_reading"):
+            self.producer.resume_reading()
+        self.wake()
+
+    def wake(self) -> None:
+        """Let whoever waits in `drain` go on (the buffer drained, or the connection is gone)."""
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._drain_waiter = None
+
+    def close(self) -> None:
+        """Write what is held, then close."""
+        self.closing = True
+        if self._held:
+            self.send_held()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class Downstream(asyncio.Protocol):
+    """One client connection: requests are parsed (`RequestReader`) and answered strictly in
+    order by one worker task, through `out`; one `Deadline` times the head and the idle."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        on_close: Callable[[Downstream], None] | None = None,
+        limits: ConnectionLimits = DEFAULT_LIMITS,
+        on_reject: Rejected | None = None,
+    ) -> None:
+        self._handler = handler
+        self._on_close = on_close
+        self._on_reject = on_reject
+        self._limits = limits
+        self.loop = asyncio.get_running_loop()
+        self.out = Output(self.loop)
+        self._timeout = Deadline(self.loop, self._timed_out)
+        self._transport: asyncio.Transport | None = None
+        self._read_paused = False
+        self._failed = 0
+        self._failed_body = b""
+        """The status of the local reply (and its body) that ends this connection once the
+        requests parsed before the bad bytes are answered; 0 while none."""
+        self._reader = RequestReader(self, limits, self._timeout)
+        self._worker: asyncio.Task[None] | None = None
+        self._responder: Responder | None = None
+        """The responder of the request the worker serves."""
+        self._upgraded = False
+        """Bytes from the client are no longer HTTP: a tunnel's after a 101, or dropped after `_finish`."""
+        self._early = b""
+        self._tunnel: Tunnel | None = None
+        self.peer: tuple[str, int] = ("", 0)
+        self.peer_text = ":0"
+        """`host:port` of the peer, as the access log and x-forwarded-for write it."""
+        self.extra: dict[str, Any] = {}
+
+    def socket(self) -> Any:
+        """The connection's socket (for socket options such as SO_ORIGINAL_DST)."""
+        return self._transport.get_extra_info("socket") if self._transport is not None else None
+
+    # ---- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = self.out.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio's
+        peer = transport.get_extra_info("peername")
+        self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
+        self.peer_text = f"{self.peer[0]}:{self.peer[1]}"
+        self._timeout.set(self._limits.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgraded:
+            if self._failed:
+                return
+            if self._tunnel is not None:
+                self._tunnel.up(data)
+            else:
+                self._early += data  # reading is paused until the tunnel is up: this stays small
+            return
+        reader = self._reader
+        in_head = reader.in_head
+        idle = reader.current is None
+        reader.begun = 0
+        try:
+            reader.parser.feed_data(data)
+            if reader.in_head:
+                reader.head_arriving(len(data), in_head, idle)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded = True
+            self.pause_reading()
+            self._early += data[int(upgrade.args[0]) :]
+        except httptools.HttpParserError:
+            status = 431 if reader.too_large else 400
+            self.fail(status, reason(status))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.out.closing = True
+        self._timeout.stop()
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.close()
+        current = self._reader.current
+        if current is not None and not current.body.complete:
+            current.body.fail(ConnectionResetError("downstream closed the connection"))
+        if self._worker is not None and tunnel is None:
+            self._worker.cancel()
+        self.out.wake()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def pause_writing(self) -> None:
+        self.out.pause()
+
+    def resume_writing(self) -> None:
+        self.out.resume()
 
     # ---- serving
 
+    def start(self) -> None:
+        """Start the worker (the reader has the connection's first request)."""
+        self._worker = self.loop.create_task(self._work())
+
     async def _work(self) -> None:
         """The connection's one worker: serves queued requests in order, then waits for more."""
-        queue = self._queue
-        while not self.closing:
+        reader = self._reader
+        queue = reader.queue
+        out = self.out
+        while not out.closing:
             if not queue:
                 if self._failed:
                     self._send_failure()
                     return
-                self._busy = False
-                if not self._in_head:
-                    self._set_deadline(self._limits.idle_timeout)
-                self._wakeup = self._loop.create_future()
-                await self._wakeup
-                self._wakeup = None
+                if not reader.in_head:
+                    self._timeout.set(self._limits.idle_timeout)
+                waiter = reader.waiter = self.loop.create_future()
+                await waiter
+                reader.waiter = None
                 continue
-            self._busy = True
             request = queue.popleft()
-            if self._read_paused and len(self._queue) <= PIPELINE_DEPTH // 2 and not self._upgraded:
-                self._resume_reading()
+            if self._read_paused and len(queue) <= PIPELINE_DEPTH // 2 and not self._upgraded:
+                self.resume_reading()
             if request.expects_continue and not request.body.complete:
-                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             responder = self._responder = Responder(self, request)
             try:
                 await self._handler(request, responder)
@@ -670,89 +819,44 @@ class Downstream(asyncio.Protocol):
             if not request.body.complete or request.upgrade is not None:
                 self.close()
 
-    # ---- after a 101: a tunnel
-
-    def _tunnel_in(self, data: bytes) -> None:
-        """Bytes past an upgrade request: to the upstream once the tunnel is up, else held
-        (reading is paused meanwhile, so this stays small)."""
-        if self._tunnel is not None:
-            self._tunnel.up(data)
-        elif data:
-            self._early += data
+    @property
+    def _busy(self) -> bool:
+        """The worker has a request to serve (it is not waiting for one)."""
+        waiter = self._reader.waiter
+        return self._worker is not None and (waiter is None or waiter.done())
 
     def splice(self, head: bytes, upstream: UpstreamConnection, responder: Responder, body: Body) -> Tunnel:
+        """After a 101: write its `head`, then carry bytes both ways (what arrived early first)."""
         tunnel = Tunnel(self, upstream, responder, body)
-        self.write(head)
+        self.out.write(head)
         self._tunnel = tunnel
-        self.producer = upstream.transport
+        self.out.producer = upstream.transport
         upstream.splice(tunnel, self._transport)
         early, self._early = self._early, b""
         if early:
             tunnel.up(early)
-        self._resume_reading()
+        self.resume_reading()
         return tunnel
 
-    def response_done(self, *, keep_alive: bool) -> None:
-        if not keep_alive:
-            self.close()
-
-    def write(self, data: bytes) -> None:
-        """Write now (after anything the outbox holds for this connection, to keep the order)."""
-        if self._held:
-            self.send_held()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
-
-    def write_soon(self, data: bytes) -> None:
-        """Write with the outbox's next burst (a whole response: nothing else waits on it)."""
-        if self._held:
-            self._held += data
-        elif self._transport is not None and not self._transport.is_closing():
-            if self._outbox.defer(self):
-                self._held = data
-            else:
-                self._transport.write(data)
-
-    def send_held(self) -> None:
-        data, self._held = self._held, b""
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
-
-    @property
-    def blocked(self) -> bool:
-        return self._write_paused and not self.closing
-
-    async def drain(self) -> None:
-        if self._write_paused and not self.closing:
-            self._drain_waiter = self._loop.create_future()
-            await self._drain_waiter
-
-    def _wake_drain(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        self._drain_waiter = None
-
     def close(self) -> None:
-        self.closing = True
-        if self._held:
-            self.send_held()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+        self.out.close()
 
-    def _fail(self, status: int, body: bytes) -> None:
+    # ---- a local reply that ends the connection
+
+    def fail(self, status: int, body: bytes) -> None:
         """Envoy's answer to a request it could not parse or wait for: a local reply, then close.
         Reading stops; the requests parsed before the bad bytes are answered first. Bad bytes in
         the body of the request being served: its handler stops (`DC`), and the local reply is
         its response if nothing of one was sent yet, else the connection is reset."""
-        if self._failed or self.closing:
+        if self._failed or self.out.closing:
             return
         self._failed, self._failed_body = status, body
-        self._pause_reading()
-        current, self._current = self._current, None
+        self.pause_reading()
+        reader = self._reader
+        current, reader.current = reader.current, None
         if current is not None:
-            if self._queue and self._queue[-1] is current:
-                self._queue.pop()
+            if reader.queue and reader.queue[-1] is current:
+                reader.queue.pop()
             elif self._responder is not None and self._responder._request is current:
                 if self._worker is not None:
                     self._worker.cancel()
@@ -766,7 +870,7 @@ class Downstream(asyncio.Protocol):
             self._send_failure()
 
     def _send_failure(self) -> None:
-        """The local reply of `_fail`, logged and counted as a request refused before routing."""
+        """The local reply of `fail`, logged and counted as a request refused before routing."""
         status, body = self._failed, self._failed_body
         self._finish(status, body)
         if self._on_reject is not None:
@@ -776,8 +880,8 @@ class Downstream(asyncio.Protocol):
         """Write the local reply that ends the connection, then Envoy's delayed close: no more
         writes (FIN) and what the client still sends is read and dropped for at most
         DELAYED_CLOSE seconds, so a client still writing reads the reply rather than a reset."""
-        self.write(local_reply_bytes(status, body, close=True))
-        self.closing = True
+        self.out.write(local_reply_bytes(status, body, close=True))
+        self.out.closing = True
         transport = self._transport
         if transport is None or transport.is_closing() or not transport.can_write_eof():
             self.close()
@@ -786,52 +890,29 @@ class Downstream(asyncio.Protocol):
         self._upgraded = True
         self._read_paused = False
         transport.resume_reading()
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(DELAYED_CLOSE, self.close)
+        self._timeout.set(DELAYED_CLOSE)
 
-    def _pause_reading(self) -> None:
+    def _timed_out(self) -> None:
+        """The deadline passed: a head still arriving is refused (408); otherwise the connection
+        was idle, or a local reply's delayed close is over: close."""
+        if self._reader.in_head and not self.out.closing:
+            self.fail(408, b"")
+        else:
+            self.close()
+
+    def pause_reading(self) -> None:
         if not self._read_paused and self._transport is not None:
             self._read_paused = True
             self._transport.pause_reading()
 
-    def _resume_reading(self) -> None:
-        if self._read_paused and self._transport is not None and not self.closing and not self._failed:
+    def resume_reading(self) -> None:
+        if self._read_paused and self._transport is not None and not self.out.closing and not self._failed:
             self._read_paused = False
             self._transport.resume_reading()
 
-    # ---- timeouts: one deadline at a time, its timer moved only when it would fire too late
-
-    def _set_deadline(self, delay: float) -> None:
-        """Time out `delay` seconds from now: the headers timeout while a head is arriving,
-        else the idle timeout. The timer already running is kept when it fires no later (it
-        then finds the deadline moved and waits again), so a busy connection sets no timers."""
-        at = self._loop.time() + delay
-        self._deadline = at
-        if self._timer is None or at < self._timer_at:
-            self._arm(at)
-
-    def _arm(self, at: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = self._loop.call_at(at, self._expire)
-
-    def _expire(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if not deadline or self.closing:
-            return
-        if self._loop.time() < deadline:
-            self._arm(deadline)
-        elif self._in_head:
-            self._fail(408, b"")
-        else:
-            self.close()
-
     def __repr__(self) -> str:
-        state = "closing" if self.closing else ("busy" if self._busy else "idle")
-        return f"<Downstream {self.peer[0]}:{self.peer[1]} {state} queued={len(self._queue)}>"
+        state = "closing" if self.out.closing else ("busy" if self._busy else "idle")
+        return f"<Downstream {self.peer[0]}:{self.peer[1]} {state} queued={len(self._reader.queue)}>"
 
 
 # ---------------------------------------------------------------- upstream side
@@ -873,34 +954,121 @@ class UpstreamResponse:
         return self.header(b"content-length") is None and b"chunked" not in (self.header(b"transfer-encoding") or b"")
 
 
+class ResponseReader:
+    """The parsing side of an upstream connection, llhttp's callbacks: the response to the
+    request in flight resolves `head` once its head is in (interim 1xx skipped), its body
+    follows as it arrives, and at its end the connection is handed back (`on_idle`), or
+    closed when it cannot be reused. After a 101 (`switched`) the bytes are a tunnel's."""
+
+    __slots__ = ("_conn", "_headers", "_on_idle", "_reason", "head", "head_request", "parser", "response", "switched")
+
+    def __init__(self, conn: UpstreamConnection, on_idle: Callable[[UpstreamConnection], None] | None) -> None:
+        self._conn = conn
+        self._on_idle = on_idle
+        self.parser = httptools.HttpResponseParser(self)
+        self._headers: HeaderList = []
+        self._reason = b""
+        self.head: asyncio.Future[UpstreamResponse] | None = None
+        """Resolved with the response once its head is in."""
+        self.head_request = False
+        self.response: UpstreamResponse | None = None
+        """The response whose body is arriving."""
+        self.switched = False
+
+    def lost(self, *, sent_nothing: bool) -> None:
+        """The upstream closed: the response awaited fails, a close-delimited body ends."""
+        response = self.response
+        if self.head is not None and not self.head.done():
+            error = UpstreamClosed("upstream closed the connection", before_headers=True, sent_nothing=sent_nothing)
+            self.head.set_exception(error)
+        elif response is not None and not response.body.complete:
+            if response.close_delimited:
+                response.keep_alive = False
+                response.body.finish()
+            else:
+                response.body.fail(UpstreamClosed("upstream closed mid-response", before_headers=False))
+
+    def broken(self, message: str) -> None:
+        """The upstream sent bytes that are not HTTP: the response awaited fails with `message`."""
+        pending = self.head is not None and not self.head.done()
+        error = UpstreamClosed(message, before_headers=pending)
+        if self.head is not None and pending:
+            self.head.set_exception(error)
+        elif self.response is not None and not self.response.body.complete:
+            self.response.body.fail(error)
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200 and status != 101:
+            return
+        if status == 101:
+            self.switched = True
+        response = UpstreamResponse(self._conn, status, self._reason, self._headers)
+        response.keep_alive = self.parser.should_keep_alive()
+        self.response = response
+        if self.head is not None and not self.head.done():
+            self.head.set_result(response)
+        if self.head_request or status in (204, 304):
+            self._complete(response, reusable=not self.head_request)
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        if response is not None and not response.body.complete:
+            response.body.feed(body)
+            if response.body.buffered > READ_HIGH_WATER:
+                self._conn.pause()
+
+    def on_message_complete(self) -> None:
+        response = self.response
+        if response is not None and not response.body.complete:
+            self._complete(response, reusable=response.keep_alive)
+
+    def _complete(self, response: UpstreamResponse, *, reusable: bool) -> None:
+        response.body.finish()
+        self.response = None
+        self.head = None
+        if response.status == 101:
+            return  # the connection becomes a tunnel, or is closed: never pooled again
+        if not reusable:
+            response.keep_alive = False
+            self._conn.close()
+        elif self._on_idle is not None:
+            self._on_idle(self._conn)
+
+
 class UpstreamConnection(asyncio.Protocol):
-    """One connection to an endpoint; one exchange at a time; reusable while keep-alive holds."""
+    """One connection to an endpoint; one exchange at a time; reusable while keep-alive holds.
+    It writes requests (bodies no faster than the upstream takes them); its `ResponseReader`
+    reads the responses."""
 
     def __init__(
         self,
         on_idle: Callable[[UpstreamConnection], None] | None = None,
         on_lost: Callable[[UpstreamConnection], None] | None = None,
     ) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        self._reader = ResponseReader(self, on_idle)
         self.loop = asyncio.get_running_loop()
         self._outbox = outbox(self.loop)
         self.transport: asyncio.Transport | None = None
-        self._response: UpstreamResponse | None = None
-        self._head: asyncio.Future[UpstreamResponse] | None = None
-        self._headers: HeaderList = []
-        self._reason = b""
-        self._head_request = False
         self._received_any = False
         self._paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._on_idle = on_idle
         self._on_lost = on_lost
         self.closed = False
         self.requests = 0
         self._held = b""
         self._early = b""
-        self._switched = False
         self._tunnel: Tunnel | None = None
         self.producer: asyncio.Transport | None = None
         """The downstream transport to pause while this upstream reads slower (a tunnel)."""
@@ -922,18 +1090,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.close()
             return
-        error = UpstreamClosed(
-            "upstream closed the connection", before_headers=True, sent_nothing=not self._received_any
-        )
-        response = self._response
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(error)
-        elif response is not None and not response.body.complete:
-            if response.close_delimited:
-                response.keep_alive = False
-                response.body.finish()
-            else:
-                response.body.fail(UpstreamClosed("upstream closed mid-response", before_headers=False))
+        self._reader.lost(sent_nothing=not self._received_any)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -957,71 +1114,16 @@ class UpstreamConnection(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.down(data)
             return
-        if self._switched:
+        if self._reader.switched:
             self._early += data
             return
         try:
-            self._parser.feed_data(data)
+            self._reader.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._early += data[int(upgrade.args[0]) :]
         except httptools.HttpParserError as exc:
-            self._broken(f"invalid upstream response: {exc}")
-
-    def _broken(self, message: str) -> None:
-        error = UpstreamClosed(message, before_headers=self._head is not None and not self._head.done())
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(error)
-        elif self._response is not None and not self._response.body.complete:
-            self._response.body.fail(error)
-        self.close()
-
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._reason = b""
-
-    def on_status(self, status: bytes) -> None:
-        self._reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if status < 200 and status != 101:
-            return
-        if status == 101:
-            self._switched = True
-        response = UpstreamResponse(self, status, self._reason, self._headers)
-        response.keep_alive = self._parser.should_keep_alive()
-        self._response = response
-        if self._head is not None and not self._head.done():
-            self._head.set_result(response)
-        if self._head_request or status in (204, 304):
-            self._complete(response, reusable=not self._head_request)
-
-    def on_body(self, body: bytes) -> None:
-        response = self._response
-        if response is not None and not response.body.complete:
-            response.body.feed(body)
-            if response.body.buffered > READ_HIGH_WATER:
-                self.pause()
-
-    def on_message_complete(self) -> None:
-        response = self._response
-        if response is not None and not response.body.complete:
-            self._complete(response, reusable=response.keep_alive)
-
-    def _complete(self, response: UpstreamResponse, *, reusable: bool) -> None:
-        response.body.finish()
-        self._response = None
-        self._head = None
-        if response.status == 101:
-            return  # the connection becomes a tunnel, or is closed: never pooled again
-        if not reusable:
-            response.keep_alive = False
+            self._reader.broken(f"invalid upstream response: {exc}")
             self.close()
-        elif self._on_idle is not None:
-            self._on_idle(self)
 
     def splice(self, tunnel: Tunnel, downstream: asyncio.Transport | None) -> None:
         """Carry `tunnel` from now on: what the upstream sent past its 101 goes first."""
@@ -1040,8 +1142,9 @@ class UpstreamConnection(asyncio.Protocol):
         out chunked, or as it arrives when the head carries its content-length."""
         assert self.transport is not None
         arrived: asyncio.Future[UpstreamResponse] = self.loop.create_future()
-        self._head = arrived
-        self._head_request = head_request
+        reader = self._reader
+        reader.head = arrived
+        reader.head_request = head_request
         self._received_any = False
         self.requests += 1
         if isinstance(body, bytes) and len(body) < 65536:
@@ -1089,7 +1192,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return self._head is None and self._response is None and not self.closed
+        return self._reader.head is None and self._reader.response is None and not self.closed
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("idle" if self.idle else "busy")
@@ -1120,7 +1223,7 @@ class Tunnel:
     def down(self, data: bytes) -> None:
         """From the upstream to the client."""
         self.responder.bytes_sent += len(data)
-        self.downstream.write(data)
+        self.downstream.out.write(data)
 
     def close(self) -> None:
         """Either side closed (the normal end of a tunnel) or the proxy stops: close both."""

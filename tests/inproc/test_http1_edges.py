@@ -134,7 +134,9 @@ async def test_a_head_just_under_60_kib_in_several_reads_is_served() -> None:
         for count, part in enumerate(parts[:-1], start=1):
             client.send(part)
             sent = sum(len(p) for p in parts[:count])
-            await until(lambda sent=sent: any(d._head_bytes >= sent for d in downstreams(mesh)), "a read of the head")
+            await until(
+                lambda sent=sent: any(d._reader.head_bytes >= sent for d in downstreams(mesh)), "a read of the head"
+            )
         client.send(parts[-1])
         assert (await client.response()).status == 200
         await client.close()

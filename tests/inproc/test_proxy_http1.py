@@ -42,7 +42,7 @@ async def connect(mesh: Mesh) -> RawClient:
 def upstream_paused(mesh: Mesh) -> bool:
     """Has a gateway connection stopped reading the upstream whose response it passes on?"""
     return any(
-        isinstance(conn, Downstream) and conn.producer is not None and not conn.producer.is_reading()  # type: ignore[attr-defined]
+        isinstance(conn, Downstream) and conn.out.producer is not None and not conn.out.producer.is_reading()  # type: ignore[attr-defined]
         for conn in mesh.gateway.connections
     )
 
