@@ -120,3 +120,41 @@ async def test_over_http1_the_trailers_only_reply_is_framed_with_content_length_
     assert (answer.status, answer.body, answer.headers["content-length"]) == (200, b"", "0")
     assert (answer.headers["content-type"], answer.headers["grpc-status"]) == ("application/grpc", "12")
     assert mesh.last().flag_text == "NR"
+
+
+async def test_retry_on_unavailable_retries_a_trailers_only_reply_on_the_second_endpoint() -> None:
+    yaml = service("web", "bad", "good") + gateway_http(
+        '- route: [{destination: {host: web}}]\n  retries: {attempts: 1, retryOn: "unavailable"}'
+    )
+    grpc_reply = {"content-type": "application/grpc"}
+    bad = Backend("bad", Reply(headers={**grpc_reply, "grpc-status": "14", "grpc-message": "down"}, body=b""))
+    good = Backend("good", Reply(headers={**grpc_reply, "grpc-status": "0"}, body=FRAME))
+    async with running_mesh(yaml, {"bad": bad, "good": good}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            answers = [await client.answer(client.request("POST", "/demo.Echo/Say", GRPC, FRAME)) for _ in range(20)]
+        finally:
+            await client.close()
+    assert {(a.status, a.headers["grpc-status"], a.body) for a in answers} == {(200, "0", FRAME)}
+    assert bad.seen, "some first attempts went to the bad endpoint"
+    assert all(s.attempt == 1 for s in bad.seen)
+    assert len([s for s in good.seen if s.attempt == 2]) == len(bad.seen)
+    assert sorted(e.attempts for e in mesh.exchanges if e.attempts == 2) == [2] * len(bad.seen)
+    totals = requests_total(mesh.exchanges)
+    assert len(totals) == 1 and 'grpc_response_status="0",response_flags="-"' in totals[0]
+
+
+async def test_without_the_condition_a_grpc_unavailable_reply_is_passed_on() -> None:
+    yaml = service("web", "bad") + gateway_http(
+        '- route: [{destination: {host: web}}]\n  retries: {attempts: 2, retryOn: "5xx,deadline-exceeded"}'
+    )
+    bad = Backend("bad", Reply(headers={"content-type": "application/grpc", "grpc-status": "14"}, body=b""))
+    async with running_mesh(yaml, {"bad": bad}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            answer = await client.answer(client.request("POST", "/demo.Echo/Say", GRPC, FRAME))
+        finally:
+            await client.close()
+    assert (answer.status, answer.headers["grpc-status"]) == (200, "14")
+    assert [s.attempt for s in bad.seen] == [1]
+    assert mesh.last().flag_text == "-"
