@@ -29,7 +29,7 @@ from minimesh.dataplane.exchange import (
     request_id,
 )
 from minimesh.dataplane.fault import Faults, fault_step, fires
-from minimesh.dataplane.grpc import is_grpc
+from minimesh.dataplane.grpc import grpc_route_timeout, is_grpc, upstream_grpc_timeout
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, BodyTooLarge, Request, UpstreamResponse
 from minimesh.dataplane.mirror import Mirrors
 from minimesh.dataplane.respond import framing, request_head, respond, tunnel
@@ -208,7 +208,8 @@ class Proxy:
             name=outcome.cluster, host=host, short=host, namespace="", subset=None, port=port,
             endpoints=(Endpoint(None, host, port),),
         )  # fmt: skip
-        await self._forward_to(call, cluster, NO_RETRY, None)
+        timeout = _grpc_timeout(call, None, None) if call.exchange.grpc else None
+        await self._forward_to(call, cluster, NO_RETRY, timeout)
 
     def inbound_cluster(self, workload: Workload, port: int, dial: Dial | None) -> Cluster:
         """The cluster of `workload`'s app on `port`, reached through `dial` (from inside its namespace)."""
@@ -242,7 +243,10 @@ class Proxy:
             return
         if route.fault is not None and await fault_step(call, self.faults, outcome):
             return
-        await self._forward_to(call, outcome.cluster, route.retry, route.timeout)
+        timeout = route.timeout
+        if call.exchange.grpc:
+            timeout = _grpc_timeout(call, timeout, route.retry.per_try_timeout)
+        await self._forward_to(call, outcome.cluster, route.retry, timeout)
 
     async def _forward_to(self, call: Call, cluster: Cluster, retry: RetryDecider, timeout: float | None) -> None:
         """Buffer the body when retries or mirrors need it again, copy it to the mirrors, admit
@@ -333,6 +337,19 @@ class Proxy:
     async def close(self) -> None:
         await self.mirrors.close()
         self.upstreams.close()
+
+
+def _grpc_timeout(call: Call, route_timeout: float | None, per_try_timeout: float | None) -> float | None:
+    """The timeout of a gRPC request forwarded on an outbound route (Istio gives each one
+    `max_grpc_timeout`, the passthrough route too): its `grpc-timeout` within the route's
+    timeout. The upstream is told the time it has in `grpc-timeout`, as Envoy tells it."""
+    request = call.request
+    timeout = grpc_route_timeout(route_timeout, request.header(b"grpc-timeout"))
+    told = upstream_grpc_timeout(timeout, per_try_timeout)
+    if told is not None:
+        request.headers = [header for header in request.headers if header[0] != b"grpc-timeout"]
+        request.headers.append((b"grpc-timeout", told))
+    return timeout
 
 
 def _upgrade_allowed(call: Call) -> bool:

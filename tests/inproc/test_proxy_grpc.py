@@ -5,6 +5,8 @@ mapping, the body text as `grpc-message`), `fault.abort.grpcStatus`, and the met
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from minimesh.admin.metrics import Metrics
@@ -158,3 +160,55 @@ async def test_without_the_condition_a_grpc_unavailable_reply_is_passed_on() -> 
     assert (answer.status, answer.headers["grpc-status"]) == (200, "14")
     assert [s.attempt for s in bad.seen] == [1]
     assert mesh.last().flag_text == "-"
+
+
+TIMEOUTS = """
+- match: [{uri: {prefix: /demo.Echo/Bounded}}]
+  timeout: 0.2s
+  route: [{destination: {host: web}}]
+- route: [{destination: {host: web}}]
+"""
+
+
+async def test_grpc_timeout_sets_the_route_timeout_and_a_timeout_is_unavailable() -> None:
+    app = Backend("app", Reply(hold=True))
+    async with running_mesh(APP + gateway_http(TIMEOUTS), {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            started = time.monotonic()
+            answer = await client.answer(
+                client.request("POST", "/demo.Echo/Say", {**GRPC, "grpc-timeout": "200000u"}, FRAME)
+            )
+            elapsed = time.monotonic() - started
+        finally:
+            await client.close()
+    assert elapsed >= 0.2
+    assert trailers_only(answer) == (200, "application/grpc", "14", "upstream request timeout", b"")
+    assert app.seen[0].all("grpc-timeout") == ["200m"]
+    assert mesh.last().flag_text == "UT"
+    assert '"POST /demo.Echo/Say HTTP/2" 200 UT' in text_line(mesh.last())
+
+
+async def test_the_route_timeout_caps_grpc_timeout_and_the_upstream_is_told() -> None:
+    app = Backend("app", Reply(hold=True))
+    async with running_mesh(APP + gateway_http(TIMEOUTS), {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            long = client.request("POST", "/demo.Echo/Bounded", {**GRPC, "grpc-timeout": "5S"}, FRAME)
+            unset = client.request("POST", "/demo.Echo/Bounded", GRPC, FRAME)
+            answers = [await client.answer(long), await client.answer(unset)]
+        finally:
+            await client.close()
+    assert [(a.headers["grpc-status"], a.headers["grpc-message"]) for a in answers] == [
+        ("14", "upstream request timeout")
+    ] * 2
+    assert [s.all("grpc-timeout") for s in app.seen] == [["200m"], ["200m"]]
+    assert [e.flag_text for e in mesh.exchanges] == ["UT", "UT"]
+
+
+async def test_grpc_timeout_means_nothing_on_a_request_that_is_not_grpc() -> None:
+    app = Backend("app", Reply(delay=0.3))
+    async with running_mesh(APP + gateway_http(TIMEOUTS), {"app": app}) as mesh:
+        answer = await mesh.request("POST", "/demo.Echo/Say", headers={"grpc-timeout": "100m"}, data=b"x")
+    assert (answer.status, answer.body) == (200, b"app")
+    assert app.seen[0].all("grpc-timeout") == ["100m"]
