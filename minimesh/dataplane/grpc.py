@@ -1,6 +1,7 @@
 """gRPC as the proxy sees it: which requests are gRPC, Envoy's HTTP → gRPC status mapping,
-the trailers-only response a local reply to a gRPC request becomes, and the route timeout
-a `grpc-timeout` header sets (Istio's `max_grpc_timeout`).
+the trailers-only response a local reply to a gRPC request becomes, the route timeout a
+`grpc-timeout` header sets (Istio's `max_grpc_timeout`), and the count of the messages a
+stream carries (`MessageCounter`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ TIMEOUT_UNIT_MS = {ord("H"): 3_600_000, ord("M"): 60_000, ord("S"): 1000, ord("m
 TIMEOUT_PER_MS = {ord("u"): 1000, ord("n"): 1_000_000}
 """Sub-millisecond units: how many make a millisecond (Envoy rounds them up to whole ones)."""
 TIMEOUT_UNITS = b"mSMH"
+PREFIX = 5
+"""A gRPC message's prefix: a flag byte, then its length in 4 bytes, big-endian."""
 _PLAIN = frozenset(range(0x20, 0x7F)) - {ord("%")}
 """Bytes `grpc-message` carries as they are; others are percent-encoded (gRPC's HTTP/2 spec)."""
 
@@ -117,3 +120,40 @@ def upstream_grpc_timeout(timeout: float | None, per_try_timeout: float | None) 
     expected = per_try_timeout if per_try_timeout and (not timeout or per_try_timeout < timeout) else timeout
     ms = round(expected * 1000) if expected else 0
     return format_grpc_timeout(ms) if ms else None
+
+
+class MessageCounter:
+    """Counts the length-prefixed messages of one direction of a gRPC stream, fed in chunks
+    split anywhere; a message counts from its first byte, as Envoy's `Grpc::FrameInspector`
+    (which the `grpc_stats` filter Istio installs uses) counts it."""
+
+    __slots__ = ("_prefix", "_skip", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._skip = 0
+        """Bytes of the current message still to come."""
+        self._prefix = b""
+        """The part of the next prefix seen so far."""
+
+    def feed(self, data: bytes) -> None:
+        end = len(data)
+        at = self._skip
+        if at >= end:
+            self._skip = at - end
+            return
+        prefix = self._prefix
+        while at < end:
+            if not prefix:
+                self.count += 1
+            taken = min(PREFIX - len(prefix), end - at)
+            prefix += data[at : at + taken]
+            at += taken
+            if len(prefix) == PREFIX:
+                at += int.from_bytes(prefix[1:], "big")
+                prefix = b""
+        self._prefix = prefix
+        self._skip = at - end
+
+    def __repr__(self) -> str:
+        return f"<MessageCounter count={self.count} skip={self._skip}>"

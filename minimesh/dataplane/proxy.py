@@ -31,6 +31,7 @@ from minimesh.dataplane.exchange import (
 from minimesh.dataplane.fault import Faults, fault_step, fires
 from minimesh.dataplane.grpc import grpc_route_timeout, is_grpc, upstream_grpc_timeout
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, BodyTooLarge, Request, UpstreamResponse
+from minimesh.dataplane.http2 import Stream
 from minimesh.dataplane.mirror import Mirrors
 from minimesh.dataplane.respond import framing, request_head, respond, tunnel
 from minimesh.dataplane.upstream import (
@@ -133,7 +134,9 @@ class Proxy:
             raw.get(b"x-forwarded-for", b"").decode("latin-1"),
         )
         exchange.original = original
-        exchange.grpc = is_grpc(raw.get(b"content-type"))
+        if is_grpc(raw.get(b"content-type")):
+            exchange.grpc = True
+            exchange.request_messages = responder.messages if isinstance(responder, Stream) else None
         if not authority and original is not None:
             authority = exchange.authority = f"{original[0]}:{original[1]}"
         gateway = listener.kind == "gateway"

@@ -8,11 +8,12 @@ from __future__ import annotations
 import time
 
 import grpc
+from aiohttp import web
 
 from minimesh.admin.metrics import Metrics
 from minimesh.dataplane.accesslog import text_line
 from minimesh.dataplane.exchange import Exchange
-from tests.inproc.upstreams import Backend, H2Answer, H2Client, Reply, gateway_http, running_mesh, service
+from tests.inproc.upstreams import Backend, H2Answer, H2Client, Reply, Seen, gateway_http, running_mesh, service
 
 APP = service("web", "app")
 GRPC = {"content-type": "application/grpc", "te": "trailers"}
@@ -212,3 +213,47 @@ async def test_grpc_timeout_means_nothing_on_a_request_that_is_not_grpc() -> Non
         answer = await mesh.request("POST", "/demo.Echo/Say", headers={"grpc-timeout": "100m"}, data=b"x")
     assert (answer.status, answer.body) == (200, b"app")
     assert app.seen[0].all("grpc-timeout") == ["100m"]
+
+
+def framed(*bodies: bytes) -> bytes:
+    return b"".join(b"\x00" + len(body).to_bytes(4, "big") + body for body in bodies)
+
+
+async def test_the_messages_of_a_grpc_stream_are_counted_however_they_are_split() -> None:
+    app = Backend("app")
+    replies = framed(b"one", b"", b"three" * 1000, b"four")
+
+    async def streams(request: web.BaseRequest, seen: Seen) -> web.StreamResponse:
+        await request.content.read()
+        response = web.StreamResponse(headers={"content-type": "application/grpc", "grpc-status": "0"})
+        await response.prepare(request)
+        for start in range(0, len(replies), 7):
+            await response.write(replies[start : start + 7])
+        return response
+
+    app.handler = streams
+    sent = framed(b"a" * 10, b"b", b"c" * 20000)
+    async with running_mesh(APP + gateway_http(RULES), {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address, window=1 << 20)
+        try:
+            stream_id = client.request("POST", "/demo.Echo/Chat", GRPC, sent[:3], more=True)
+            for start in range(3, len(sent), 6000):
+                client.h2.send_data(stream_id, sent[start : start + 6000], end_stream=start + 6000 >= len(sent))
+            client.writer.write(client.h2.data_to_send())
+            answer = await client.answer(stream_id)
+            plain = await client.answer(client.request("POST", "/demo.Echo/Plain", body=sent[:9000]))
+        finally:
+            await client.close()
+    assert (answer.body, plain.status) == (replies, 200)
+    metrics = Metrics()
+    for exchange in mesh.exchanges:
+        metrics(exchange)
+    text = metrics.prometheus().splitlines()
+    received = [line for line in text if line.startswith("istio_request_messages_total{")]
+    sent_back = [line for line in text if line.startswith("istio_response_messages_total{")]
+    assert [line.rpartition(" ")[2] for line in received + sent_back] == ["3", "4"]
+    assert received[0].startswith(
+        'istio_request_messages_total{reporter="source",source_workload="istio-ingressgateway"'
+    )
+    assert received[0].endswith('destination_cluster="Kubernetes"} 3')
+    assert "request_protocol" not in received[0] and "response_code" not in received[0]

@@ -1,13 +1,19 @@
 """The gRPC rules of the proxy: Envoy's HTTP → gRPC status mapping, which requests are gRPC,
-`grpc-message` encoding, the trailers-only headers, and `grpc-timeout` read, capped by the
-route timeout and written upstream as Envoy's router does."""
+`grpc-message` encoding, the trailers-only headers, `grpc-timeout` read, capped by the
+route timeout and written upstream as Envoy's router does, and messages counted however a
+stream is split."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minimesh.config.model import GRPC_CODES
 from minimesh.dataplane.grpc import (
+    MessageCounter,
     format_grpc_timeout,
     grpc_message,
     grpc_route_timeout,
@@ -170,3 +176,43 @@ def test_a_grpc_request_gets_its_grpc_timeout_capped_by_the_route_timeout(
 )
 def test_the_upstream_is_told_the_time_it_has(timeout: float | None, per_try: float | None, told: bytes | None) -> None:
     assert upstream_grpc_timeout(timeout, per_try) == told
+
+
+def framed(messages: list[tuple[int, bytes]]) -> bytes:
+    return b"".join(bytes((flag,)) + len(body).to_bytes(4, "big") + body for flag, body in messages)
+
+
+def counted(stream: bytes, cuts: list[int]) -> int:
+    counter = MessageCounter()
+    edges = sorted({0, len(stream), *(cut % (len(stream) + 1) for cut in cuts)})
+    for start, stop in itertools.pairwise(edges):
+        counter.feed(stream[start:stop])
+    return counter.count
+
+
+MESSAGES = st.lists(st.tuples(st.sampled_from([0, 1]), st.binary(max_size=40)), max_size=12)
+
+
+@given(MESSAGES, st.lists(st.integers(min_value=0), max_size=30))
+def test_any_split_of_a_stream_counts_its_messages(messages: list[tuple[int, bytes]], cuts: list[int]) -> None:
+    assert counted(framed(messages), cuts) == len(messages)
+
+
+@given(MESSAGES, st.integers(min_value=1), st.lists(st.integers(min_value=0), max_size=10))
+def test_a_message_counts_from_its_first_byte(messages: list[tuple[int, bytes]], keep: int, cuts: list[int]) -> None:
+    stream = framed([*messages, (0, b"tail")])
+    partial = stream[: len(stream) - 9 + keep % 9]
+    assert counted(partial, cuts) == len(messages) + (len(partial) > len(stream) - 9)
+
+
+def test_a_message_of_a_mebibyte_in_chunks_then_an_empty_one() -> None:
+    counter = MessageCounter()
+    counter.feed(b"\x00\x00\x10\x00\x00")
+    for _ in range(16):
+        counter.feed(bytes(65536))
+    counter.feed(b"\x00\x00\x00")
+    assert counter.count == 2
+    counter.feed(b"\x00\x00")
+    assert counter.count == 2
+    counter.feed(b"\x01")
+    assert counter.count == 3
