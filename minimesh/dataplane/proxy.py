@@ -120,23 +120,8 @@ class Proxy:
             netloc, slash, tail = rest.partition("/")
             authority = netloc or authority
             target = slash + tail or "/"
-        exchange = Exchange(
-            listener,
-            request.method.decode(),
-            target,
-            authority,
-            HTTP_VERSIONS.get(request.version) or f"HTTP/{request.version.decode()}",
-            raw.get(b"x-request-id", b"").decode("latin-1") or request_id(),
-            time.time(),
-            time.monotonic(),
-            peer,
-            raw.get(b"user-agent", b"").decode("latin-1"),
-            raw.get(b"x-forwarded-for", b"").decode("latin-1"),
-        )
+        exchange = _exchange(request, responder, listener, peer, raw, target, authority)
         exchange.original = original
-        if is_grpc(raw.get(b"content-type")):
-            exchange.grpc = True
-            exchange.request_messages = responder.messages if isinstance(responder, Stream) else None
         if not authority and original is not None:
             authority = exchange.authority = f"{original[0]}:{original[1]}"
         gateway = listener.kind == "gateway"
@@ -340,6 +325,36 @@ class Proxy:
     async def close(self) -> None:
         await self.mirrors.close()
         self.upstreams.close()
+
+
+def _exchange(
+    request: Request,
+    responder: Responding,
+    listener: Listener,
+    peer: str,
+    raw: dict[bytes, bytes],
+    target: str,
+    authority: str,
+) -> Exchange:
+    """The record of a request just in (`raw`: its headers, the last of a repeated name); a
+    gRPC one takes the count of its messages that its HTTP/2 stream keeps."""
+    exchange = Exchange(
+        listener,
+        request.method.decode(),
+        target,
+        authority,
+        HTTP_VERSIONS.get(request.version) or f"HTTP/{request.version.decode()}",
+        raw.get(b"x-request-id", b"").decode("latin-1") or request_id(),
+        time.time(),
+        time.monotonic(),
+        peer,
+        raw.get(b"user-agent", b"").decode("latin-1"),
+        raw.get(b"x-forwarded-for", b"").decode("latin-1"),
+    )
+    if is_grpc(raw.get(b"content-type")):
+        exchange.grpc = True
+        exchange.request_messages = responder.messages if isinstance(responder, Stream) else None
+    return exchange
 
 
 def _grpc_timeout(call: Call, route_timeout: float | None, per_try_timeout: float | None) -> float | None:
