@@ -122,6 +122,10 @@ def labels_of(
 
 
 HTTP_ONLY_LABELS = frozenset({"response_code", "grpc_response_status"})
+PEER_LABELS = 20
+"""How many of the labels, from the first, say who called whom (`reporter` to
+`destination_cluster`): all that Istio's gRPC message counters carry, as their counts are
+reported while a stream is still open."""
 
 
 def _escape(value: str) -> str:
@@ -157,12 +161,14 @@ class Histogram:
 
 
 class Series:
-    """Everything measured for one label set."""
+    """Everything measured for one label set; `peer` is its labels up to `PEER_LABELS`, set
+    once a gRPC request counts in it."""
 
-    __slots__ = ("duration", "labels", "request_bytes", "requests", "response_bytes")
+    __slots__ = ("duration", "labels", "peer", "request_bytes", "requests", "response_bytes")
 
     def __init__(self, labels: str) -> None:
         self.labels = labels
+        self.peer = ""
         self.requests = 0
         self.duration = Histogram()
         self.request_bytes = Histogram()
@@ -190,6 +196,12 @@ TCP_COUNTERS = (
 )
 
 
+MESSAGE_COUNTERS = (
+    ("istio_request_messages_total", 0, "Count of gRPC messages received from clients."),
+    ("istio_response_messages_total", 1, "Count of gRPC messages sent to clients."),
+)
+
+
 HISTOGRAMS = (
     ("istio_request_duration_milliseconds", "duration", "Duration of requests, in milliseconds."),
     ("istio_request_bytes", "request_bytes", "Sizes of request bodies, in bytes."),
@@ -212,6 +224,8 @@ class Metrics:
         """Each entry keeps its listener and workload alive, so their ids are not reused meanwhile."""
         self._by_labels: dict[str, Series] = {}
         self._tcp: dict[str, TcpSeries] = {}
+        self._messages: dict[str, list[int]] = {}
+        """Per peer label set: the gRPC messages received from clients and sent to them."""
         self.upstream: dict[str, dict[str, int]] = {}
         """Per cluster: `upstream_rq_total` and `upstream_rq_2xx`... of the responses upstreams gave."""
 
@@ -244,10 +258,14 @@ class Metrics:
                 grpc_status=grpc_status,
             )
             series = self._series(render_labels(labels))
+            if grpc:
+                series.peer = render_labels(labels[:PEER_LABELS])
             self._by_key[key] = (listener, workload, series)
         else:
             series = entry[2]
         series.requests += 1
+        if grpc:
+            self._count_messages(series.peer, exchange)
         series.duration.observe(exchange.duration * 1000.0)
         series.request_bytes.observe(exchange.bytes_received)
         series.response_bytes.observe(exchange.bytes_sent)
@@ -258,6 +276,18 @@ class Metrics:
             counts["upstream_rq_total"] += 1
             group = STATUS_CLASSES[min(exchange.status // 100, 5)]
             counts[group] = counts.get(group, 0) + 1
+
+    def _count_messages(self, peer: str, exchange: Exchange) -> None:
+        """Add a gRPC request's messages to its peers' counts, as Istio's stats filter does once
+        Envoy's `grpc_stats` filter has seen a message either way (both counters then)."""
+        received = exchange.request_messages.count if exchange.request_messages is not None else 0
+        sent = exchange.response_messages.count if exchange.response_messages is not None else 0
+        if received or sent:
+            counts = self._messages.get(peer)
+            if counts is None:
+                counts = self._messages[peer] = [0, 0]
+            counts[0] += received
+            counts[1] += sent
 
     def opened(self, exchange: Exchange) -> None:
         """A TCP connection was routed: `istio_tcp_connections_opened_total` counts it."""
@@ -294,6 +324,9 @@ class Metrics:
             for s in series:
                 histogram: Histogram = getattr(s, attribute)
                 lines.extend(histogram.lines(name, s.labels))
+        for name, index, text in MESSAGE_COUNTERS:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+            lines += [f"{name}{{{peer}}} {counts[index]}" for peer, counts in self._messages.items()]
         for name, attribute, text in TCP_COUNTERS:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
             lines += [f"{name}{{{c.labels}}} {getattr(c, attribute)}" for c in self._tcp.values()]

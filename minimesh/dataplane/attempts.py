@@ -103,7 +103,8 @@ async def attempts(
         else:
             exchange.upstream_time = time.monotonic() - sent
             state.record(cluster, endpoint, response.status)
-            if not decider.retries_status(response.status) or _no_retry(attempt_count, decider, state, pool, call):
+            retried = decider.retries_response(response.status, response.headers)
+            if not retried or _no_retry(attempt_count, decider, state, pool, call):
                 return response, attempt
             attempt.end()
             response.conn.close()

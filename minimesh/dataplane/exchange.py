@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from minimesh.dataplane.grpc import MessageCounter
 from minimesh.dataplane.upstream import Dial
 from minimesh.registry.model import Workload
 from minimesh.routing.snapshot import Endpoint
@@ -69,8 +70,8 @@ class Exchange:
         "attempts", "authority", "began", "bytes_received", "bytes_sent", "cluster", "destination",
         "destination_service", "details", "downstream", "duration", "flags", "forwarded_for", "grpc", "grpc_status",
         "listener", "method",
-        "original", "path", "protocol", "request_id", "route", "sni", "started", "status", "tcp", "upstream_host",
-        "upstream_time", "user_agent",
+        "original", "path", "protocol", "request_id", "request_messages", "response_messages", "route", "sni",
+        "started", "status", "tcp", "upstream_host", "upstream_time", "user_agent",
     )  # fmt: skip
 
     def __init__(
@@ -122,6 +123,10 @@ class Exchange:
         """A gRPC request (content-type `application/grpc`): metrics count it as `grpc`."""
         self.grpc_status: int | None = None
         """The `grpc-status` the response carried in its headers, or the proxy's own reply gave."""
+        self.request_messages: MessageCounter | None = None
+        self.response_messages: MessageCounter | None = None
+        """The gRPC messages of each direction, counted on a gRPC request (HTTP/2 for the
+        request's) and a gRPC response (`istio_request_messages_total` and friend)."""
 
     @property
     def flag_text(self) -> str:

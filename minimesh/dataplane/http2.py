@@ -27,6 +27,7 @@ from h2.events import (
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
+from minimesh.dataplane.grpc import MessageCounter, is_grpc
 from minimesh.dataplane.http1 import (
     DEFAULT_LIMITS,
     FRAMING_HEADERS,
@@ -34,6 +35,7 @@ from minimesh.dataplane.http1 import (
     Body,
     ConnectionLimits,
     Request,
+    first_header,
     local_reply_headers,
 )
 from minimesh.routing.headers import HeaderList
@@ -60,13 +62,15 @@ class Stream:
 
     __slots__ = (
         "_acked", "_conn", "_end_pending", "_ended", "_out", "_out_size", "_waiter", "bytes_sent", "closed",
-        "head_sent", "id", "request", "status", "task",
+        "head_sent", "id", "messages", "request", "status", "task",
     )  # fmt: skip
 
     def __init__(self, conn: Http2Downstream, stream_id: int, method: bytes, path: bytes, headers: HeaderList) -> None:
         self._conn = conn
         self.id = stream_id
         self.request = Request(method, path, headers, Body(self.consumed, conn.loop), VERSION)
+        self.messages = MessageCounter() if is_grpc(first_header(headers, b"content-type")) else None
+        """The request's gRPC messages, counted as they arrive (a gRPC request only)."""
         self._out: collections.deque[bytes] = collections.deque()
         self._out_size = 0
         self._end_pending = False
@@ -338,6 +342,8 @@ class Http2Downstream(asyncio.Protocol):
                 self.acknowledge(event.stream_id or 0, len(data))
             elif data:
                 stream.request.body.feed(data)
+                if stream.messages is not None:
+                    stream.messages.feed(data)
         elif isinstance(event, StreamEnded):
             stream = self._streams.get(event.stream_id or 0)
             if stream is not None:

@@ -29,8 +29,9 @@ from minimesh.dataplane.exchange import (
     request_id,
 )
 from minimesh.dataplane.fault import Faults, fault_step, fires
-from minimesh.dataplane.grpc import is_grpc
+from minimesh.dataplane.grpc import grpc_route_timeout, is_grpc, upstream_grpc_timeout
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, BodyTooLarge, Request, UpstreamResponse
+from minimesh.dataplane.http2 import Stream
 from minimesh.dataplane.mirror import Mirrors
 from minimesh.dataplane.respond import framing, request_head, respond, tunnel
 from minimesh.dataplane.upstream import (
@@ -119,21 +120,8 @@ class Proxy:
             netloc, slash, tail = rest.partition("/")
             authority = netloc or authority
             target = slash + tail or "/"
-        exchange = Exchange(
-            listener,
-            request.method.decode(),
-            target,
-            authority,
-            HTTP_VERSIONS.get(request.version) or f"HTTP/{request.version.decode()}",
-            raw.get(b"x-request-id", b"").decode("latin-1") or request_id(),
-            time.time(),
-            time.monotonic(),
-            peer,
-            raw.get(b"user-agent", b"").decode("latin-1"),
-            raw.get(b"x-forwarded-for", b"").decode("latin-1"),
-        )
+        exchange = _exchange(request, responder, listener, peer, raw, target, authority)
         exchange.original = original
-        exchange.grpc = is_grpc(raw.get(b"content-type"))
         if not authority and original is not None:
             authority = exchange.authority = f"{original[0]}:{original[1]}"
         gateway = listener.kind == "gateway"
@@ -208,7 +196,8 @@ class Proxy:
             name=outcome.cluster, host=host, short=host, namespace="", subset=None, port=port,
             endpoints=(Endpoint(None, host, port),),
         )  # fmt: skip
-        await self._forward_to(call, cluster, NO_RETRY, None)
+        timeout = _grpc_timeout(call, None, None) if call.exchange.grpc else None
+        await self._forward_to(call, cluster, NO_RETRY, timeout)
 
     def inbound_cluster(self, workload: Workload, port: int, dial: Dial | None) -> Cluster:
         """The cluster of `workload`'s app on `port`, reached through `dial` (from inside its namespace)."""
@@ -242,7 +231,10 @@ class Proxy:
             return
         if route.fault is not None and await fault_step(call, self.faults, outcome):
             return
-        await self._forward_to(call, outcome.cluster, route.retry, route.timeout)
+        timeout = route.timeout
+        if call.exchange.grpc:
+            timeout = _grpc_timeout(call, timeout, route.retry.per_try_timeout)
+        await self._forward_to(call, outcome.cluster, route.retry, timeout)
 
     async def _forward_to(self, call: Call, cluster: Cluster, retry: RetryDecider, timeout: float | None) -> None:
         """Buffer the body when retries or mirrors need it again, copy it to the mirrors, admit
@@ -333,6 +325,49 @@ class Proxy:
     async def close(self) -> None:
         await self.mirrors.close()
         self.upstreams.close()
+
+
+def _exchange(
+    request: Request,
+    responder: Responding,
+    listener: Listener,
+    peer: str,
+    raw: dict[bytes, bytes],
+    target: str,
+    authority: str,
+) -> Exchange:
+    """The record of a request just in (`raw`: its headers, the last of a repeated name); a
+    gRPC one takes the count of its messages that its HTTP/2 stream keeps."""
+    exchange = Exchange(
+        listener,
+        request.method.decode(),
+        target,
+        authority,
+        HTTP_VERSIONS.get(request.version) or f"HTTP/{request.version.decode()}",
+        raw.get(b"x-request-id", b"").decode("latin-1") or request_id(),
+        time.time(),
+        time.monotonic(),
+        peer,
+        raw.get(b"user-agent", b"").decode("latin-1"),
+        raw.get(b"x-forwarded-for", b"").decode("latin-1"),
+    )
+    if is_grpc(raw.get(b"content-type")):
+        exchange.grpc = True
+        exchange.request_messages = responder.messages if isinstance(responder, Stream) else None
+    return exchange
+
+
+def _grpc_timeout(call: Call, route_timeout: float | None, per_try_timeout: float | None) -> float | None:
+    """The timeout of a gRPC request forwarded on an outbound route (Istio gives each one
+    `max_grpc_timeout`, the passthrough route too): its `grpc-timeout` within the route's
+    timeout. The upstream is told the time it has in `grpc-timeout`, as Envoy tells it."""
+    request = call.request
+    timeout = grpc_route_timeout(route_timeout, request.header(b"grpc-timeout"))
+    told = upstream_grpc_timeout(timeout, per_try_timeout)
+    if told is not None:
+        request.headers = [header for header in request.headers if header[0] != b"grpc-timeout"]
+        request.headers.append((b"grpc-timeout", told))
+    return timeout
 
 
 def _upgrade_allowed(call: Call) -> bool:

@@ -1,12 +1,13 @@
 """The wire ends of forwarding: the request head sent upstream (rewritten path and Host,
 header operations, Envoy's own headers, framing) and the upstream's response passed back
-(header operations, CORS, affinity cookie, streaming), or a tunnel after a 101.
+(header operations, CORS, affinity cookie, streaming, a gRPC response's messages counted),
+or a tunnel after a 101.
 """
 
 from __future__ import annotations
 
 from minimesh.dataplane.call import Call
-from minimesh.dataplane.grpc import grpc_status_header
+from minimesh.dataplane.grpc import MessageCounter, grpc_status_header, is_grpc
 from minimesh.dataplane.http1 import DATE, Body, Request, Responder, UpstreamClosed, UpstreamResponse
 from minimesh.routing.headers import HeaderList, RequestOps, ResponseOps
 
@@ -76,13 +77,19 @@ async def respond(call: Call, response: UpstreamResponse, ops: ResponseOps, cook
     if exchange.upstream_time is not None:
         headers.append((b"x-envoy-upstream-service-time", b"%d" % int(exchange.upstream_time * 1000)))
     headers += call.cors
+    messages = None
     if exchange.grpc:
         exchange.grpc_status = grpc_status_header(response.header(b"grpc-status"))
+        if response.status == 200 and is_grpc(response.header(b"content-type")):
+            messages = exchange.response_messages = MessageCounter()
     if call.debug_headers and exchange.route:
         headers.append((b"x-minimesh-route", exchange.route.encode()))
     body = response.body
     if body.complete and body.error is None and body.buffered <= WHOLE_LIMIT:
-        responder.send_whole(response.status, headers, response.length, body.take(), reason_phrase=response.reason)
+        whole = body.take()
+        if messages is not None:
+            messages.feed(whole)
+        responder.send_whole(response.status, headers, response.length, whole, reason_phrase=response.reason)
         if responder.blocked:
             await responder.drain()
         return
@@ -93,6 +100,8 @@ async def respond(call: Call, response: UpstreamResponse, ops: ResponseOps, cook
             chunk = await body.read()
             if not chunk:
                 break
+            if messages is not None:
+                messages.feed(chunk)
             responder.send(chunk)
             await responder.drain()
     except UpstreamClosed:

@@ -1,4 +1,5 @@
-"""Which failures a route retries: Envoy's `retry_on` conditions as Istio programs them.
+"""Which failures a route retries: Envoy's `retry_on` conditions as Istio programs them,
+the gRPC ones (`unavailable`...) included.
 
 Pure: compiled once per route from its `RetryPolicy` (`Route.retry`), then asked per attempt.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minimesh.config.durations import format_duration
+from minimesh.config.model import GRPC_CODES
+from minimesh.routing.headers import HeaderList
 
 GATEWAY_ERRORS = frozenset({502, 503, 504})
 """The statuses Envoy counts as gateway errors (retry_on `gateway-error`, outlier detection)."""
@@ -37,6 +40,14 @@ FAILURES_RETRIED_BY = {
     "connect-failure": frozenset({"UF"}),
 }
 """Local failures each condition covers: connect failure (UF), reset (UC), per-try timeout (UT)."""
+GRPC_CONDITIONS = {
+    "cancelled": GRPC_CODES["CANCELLED"],
+    "deadline-exceeded": GRPC_CODES["DEADLINE_EXCEEDED"],
+    "internal": GRPC_CODES["INTERNAL"],
+    "resource-exhausted": GRPC_CODES["RESOURCE_EXHAUSTED"],
+    "unavailable": GRPC_CODES["UNAVAILABLE"],
+}
+"""The gRPC conditions and the `grpc-status` each retries (Envoy's `x-envoy-retry-grpc-on` names)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +59,7 @@ class RetryDecider:
     any_5xx: bool = False
     failures: frozenset[str] = frozenset()
     per_try_timeout: float | None = None
+    grpc_statuses: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, policy: RetryPolicy | None) -> RetryDecider:
@@ -62,10 +74,20 @@ class RetryDecider:
         if "retriable-status-codes" in on:
             statuses |= set(policy.retriable_status_codes)
         failures = frozenset().union(*[FAILURES_RETRIED_BY.get(condition, frozenset()) for condition in on])
-        return cls(policy.attempts, frozenset(statuses), "5xx" in on, failures, policy.per_try_timeout)
+        grpc = frozenset(code for condition, code in GRPC_CONDITIONS.items() if condition in on)
+        return cls(policy.attempts, frozenset(statuses), "5xx" in on, failures, policy.per_try_timeout, grpc)
 
-    def retries_status(self, status: int) -> bool:
-        return (self.any_5xx and status >= 500) or status in self.statuses
+    def retries_response(self, status: int, headers: HeaderList) -> bool:
+        """Whether a response (its head) is retried: by its status, or, as Envoy's
+        `wouldRetryFromHeaders`, by a `grpc-status` in its headers (a trailers-only gRPC
+        response; trailers are never waited for), whatever the request."""
+        if (self.any_5xx and status >= 500) or status in self.statuses:
+            return True
+        if self.grpc_statuses:
+            for name, value in headers:
+                if name == b"grpc-status":
+                    return value.isdigit() and int(value) in self.grpc_statuses
+        return False
 
     def retries_failure(self, flag: str) -> bool:
         return flag in self.failures

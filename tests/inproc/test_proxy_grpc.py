@@ -5,12 +5,15 @@ mapping, the body text as `grpc-message`), `fault.abort.grpcStatus`, and the met
 
 from __future__ import annotations
 
+import time
+
 import grpc
+from aiohttp import web
 
 from minimesh.admin.metrics import Metrics
 from minimesh.dataplane.accesslog import text_line
 from minimesh.dataplane.exchange import Exchange
-from tests.inproc.upstreams import Backend, H2Answer, H2Client, Reply, gateway_http, running_mesh, service
+from tests.inproc.upstreams import Backend, H2Answer, H2Client, Reply, Seen, gateway_http, running_mesh, service
 
 APP = service("web", "app")
 GRPC = {"content-type": "application/grpc", "te": "trailers"}
@@ -120,3 +123,137 @@ async def test_over_http1_the_trailers_only_reply_is_framed_with_content_length_
     assert (answer.status, answer.body, answer.headers["content-length"]) == (200, b"", "0")
     assert (answer.headers["content-type"], answer.headers["grpc-status"]) == ("application/grpc", "12")
     assert mesh.last().flag_text == "NR"
+
+
+async def test_retry_on_unavailable_retries_a_trailers_only_reply_on_the_second_endpoint() -> None:
+    yaml = service("web", "bad", "good") + gateway_http(
+        '- route: [{destination: {host: web}}]\n  retries: {attempts: 1, retryOn: "unavailable"}'
+    )
+    grpc_reply = {"content-type": "application/grpc"}
+    bad = Backend("bad", Reply(headers={**grpc_reply, "grpc-status": "14", "grpc-message": "down"}, body=b""))
+    good = Backend("good", Reply(headers={**grpc_reply, "grpc-status": "0"}, body=FRAME))
+    async with running_mesh(yaml, {"bad": bad, "good": good}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            answers = [await client.answer(client.request("POST", "/demo.Echo/Say", GRPC, FRAME)) for _ in range(20)]
+        finally:
+            await client.close()
+    assert {(a.status, a.headers["grpc-status"], a.body) for a in answers} == {(200, "0", FRAME)}
+    assert bad.seen, "some first attempts went to the bad endpoint"
+    assert all(s.attempt == 1 for s in bad.seen)
+    assert len([s for s in good.seen if s.attempt == 2]) == len(bad.seen)
+    assert sorted(e.attempts for e in mesh.exchanges if e.attempts == 2) == [2] * len(bad.seen)
+    totals = requests_total(mesh.exchanges)
+    assert len(totals) == 1 and 'grpc_response_status="0",response_flags="-"' in totals[0]
+
+
+async def test_without_the_condition_a_grpc_unavailable_reply_is_passed_on() -> None:
+    yaml = service("web", "bad") + gateway_http(
+        '- route: [{destination: {host: web}}]\n  retries: {attempts: 2, retryOn: "5xx,deadline-exceeded"}'
+    )
+    bad = Backend("bad", Reply(headers={"content-type": "application/grpc", "grpc-status": "14"}, body=b""))
+    async with running_mesh(yaml, {"bad": bad}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            answer = await client.answer(client.request("POST", "/demo.Echo/Say", GRPC, FRAME))
+        finally:
+            await client.close()
+    assert (answer.status, answer.headers["grpc-status"]) == (200, "14")
+    assert [s.attempt for s in bad.seen] == [1]
+    assert mesh.last().flag_text == "-"
+
+
+TIMEOUTS = """
+- match: [{uri: {prefix: /demo.Echo/Bounded}}]
+  timeout: 0.2s
+  route: [{destination: {host: web}}]
+- route: [{destination: {host: web}}]
+"""
+
+
+async def test_grpc_timeout_sets_the_route_timeout_and_a_timeout_is_unavailable() -> None:
+    app = Backend("app", Reply(hold=True))
+    async with running_mesh(APP + gateway_http(TIMEOUTS), {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            started = time.monotonic()
+            answer = await client.answer(
+                client.request("POST", "/demo.Echo/Say", {**GRPC, "grpc-timeout": "200000u"}, FRAME)
+            )
+            elapsed = time.monotonic() - started
+        finally:
+            await client.close()
+    assert elapsed >= 0.2
+    assert trailers_only(answer) == (200, "application/grpc", "14", "upstream request timeout", b"")
+    assert app.seen[0].all("grpc-timeout") == ["200m"]
+    assert mesh.last().flag_text == "UT"
+    assert '"POST /demo.Echo/Say HTTP/2" 200 UT' in text_line(mesh.last())
+
+
+async def test_the_route_timeout_caps_grpc_timeout_and_the_upstream_is_told() -> None:
+    app = Backend("app", Reply(hold=True))
+    async with running_mesh(APP + gateway_http(TIMEOUTS), {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            long = client.request("POST", "/demo.Echo/Bounded", {**GRPC, "grpc-timeout": "5S"}, FRAME)
+            unset = client.request("POST", "/demo.Echo/Bounded", GRPC, FRAME)
+            answers = [await client.answer(long), await client.answer(unset)]
+        finally:
+            await client.close()
+    assert [(a.headers["grpc-status"], a.headers["grpc-message"]) for a in answers] == [
+        ("14", "upstream request timeout")
+    ] * 2
+    assert [s.all("grpc-timeout") for s in app.seen] == [["200m"], ["200m"]]
+    assert [e.flag_text for e in mesh.exchanges] == ["UT", "UT"]
+
+
+async def test_grpc_timeout_means_nothing_on_a_request_that_is_not_grpc() -> None:
+    app = Backend("app", Reply(delay=0.3))
+    async with running_mesh(APP + gateway_http(TIMEOUTS), {"app": app}) as mesh:
+        answer = await mesh.request("POST", "/demo.Echo/Say", headers={"grpc-timeout": "100m"}, data=b"x")
+    assert (answer.status, answer.body) == (200, b"app")
+    assert app.seen[0].all("grpc-timeout") == ["100m"]
+
+
+def framed(*bodies: bytes) -> bytes:
+    return b"".join(b"\x00" + len(body).to_bytes(4, "big") + body for body in bodies)
+
+
+async def test_the_messages_of_a_grpc_stream_are_counted_however_they_are_split() -> None:
+    app = Backend("app")
+    replies = framed(b"one", b"", b"three" * 1000, b"four")
+
+    async def streams(request: web.BaseRequest, seen: Seen) -> web.StreamResponse:
+        await request.content.read()
+        response = web.StreamResponse(headers={"content-type": "application/grpc", "grpc-status": "0"})
+        await response.prepare(request)
+        for start in range(0, len(replies), 7):
+            await response.write(replies[start : start + 7])
+        return response
+
+    app.handler = streams
+    sent = framed(b"a" * 10, b"b", b"c" * 20000)
+    async with running_mesh(APP + gateway_http(RULES), {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address, window=1 << 20)
+        try:
+            stream_id = client.request("POST", "/demo.Echo/Chat", GRPC, sent[:3], more=True)
+            for start in range(3, len(sent), 6000):
+                client.h2.send_data(stream_id, sent[start : start + 6000], end_stream=start + 6000 >= len(sent))
+            client.writer.write(client.h2.data_to_send())
+            answer = await client.answer(stream_id)
+            plain = await client.answer(client.request("POST", "/demo.Echo/Plain", body=sent[:9000]))
+        finally:
+            await client.close()
+    assert (answer.body, plain.status) == (replies, 200)
+    metrics = Metrics()
+    for exchange in mesh.exchanges:
+        metrics(exchange)
+    text = metrics.prometheus().splitlines()
+    received = [line for line in text if line.startswith("istio_request_messages_total{")]
+    sent_back = [line for line in text if line.startswith("istio_response_messages_total{")]
+    assert [line.rpartition(" ")[2] for line in received + sent_back] == ["3", "4"]
+    assert received[0].startswith(
+        'istio_request_messages_total{reporter="source",source_workload="istio-ingressgateway"'
+    )
+    assert received[0].endswith('destination_cluster="Kubernetes"} 3')
+    assert "request_protocol" not in received[0] and "response_code" not in received[0]

@@ -1,18 +1,29 @@
-"""The gRPC rules of the proxy's own replies: Envoy's HTTP → gRPC status mapping, which
-requests are gRPC, `grpc-message` encoding and the trailers-only headers."""
+"""The gRPC rules of the proxy: Envoy's HTTP → gRPC status mapping, which requests are gRPC,
+`grpc-message` encoding, the trailers-only headers, `grpc-timeout` read, capped by the
+route timeout and written upstream as Envoy's router does, and messages counted however a
+stream is split."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minimesh.config.model import GRPC_CODES
 from minimesh.dataplane.grpc import (
+    MessageCounter,
+    format_grpc_timeout,
     grpc_message,
+    grpc_route_timeout,
     grpc_status_header,
     grpc_status_of,
+    grpc_timeout_ms,
     is_grpc,
     response_grpc_status,
     trailers_only,
+    upstream_grpc_timeout,
 )
 
 
@@ -85,3 +96,123 @@ def test_the_reported_grpc_status_is_the_responses_else_the_http_mapping() -> No
     assert response_grpc_status(5, 200) == 5
     assert response_grpc_status(None, 503) == 14
     assert response_grpc_status(None, 0) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "ms"),
+    [
+        (b"2H", 7_200_000),
+        (b"3M", 180_000),
+        (b"5S", 5000),
+        (b"250m", 250),
+        (b"1500u", 2),
+        (b"1000u", 1),
+        (b"1n", 1),
+        (b"0m", 0),
+        (b"99999999S", 99_999_999_000),
+        (b"000000001S", 1000),
+        (b"100000000S", None),
+        (b"5s", None),
+        (b"S", None),
+        (b"m", None),
+        (b"1.5S", None),
+        (b"-1S", None),
+        (b"", None),
+        (None, None),
+    ],
+)
+def test_grpc_timeout_is_read_as_envoy_reads_it(header: bytes | None, ms: int | None) -> None:
+    assert grpc_timeout_ms(header) == ms
+
+
+@pytest.mark.parametrize(
+    ("ms", "text"),
+    [
+        (250, b"250m"),
+        (99_999_999, b"99999999m"),
+        (100_000_000, b"100000S"),
+        (99_999_999_000, b"99999999S"),
+        (100_000_000_000, b"1666666M"),
+        (10**20, b"99999999H"),
+    ],
+)
+def test_grpc_timeout_is_written_as_envoy_writes_it(ms: int, text: bytes) -> None:
+    assert format_grpc_timeout(ms) == text
+    if ms <= 99_999_999:
+        assert grpc_timeout_ms(text) == ms
+
+
+@pytest.mark.parametrize(
+    ("route", "header", "timeout"),
+    [
+        (None, None, None),
+        (None, b"250m", 0.25),
+        (None, b"0m", None),
+        (None, b"bad", None),
+        (1.0, None, 1.0),
+        (1.0, b"250m", 0.25),
+        (1.0, b"5S", 1.0),
+        (1.0, b"0m", 1.0),
+        (0.0, b"250m", 0.25),
+    ],
+)
+def test_a_grpc_request_gets_its_grpc_timeout_capped_by_the_route_timeout(
+    route: float | None, header: bytes | None, timeout: float | None
+) -> None:
+    assert grpc_route_timeout(route, header) == timeout
+
+
+@pytest.mark.parametrize(
+    ("timeout", "per_try", "told"),
+    [
+        (None, None, None),
+        (0.25, None, b"250m"),
+        (2.0, 0.5, b"500m"),
+        (0.5, 2.0, b"500m"),
+        (0.5, 0.5, b"500m"),
+        (None, 0.3, b"300m"),
+        (0.0001, None, None),
+    ],
+)
+def test_the_upstream_is_told_the_time_it_has(timeout: float | None, per_try: float | None, told: bytes | None) -> None:
+    assert upstream_grpc_timeout(timeout, per_try) == told
+
+
+def framed(messages: list[tuple[int, bytes]]) -> bytes:
+    return b"".join(bytes((flag,)) + len(body).to_bytes(4, "big") + body for flag, body in messages)
+
+
+def counted(stream: bytes, cuts: list[int]) -> int:
+    counter = MessageCounter()
+    edges = sorted({0, len(stream), *(cut % (len(stream) + 1) for cut in cuts)})
+    for start, stop in itertools.pairwise(edges):
+        counter.feed(stream[start:stop])
+    return counter.count
+
+
+MESSAGES = st.lists(st.tuples(st.sampled_from([0, 1]), st.binary(max_size=40)), max_size=12)
+
+
+@given(MESSAGES, st.lists(st.integers(min_value=0), max_size=30))
+def test_any_split_of_a_stream_counts_its_messages(messages: list[tuple[int, bytes]], cuts: list[int]) -> None:
+    assert counted(framed(messages), cuts) == len(messages)
+
+
+@given(MESSAGES, st.integers(min_value=1), st.lists(st.integers(min_value=0), max_size=10))
+def test_a_message_counts_from_its_first_byte(messages: list[tuple[int, bytes]], keep: int, cuts: list[int]) -> None:
+    stream = framed([*messages, (0, b"tail")])
+    partial = stream[: len(stream) - 9 + keep % 9]
+    assert counted(partial, cuts) == len(messages) + (len(partial) > len(stream) - 9)
+
+
+def test_a_message_of_a_mebibyte_in_chunks_then_an_empty_one() -> None:
+    counter = MessageCounter()
+    counter.feed(b"\x00\x00\x10\x00\x00")
+    for _ in range(16):
+        counter.feed(bytes(65536))
+    counter.feed(b"\x00\x00\x00")
+    assert counter.count == 2
+    counter.feed(b"\x00\x00")
+    assert counter.count == 2
+    counter.feed(b"\x01")
+    assert counter.count == 3

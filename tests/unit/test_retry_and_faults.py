@@ -15,6 +15,7 @@ from minimesh.routing.snapshot import Route
 
 # ---------------------------------------------------------------- retries
 
+DEFAULT_ON = ",".join(m.DEFAULT_RETRY_ON)
 STATUSES = (200, 404, 409, 418, 500, 501, 502, 503, 504)
 FAILURES = ("UF", "UC", "UT")
 
@@ -38,16 +39,47 @@ def test_each_retry_on_condition_retries_its_statuses_and_failures(
     on: str, codes: tuple[int, ...], statuses: set[int], failures: set[str]
 ) -> None:
     decider = RetryDecider.of(RetryPolicy(2, tuple(on.split(",")), codes, 0.5))
-    assert {s for s in STATUSES if decider.retries_status(s)} == statuses
+    assert {s for s in STATUSES if decider.retries_response(s, [])} == statuses
     assert {f for f in FAILURES if decider.retries_failure(f)} == failures
     assert (decider.attempts, decider.per_try_timeout) == (2, 0.5)
+
+
+GRPC_RETRY_ON = {
+    "cancelled": {1},
+    "deadline-exceeded": {4},
+    "internal": {13},
+    "resource-exhausted": {8},
+    "unavailable": {14},
+    "5xx,unavailable": {14},
+    "Istio's default": {1, 14},
+    "5xx": set(),
+}
+
+
+@pytest.mark.parametrize("on", GRPC_RETRY_ON)
+def test_grpc_conditions_retry_the_grpc_status_of_the_response_headers(on: str) -> None:
+    conditions = DEFAULT_ON if on == "Istio's default" else on
+    decider = RetryDecider.of(RetryPolicy(2, tuple(conditions.split(","))))
+    retried = {code for code in range(17) if decider.retries_response(200, [(b"grpc-status", b"%d" % code)])}
+    assert retried == GRPC_RETRY_ON[on]
+
+
+def test_a_grpc_status_counts_whatever_the_http_status_and_only_as_a_number() -> None:
+    decider = RetryDecider.of(RetryPolicy(1, ("unavailable",)))
+    head = [(b"content-type", b"application/grpc"), (b"grpc-status", b"14"), (b"grpc-message", b"down")]
+    assert decider.retries_response(200, head)
+    assert decider.retries_response(404, [(b"grpc-status", b"14")])
+    assert not decider.retries_response(200, [(b"content-type", b"application/grpc")])
+    assert not decider.retries_response(200, [(b"grpc-status", b"x14")])
+    assert not decider.retries_response(200, [(b"grpc-message", b"14")])
+    assert not decider.retries_response(503, [])
 
 
 @pytest.mark.parametrize("policy", [None, RetryPolicy(0, ("5xx",)), RetryPolicy(-1, ("5xx",))])
 def test_no_policy_or_no_attempts_is_no_retry(policy: RetryPolicy | None) -> None:
     decider = RetryDecider.of(policy)
     assert decider is NO_RETRY
-    assert not any(decider.retries_status(s) for s in STATUSES)
+    assert not any(decider.retries_response(s, []) for s in STATUSES)
     assert not any(decider.retries_failure(f) for f in FAILURES)
 
 
