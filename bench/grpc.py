@@ -162,8 +162,9 @@ def start(pinning: Pinning) -> dict[str, str]:
 
 def grpc_check(way: Way) -> str:
     """The canned message if a grpcio call the way goes answers, else what it got."""
-    done = subprocess.run(["docker", "run", "--rm", "--network", f"container:{way.client}", GRPC_IMAGE, "python",
-                           "-c", CHECK, way.target, METHOD], capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    command = ["docker", "run", "--rm", "--network", f"container:{way.client}", GRPC_IMAGE, "python", "-c", CHECK,
+               way.target, METHOD]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     return (done.stdout + done.stderr).strip()
 
 
@@ -195,7 +196,7 @@ class H2load:
         return done.stdout + done.stderr
 
     def closed(self, way: Way) -> float | str:
-        """Calls/s at CONNECTIONS × STREAMS in flight, or what went wrong."""
+        """Calls/s at CONNECTIONS times STREAMS in flight, or what went wrong."""
         out = self._run(way, "-c", str(CONNECTIONS), "-m", str(STREAMS), "-D", str(SECONDS),
                         "--warm-up-time", str(WARMUP))  # fmt: skip
         found = re.search(r"finished in \S+, ([\d.]+) req/s", out)
@@ -209,7 +210,9 @@ class H2load:
         problem = failure(out)
         if problem:
             return problem
-        times = sorted(int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.count("\t") >= 2)
+        times = sorted(
+            int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.count("\t") >= 2
+        )
         if not times:
             return "h2load logged no request"
         pick = lambda q: round(times[min(len(times) - 1, int(q * len(times)))], 3)  # noqa: E731
@@ -247,7 +250,9 @@ def mesh_protocol(daemon: Daemon) -> str:
     if any('request_protocol="grpc"' in line for line in calls):
         bad = sum(float(line.rsplit(" ", 1)[1]) for line in calls if 'grpc_response_status="0"' not in line)
         return f"HTTP/2, gRPC (istio_requests_total; {bad:g} calls with a grpc-status other than 0)"
-    if any(line.startswith("istio_tcp_connections_opened_total{") and "mesh-server" in line for line in text.splitlines()):
+    if any(
+        line.startswith("istio_tcp_connections_opened_total{") and "mesh-server" in line for line in text.splitlines()
+    ):
         return "TCP pass-through (port declared grpc, no HTTP/2 upstream yet)"
     return "not seen in the metrics"
 
@@ -299,9 +304,11 @@ def bench(workdir: Path, pinning: Pinning) -> dict[str, Any]:
 
 
 def summary(rounds: list[dict[str, Any]], errors: dict[str, str], latency: dict[str, Any]) -> dict[str, Any]:
-    names = [name for name in dict.fromkeys([*(n for r in rounds for n in r), *errors])]
+    names = list(dict.fromkeys([*(n for r in rounds for n in r), *errors]))
     ways = {
-        name: {"error": errors[name]} if name in errors else {"rps": round(statistics.median(r[name]["rps"] for r in rounds))}
+        name: {"error": errors[name]}
+        if name in errors
+        else {"rps": round(statistics.median(r[name]["rps"] for r in rounds))}
         for name in names
     }
 
@@ -342,7 +349,9 @@ def report(data: dict[str, Any]) -> str:
         opened = data.get("open_loop", {}).get(name, {})
         latency = (f"  p50 {opened['p50']:.2f} ms  p90 {opened['p90']:.2f} ms  p99 {opened['p99']:.2f} ms"
                    if "p90" in opened else f"  open loop: {opened['error']}" if "error" in opened else "")  # fmt: skip
-        lines.append(f"  {name:<16} " + (f"failed: {way['error']}" if "error" in way else f"{way['rps']:>7,} calls/s{latency}"))
+        lines.append(
+            f"  {name:<16} " + (f"failed: {way['error']}" if "error" in way else f"{way['rps']:>7,} calls/s{latency}")
+        )
     found = data.get("ratios")
     if found:
         one, per_hop = found["one_hop_vs_nginx"], found["added_p90_ms_per_hop"]["sidecar_one_hop"]
@@ -350,9 +359,10 @@ def report(data: dict[str, Any]) -> str:
         p90 = "not measured" if per_hop is None else "meets" if per_hop <= TARGETS["added_p90_ms_per_hop"] else "over"
         lines.append(f"  one hop / nginx grpc_pass: {one} (target >= {TARGETS['one_hop_vs_nginx']}: {verdict}); "
                      f"sidecar pair / two nginx: {found['pair_vs_nginx_two_hops']}")  # fmt: skip
+        added = found["added_p90_ms_per_hop"]
         lines.append(f"  added P90 per hop at {OPEN_RATE} calls/s: sidecar {per_hop} ms (target <= "
-                     f"{TARGETS['added_p90_ms_per_hop']}: {p90}), pair {found['added_p90_ms_per_hop']['sidecar_pair']} ms "
-                     f"per hop, nginx {found['added_p90_ms_per_hop']['nginx_one_hop']} ms")  # fmt: skip
+                     f"{TARGETS['added_p90_ms_per_hop']}: {p90}), pair {added['sidecar_pair']} ms per hop, "
+                     f"nginx {added['nginx_one_hop']} ms")  # fmt: skip
     if data.get("mesh_path"):
         lines.append(f"  the sidecars carried the calls as: {data['mesh_path']}")
     if data.get("error"):
