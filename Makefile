@@ -60,13 +60,15 @@ demo-down:
 
 # Gateway throughput and latency against nginx and the bare upstream, reload latency and a
 # py-spy profile, then containers: HTTP and TCP (redis-benchmark, bulk) through the sidecars
-# against nginx `stream` (DESIGN.md §5); prints tables, writes bench/results.json, ~4 minutes.
+# against nginx `stream`, gRPC unary (h2load) against nginx `grpc_pass` (DESIGN.md §5); prints
+# tables, writes bench/results.json, ~6 minutes.
 bench: venv native
 	@test -x $(BIN)/py-spy || { echo "==> installing py-spy into $(VENV) for the profile"; \
 		$(BIN)/pip install --quiet py-spy || echo "==> py-spy could not be installed: no profile this time" >&2; }
 	@$(BIN)/python bench/run.py
 	@$(BIN)/python bench/docker.py
 	@$(BIN)/python bench/tcp.py
+	@$(BIN)/python bench/grpc.py
 
 clean: pure
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache

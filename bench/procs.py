@@ -194,3 +194,14 @@ def _apt_install(packages: list[str]) -> bool:
     finally:
         if ours:
             policy.unlink()
+
+
+def ensure_h2load(say: Callable[[str], None]) -> bool:
+    """h2load (Debian's nghttp2-client), installed with apt-get on Debian/Ubuntu as root when missing."""
+    if _which("h2load"):
+        return True
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return False
+    say("==> h2load missing: installing Debian's nghttp2-client with apt-get")
+    packages = ["nghttp2-client"]
+    return (_apt_install(packages) or (_apt_update() and _apt_install(packages))) and _which("h2load") is not None

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# make demo / make demo-down: bookinfo behind minimesh, and everything it started removed.
+# make demo / make demo-down: bookinfo and the greeter gRPC example (examples/grpc) behind
+# minimesh, and everything it started removed.
 # As root on Linux the daemon runs on the host (`minimesh up --detach`); otherwise it runs as
 # a compose service from compose/minimesh.yml (the Docker Desktop way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROJECT=${MINIMESH_DEMO_PROJECT:-minimesh-demo}
 BOOKINFO=examples/bookinfo
+GRPC=examples/grpc
 MINIMESH=.venv/bin/minimesh
 URL=http://127.0.0.1:8080/productpage
 step() { printf '==> %s\n' "$*"; }
 
 compose() {
-    local files=(-f "$BOOKINFO/docker-compose.yml")
+    local files=(-f "$BOOKINFO/docker-compose.yml" -f "$GRPC/docker-compose.yml")
     [ "$(id -u)" = 0 ] || files+=(-f compose/minimesh.yml)
     if docker compose version >/dev/null 2>&1; then
         docker compose -p "$PROJECT" "${files[@]}" "$@"
@@ -22,11 +24,11 @@ compose() {
 
 up() {
     bash compose/engine.sh
-    step "starting bookinfo (compose project $PROJECT)"
+    step "starting bookinfo and the greeter (compose project $PROJECT)"
     compose up -d --remove-orphans
     if [ "$(id -u)" = 0 ]; then
-        step "starting minimesh on this host (netns capture), watching $BOOKINFO/mesh.yaml (or finding it running)"
-        "$MINIMESH" up --detach -f "$BOOKINFO/mesh.yaml" --docker-label "com.docker.compose.project=$PROJECT"
+        step "starting minimesh on this host (netns capture), watching $BOOKINFO/mesh.yaml and $GRPC/mesh.yaml (or finding it running)"
+        "$MINIMESH" up --detach -f "$BOOKINFO/mesh.yaml" -f "$GRPC/mesh.yaml" --docker-label "com.docker.compose.project=$PROJECT"
     else
         step "not root: minimesh runs as the compose service 'minimesh' (compose/minimesh.yml)"
     fi
@@ -43,7 +45,9 @@ Try next:
   $MINIMESH apply -f $BOOKINFO/variants/virtual-service-reviews-jason-v2.yaml   # jason gets reviews v2
   curl -s -b user=jason $URL | grep -o 'color="[a-z]*"' | head -1               # black stars
   $MINIMESH apply -f $BOOKINFO/variants/virtual-service-ratings-mysql.yaml      # stars read from MariaDB
-  $MINIMESH apply --reset                   # back to $BOOKINFO/mesh.yaml (edit it: changes are live)
+  docker exec "\$(docker ps -qf label=com.docker.compose.project=$PROJECT -f label=app=frontend)" \\
+      python -m greeter.client --calls 10  # gRPC calls to the greeter: README "gRPC tour"
+  $MINIMESH apply --reset                   # back to the mesh.yaml files (edit them: changes are live)
   make demo-down                            # removes everything this started
 MSG
             exit 0
@@ -60,7 +64,7 @@ down() {
         "$MINIMESH" down || true
     fi
     if docker info >/dev/null 2>&1; then
-        step "removing the bookinfo containers and network (compose project $PROJECT)"
+        step "removing the bookinfo and greeter containers and network (compose project $PROJECT)"
         compose down -v --remove-orphans
     fi
 }

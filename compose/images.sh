@@ -47,8 +47,8 @@ step "wheelhouse $wheels for Python $pyver ($arch)"
 SOURCE_DATE_EPOCH=315532800 "$PYTHON_BIN" -m pip wheel --quiet --no-deps --wheel-dir "$wheels" . >/dev/null
 "$PYTHON_BIN" -m pip download --quiet --only-binary=:all: --python-version "$pyver" --implementation cp --abi "$tag" \
     --platform "manylinux2014_$arch" --platform "manylinux_2_28_$arch" --platform "manylinux_2_34_$arch" \
-    --dest "$wheels" "$wheels"/minimesh-*.whl aiohttp uvloop PyMySQL 2>&1 | grep -v '^WARNING: Location' || true
-for wheel in aiohttp PyMySQL; do
+    --dest "$wheels" "$wheels"/minimesh-*.whl aiohttp uvloop PyMySQL grpcio 2>&1 | grep -v '^WARNING: Location' || true
+for wheel in aiohttp PyMySQL grpcio; do
     ls "$wheels" | grep -qi "^$wheel-.*\.whl$" || { echo "make images: pip download found no $wheel wheel for $tag" >&2; exit 1; }
 done
 
@@ -85,4 +85,5 @@ build() {  # build NAME DOCKERFILE CONTEXT-FILES...
 build minimesh/bookinfo:local compose/bookinfo.Dockerfile examples/bookinfo/services
 build minimesh/minimesh:local compose/minimesh.Dockerfile compose/minimesh-entrypoint.sh
 build minimesh/tools:local compose/tools.Dockerfile "$debs" compose/mysqldb.sh compose/mysqldb.cnf examples/bookinfo/mysql/mysqldb-init.sql
-step "images ready: minimesh/bookinfo:local, minimesh/minimesh:local, minimesh/tools:local (base $base)"
+build minimesh/grpc:local compose/grpc.Dockerfile examples/grpc
+step "images ready: minimesh/bookinfo:local, minimesh/minimesh:local, minimesh/tools:local, minimesh/grpc:local (base $base)"
