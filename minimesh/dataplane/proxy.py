@@ -32,7 +32,7 @@ from minimesh.dataplane.fault import Faults, fault_step, fires
 from minimesh.dataplane.grpc import is_grpc
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, BodyTooLarge, Request, UpstreamResponse
 from minimesh.dataplane.mirror import Mirrors
-from minimesh.dataplane.respond import framing, request_head, respond, tunnel
+from minimesh.dataplane.respond import Head, head_for, respond, tunnel
 from minimesh.dataplane.upstream import (
     BLACK_HOLE,
     NO_ROUTE,
@@ -44,6 +44,7 @@ from minimesh.dataplane.upstream import (
     LocalReply,
     UpstreamFailure,
     Upstreams,
+    speaks_http2,
 )
 from minimesh.registry.model import Workload
 from minimesh.routing.headers import NO_REQUEST_OPS, NO_RESPONSE_OPS
@@ -267,11 +268,13 @@ class Proxy:
             ops = outcome.target.request_ops
         else:
             path, authority, ops = exchange.path, exchange.authority, NO_REQUEST_OPS
-        head_parts = request_head(call, ops, path, authority)
+        head = head_for(call, cluster, ops, path, authority, body)
         if isinstance(body, bytes):
             for mirror in mirrors:
                 if fires(self.rng, mirror.percentage):
-                    self.mirrors.copy(mirror, call.view, head_parts, body)
+                    same = speaks_http2(mirror.cluster, request) == (head.fields is not None)
+                    copied = head if same else head_for(call, mirror.cluster, ops, path, authority, body)
+                    self.mirrors.copy(mirror, call.view, copied, body)
         state = self.upstreams.state(cluster)
         try:
             state.admit(cluster.policy.connection_pool)
@@ -280,10 +283,10 @@ class Proxy:
             return
         try:
             if timeout is None:
-                switched = await self._exchange(call, cluster, state, retry, body, head_parts, None)
+                switched = await self._exchange(call, cluster, state, retry, body, head, None)
             else:
                 async with call.deadline(timeout) as deadline:
-                    switched = await self._exchange(call, cluster, state, retry, body, head_parts, deadline)
+                    switched = await self._exchange(call, cluster, state, retry, body, head, deadline)
             if switched is not None:
                 await tunnel(call, switched)
         except TimeoutError:
@@ -306,15 +309,14 @@ class Proxy:
         state: ClusterState,
         retry: RetryDecider,
         body: Body | bytes,
-        head_parts: list[bytes],
+        head: Head,
         deadline: Deadline | None,
     ) -> UpstreamResponse | None:
         """The attempts, then the response passed on, all within the route's `deadline`, as
         Envoy's route timeout covers the whole response. A 101 to an upgrade is returned
         instead: the tunnel it opens outlives the timeout, as in Envoy."""
         response, attempt = await attempts(
-            call, cluster, state, retry, self.upstreams, self.rng, head_parts, framing(body, call.request), body,
-            deadline,
+            call, cluster, state, retry, self.upstreams, self.rng, head, body, deadline,
         )  # fmt: skip
         try:
             if response.status == 101:
