@@ -124,19 +124,14 @@ class Stream:
             self._queue(data)
             self.pump()
 
-    def end(self) -> None:
+    def end(self, trailers: HeaderList | None = None) -> None:
+        """End the stream after the body held, with `trailers` (gRPC's `grpc-status`) if given."""
         if self._ended:
             return
         self._ended = True
+        self._trailers = trailers
         self._end_pending = True
         self.pump()
-
-    def end_with(self, trailers: HeaderList) -> None:
-        """End the stream with `trailers` (gRPC's `grpc-status`), after the body held."""
-        if self._ended:
-            return
-        self._trailers = trailers
-        self.end()
 
     def abort(self) -> None:
         """Reset the stream mid-response (the upstream died after the head was sent)."""

@@ -90,6 +90,29 @@ class UpstreamStream:
             self.conn.reset(self.id)
             self.finish(UpstreamClosed("the proxy reset the stream", before_headers=not self.head.done()))
 
+    # ---- the response
+
+    def head_received(self, headers: HeaderList) -> None:
+        status = 0
+        fields: HeaderList = []
+        for name, value in headers:
+            if name == b":status":
+                status = int(value)
+            elif name[:1] != b":":
+                fields.append((name, value))
+        response = self.response = UpstreamResponse(self, status, b"", fields)
+        if not self.head.done():
+            self.head.set_result(response)
+
+    def received(self, data: bytes) -> bool:
+        """Body bytes in; False when nothing awaits them (their window goes straight back)."""
+        response = self.response
+        if response is None or response.body.complete:
+            return False
+        if data:
+            response.body.feed(data)
+        return True
+
     # ---- the request body
 
     async def send_body(self, body: Body | bytes) -> None:
@@ -243,9 +266,14 @@ class Http2Upstream(asyncio.Protocol):
     def _event(self, event: Event) -> None:
         stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
         if isinstance(event, DataReceived):
-            self._data(stream, event)
+            data = event.data or b""
+            padding = (event.flow_controlled_length or 0) - len(data)
+            if padding:
+                self.acknowledge(event.stream_id or 0, padding)
+            if stream is None or not stream.received(data):
+                self.acknowledge(event.stream_id or 0, len(data))
         elif isinstance(event, ResponseReceived) and stream is not None:
-            self._head(stream, _fields(event.headers))
+            stream.head_received(_fields(event.headers))
         elif isinstance(event, TrailersReceived) and stream is not None and stream.response is not None:
             stream.response.trailers = _fields(event.headers)
         elif isinstance(event, StreamEnded) and stream is not None:
@@ -261,30 +289,6 @@ class Http2Upstream(asyncio.Protocol):
             self._wake_all()
         elif isinstance(event, ConnectionTerminated):
             self._goaway(event.last_stream_id or 0)
-
-    def _head(self, stream: UpstreamStream, headers: HeaderList) -> None:
-        status = 0
-        fields: HeaderList = []
-        for name, value in headers:
-            if name == b":status":
-                status = int(value)
-            elif name[:1] != b":":
-                fields.append((name, value))
-        response = UpstreamResponse(stream, status, b"", fields)
-        stream.response = response
-        if not stream.head.done():
-            stream.head.set_result(response)
-
-    def _data(self, stream: UpstreamStream | None, event: DataReceived) -> None:
-        data = event.data or b""
-        stream_id = event.stream_id or 0
-        padding = (event.flow_controlled_length or 0) - len(data)
-        if padding:
-            self.acknowledge(stream_id, padding)
-        if stream is None or stream.response is None or stream.response.body.complete:
-            self.acknowledge(stream_id, len(data))
-        elif data:
-            stream.response.body.feed(data)
 
     def _goaway(self, last_stream_id: int) -> None:
         """The upstream sent GOAWAY: streams above `last_stream_id` were never processed (they

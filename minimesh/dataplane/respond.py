@@ -231,7 +231,7 @@ def _end(call: Call, response: UpstreamResponse) -> None:
         if status is not None:
             call.exchange.grpc_status = status
     if isinstance(responder, Stream):
-        responder.end_with(trailers)
+        responder.end(trailers)
     else:
         responder.end()
 
