@@ -313,7 +313,8 @@ class Http2Upstream(asyncio.Protocol):
     async def exchange(self, fields: HeaderList, body: Body | bytes) -> UpstreamResponse:
         """Start a stream with the request head `fields` and send `body` beside it (a
         bidirectional stream gets its response head before its request ends); the response
-        once its head is in. Cancelled, the stream is reset."""
+        once its head is in. Cancelled, the stream is reset; a head h2 will not send (a
+        header HTTP/2 forbids) raises its H2Error."""
         stream_id = self.h2.get_next_available_stream_id()
         stream = UpstreamStream(self, stream_id)
         self.streams[stream_id] = stream
@@ -321,7 +322,11 @@ class Http2Upstream(asyncio.Protocol):
         if self._max_requests and self.started >= self._max_requests:
             self.draining = True
         empty = isinstance(body, bytes) and not body
-        self.h2.send_headers(stream_id, fields, end_stream=empty)
+        try:
+            self.h2.send_headers(stream_id, fields, end_stream=empty)
+        except H2Error:
+            del self.streams[stream_id]
+            raise
         self.flush_soon()
         if not empty:
             stream.sender = self.loop.create_task(stream.send_body(body))

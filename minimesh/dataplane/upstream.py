@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from h2.exceptions import H2Error
+
 from minimesh.config import model as m
 from minimesh.config.labels import DETECTED
 from minimesh.dataplane.http1 import Body, Request, UpstreamClosed, UpstreamConnection, UpstreamResponse
@@ -639,7 +641,7 @@ class Upstreams:
     ) -> UpstreamResponse:
         """One attempt to `endpoint` over HTTP/2 (`fields` the request head): the response once
         its head is in, or UpstreamFailure: `UR` for a stream the upstream reset or refused,
-        `UC` for a connection lost under it."""
+        `UC` for a connection lost under it, `UPE` for a head HTTP/2 cannot carry."""
         state = self.state(cluster)
         conn = await state.h2.connection(cluster, endpoint, self._tls(cluster) if self._tls else None, cluster.host)
         try:
@@ -650,6 +652,8 @@ class Upstreams:
             raise UpstreamFailure(REMOTE_RESET, endpoint) from exc
         except (UpstreamClosed, OSError) as exc:
             raise UpstreamFailure(CONNECTION_TERMINATION, endpoint) from exc
+        except H2Error as exc:
+            raise UpstreamFailure(PROTOCOL_ERROR, endpoint) from exc
 
     def close(self) -> None:
         for state in self.clusters.values():
