@@ -240,7 +240,9 @@ class Multiplexed:
             conn.waiting += 1
             try:
                 await asyncio.shield(conn.ready)
-            except (UpstreamClosed, OSError, ssl.SSLError, TimeoutError) as exc:
+            except UpstreamClosed as exc:
+                raise UpstreamFailure(CONNECTION_TERMINATION, endpoint) from exc
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
                 raise UpstreamFailure(CONNECT_FAILURE, endpoint) from exc
             finally:
                 conn.waiting -= 1

@@ -11,11 +11,13 @@ from collections import Counter
 import pytest
 from h2.errors import ErrorCodes
 
+from minimesh.dataplane.http2 import STREAM_WINDOW
 from tests.inproc.h2upstream import H2Backend, H2Reply
 from tests.inproc.upstreams import (
     RESET,
     H2Client,
     gateway_http,
+    refused_port,
     running_mesh,
     service,
     until,
@@ -363,3 +365,48 @@ spec:
         finally:
             await client.close()
         assert Counter(a.body for a in spread) == {b"one": 3, b"other": 3}, "per request, not per connection"
+
+
+async def test_a_slow_client_paces_the_upstream_through_the_windows() -> None:
+    """The proxy hands the upstream back only the window of what it passed on, so an HTTP/2
+    client that reads nothing holds the upstream to one stream window (nothing is buffered
+    whole)."""
+    big = bytes(range(256)) * (8 * 4096)
+    app = H2Backend("app", H2Reply(body=big))
+    async with running_mesh(GRPC_APP + web_route(), {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            client.auto_ack = False
+            stream_id = client.request("GET", "/big")
+            answer = client.answers[stream_id]
+            await client.until(lambda: answer.unacked == 65535)
+            streams = [
+                stream
+                for state in mesh.proxy.upstreams.clusters.values()
+                for conns in state.h2.by_host.values()
+                for conn in conns
+                for stream in conn.streams.values()
+            ]
+            assert len(streams) == 1 and streams[0].response is not None
+            body = streams[0].response.body
+            await until(lambda: body.received >= STREAM_WINDOW, "the upstream filling its stream window")
+            await client.ping()
+            assert body.received <= STREAM_WINDOW + 4 * 65536, "no more than the window and what went on"
+            client.auto_ack = True
+            client.ack(stream_id)
+            whole = await client.answer(stream_id)
+        finally:
+            await client.close()
+        assert (whole.status, whole.body == big) == (200, True)
+
+
+async def test_an_http2_endpoint_that_refuses_connections_is_503_uf() -> None:
+    nobody = H2Backend("app")
+    nobody.port = refused_port()
+    async with running_mesh(GRPC_APP + web_route("retries: {attempts: 0}"), {"app": nobody}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            answer = await client.get("/")
+        finally:
+            await client.close()
+        assert (answer.status, answer.body, mesh.last().flag_text) == (503, RESET + b"connection failure", "UF")
