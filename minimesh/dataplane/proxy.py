@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
+from minimesh.config.labels import DETECTED
 from minimesh.dataplane.attempts import attempts
 from minimesh.dataplane.call import Call, Responding
 from minimesh.dataplane.cors import cors_step
@@ -157,7 +158,7 @@ class Proxy:
             if request.upgrade is not None and not _upgrade_allowed(call):
                 return
             if listener.kind == "inbound" and original is not None and listener.workload is not None:
-                cluster = self.inbound_cluster(listener.workload, original[1], listener.dial)
+                cluster = self.inbound_cluster(listener.workload, original[1], listener.dial, snapshot)
                 await self._forward_to(call, cluster, NO_RETRY, None)
                 return
             outcome = decide(snapshot, view, self.rng)
@@ -211,16 +212,21 @@ class Proxy:
         )  # fmt: skip
         await self._forward_to(call, cluster, NO_RETRY, None)
 
-    def inbound_cluster(self, workload: Workload, port: int, dial: Dial | None) -> Cluster:
-        """The cluster of `workload`'s app on `port`, reached through `dial` (from inside its namespace)."""
+    def inbound_cluster(
+        self, workload: Workload, port: int, dial: Dial | None, snapshot: Snapshot | None = None
+    ) -> Cluster:
+        """The cluster of `workload`'s app on `port`, reached through `dial` (from inside its
+        namespace); its protocol (whether the app is spoken to in HTTP/2) is the port's in
+        `snapshot`."""
         key = (workload.name, port)
+        protocol = snapshot.inbound_protocols.get(key, DETECTED) if snapshot is not None else DETECTED
         cluster = self._inbound_clusters.get(key)
-        if cluster is None or cluster.endpoints[0].workload != workload:
+        if cluster is None or cluster.endpoints[0].workload != workload or cluster.protocol != protocol:
             service = workload.service or workload.name
             cluster = Cluster(
                 name=inbound_cluster_name(workload, port), host=f"{service}.{workload.namespace}.svc.cluster.local",
                 short=service, namespace=workload.namespace, subset=None, port=port,
-                endpoints=(Endpoint(workload, "127.0.0.1", port, workload.labels),),
+                endpoints=(Endpoint(workload, "127.0.0.1", port, workload.labels),), protocol=protocol,
             )  # fmt: skip
             self._inbound_clusters[key] = cluster
         self.upstreams.state(cluster, dial)

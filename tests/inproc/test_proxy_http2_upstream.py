@@ -11,11 +11,19 @@ from collections import Counter
 import pytest
 from h2.errors import ErrorCodes
 
+from minimesh.dataplane.current import Current
+from minimesh.dataplane.exchange import Exchange, Listener
 from minimesh.dataplane.http2 import STREAM_WINDOW
+from minimesh.dataplane.listeners import Serving
+from minimesh.dataplane.proxy import Proxy
+from minimesh.dataplane.upstream import Upstreams
 from tests.inproc.h2upstream import H2Backend, H2Reply
+from tests.inproc.test_proxy_tcp import Target, tcp_service
 from tests.inproc.upstreams import (
     RESET,
     H2Client,
+    RawClient,
+    compile_yaml,
     gateway_http,
     refused_port,
     running_mesh,
@@ -410,3 +418,28 @@ async def test_an_http2_endpoint_that_refuses_connections_is_503_uf() -> None:
         finally:
             await client.close()
         assert (answer.status, answer.body, mesh.last().flag_text) == (503, RESET + b"connection failure", "UF")
+
+
+async def test_the_inbound_side_speaks_http2_to_an_app_on_a_grpc_port() -> None:
+    """A server sidecar hands a request for its app's `grpc` port to the app in HTTP/2, as
+    Istio's inbound cluster for such a port, whatever version the client spoke."""
+    app = await H2Backend("app").start()
+    snapshot = compile_yaml(tcp_service("greeter", "v1", protocol="grpc"), {"v1": app.port})
+    exchanges: list[Exchange] = []
+    proxy = Proxy(Current(snapshot), Upstreams(), observers=(exchanges.append,))
+    workload = next(w for w in snapshot.workloads if w.name == "greeter-v1")
+    listener = Listener("inbound", 15006, workload=workload)
+    inbound = Serving(proxy, listener, transparent=True, original_of=Target(("127.0.0.1", app.port)))
+    await inbound.start("127.0.0.1", 0)
+    try:
+        client = await RawClient.connect(inbound.address)
+        client.send(b"POST /pkg.Greeter/Hello HTTP/1.1\r\nhost: greeter:9000\r\ncontent-length: 2\r\n\r\nhi")
+        answer = await client.response()
+        await client.close()
+    finally:
+        await inbound.stop()
+        await proxy.close()
+        await app.close()
+    assert (answer.status, answer.body) == (200, b"app")
+    assert (app.seen[0].headers[":authority"], app.seen[0].body) == ("greeter:9000", b"hi")
+    assert exchanges[0].cluster == f"inbound|{app.port}||greeter-v1.default"
