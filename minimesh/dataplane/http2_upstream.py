@@ -125,7 +125,7 @@ class UpstreamStream:
             while chunk := await body.read():
                 await self._send(chunk, end=False)
             await self._send(b"", end=True)
-        except (ConnectionResetError, UpstreamClosed, H2Error):
+        except (OSError, UpstreamClosed, H2Error):
             self.close()
 
     async def _send(self, data: bytes, *, end: bool) -> None:
@@ -280,7 +280,7 @@ class Http2Upstream(asyncio.Protocol):
             stream.finish()
         elif isinstance(event, StreamReset) and stream is not None:
             refused = event.error_code == ErrorCodes.REFUSED_STREAM
-            stream.finish(StreamRefused() if refused else StreamResetByPeer())
+            stream.finish(StreamRefused("upstream refused the stream") if refused else StreamResetByPeer(str(event)))
         elif isinstance(event, WindowUpdated):
             self._wake_all()
         elif isinstance(event, RemoteSettingsChanged):
@@ -300,7 +300,7 @@ class Http2Upstream(asyncio.Protocol):
         self.draining = True
         self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
         for stream in [s for s in self.streams.values() if s.id > last_stream_id]:
-            stream.finish(StreamRefused())
+            stream.finish(StreamRefused("upstream sent GOAWAY below the stream"))
         if not self.streams:
             self.close()
 

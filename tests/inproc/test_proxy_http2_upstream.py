@@ -7,7 +7,9 @@ policy on HTTP/2 requests to an HTTP/2 upstream."""
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
+import grpc
 import pytest
 from h2.errors import ErrorCodes
 
@@ -20,6 +22,7 @@ from minimesh.dataplane.upstream import Upstreams
 from tests.inproc.h2upstream import H2Backend, H2Reply
 from tests.inproc.test_proxy_tcp import Target, tcp_service
 from tests.inproc.upstreams import (
+    PATIENCE,
     RESET,
     H2Client,
     RawClient,
@@ -443,3 +446,47 @@ async def test_the_inbound_side_speaks_http2_to_an_app_on_a_grpc_port() -> None:
     assert (answer.status, answer.body) == (200, b"app")
     assert (app.seen[0].headers[":authority"], app.seen[0].body) == ("greeter:9000", b"hi")
     assert exchanges[0].cluster == f"inbound|{app.port}||greeter-v1.default"
+
+
+async def test_grpcio_unary_and_bidirectional_calls_through_the_gateway() -> None:
+    """Real gRPC (grpcio, raw bytes, no generated code) on both sides: a unary call, a
+    bidirectional stream whose replies arrive while the client is still sending, and a
+    status from the server's trailers."""
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if request == b"fail":
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no room")
+        return b"hello " + request
+
+    async def chat(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async for request in requests:
+            yield b"echo " + request
+
+    server = grpc.aio.server()
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pkg.Svc", handlers),))
+    app = H2Backend("app")
+    app.port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        # no retries: a request body kept for retries is read whole before it goes upstream
+        async with running_mesh(GRPC_APP + web_route("retries: {attempts: 0}"), {"app": app}) as mesh:
+            host, port = mesh.gateway.address
+            async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+                assert await channel.unary_unary("/pkg.Svc/Unary")(b"mesh", timeout=PATIENCE) == b"hello mesh"
+                call = channel.stream_stream("/pkg.Svc/Chat")(timeout=PATIENCE)
+                for word in (b"one", b"two", b"three"):
+                    await call.write(word)
+                    assert await call.read() == b"echo " + word, "each reply before the next message"
+                await call.done_writing()
+                assert await call.code() == grpc.StatusCode.OK
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await channel.unary_unary("/pkg.Svc/Unary")(b"fail", timeout=PATIENCE)
+            assert (failed.value.code(), failed.value.details()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "no room")
+            assert [e.grpc_status for e in mesh.exchanges] == [0, 0, 8]
+            assert {e.protocol for e in mesh.exchanges} == {"HTTP/2"}
+    finally:
+        await server.stop(None)

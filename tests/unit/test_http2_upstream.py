@@ -4,18 +4,23 @@ dropped but `te: trailers` kept), beside the HTTP/1.1 bytes it is rendered to ot
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any
+import asyncio
+from typing import Any, cast
 
 import pytest
 
 from minimesh.config import model as m
 from minimesh.config.labels import DETECTED
+from minimesh.dataplane.call import Call, Responding
+from minimesh.dataplane.exchange import Exchange, Listener
 from minimesh.dataplane.http1 import Body, Request
 from minimesh.dataplane.respond import head_for
 from minimesh.dataplane.upstream import speaks_http2
+from minimesh.routing.compile import compile_snapshot
 from minimesh.routing.headers import NO_REQUEST_OPS, RequestOps
+from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import Cluster, Policy
+from tests.unit.test_routing_compile import load_mesh
 
 
 def cluster(protocol: str, **pool: Any) -> Cluster:
@@ -58,10 +63,16 @@ def test_an_upgrade_stays_http1_even_to_an_http2_port() -> None:
     assert not speaks_http2(cluster("GRPC"), websocket)
 
 
-def call(req: Request, kind: str = "sidecar", forwarded: str = "") -> Any:
-    exchange = SimpleNamespace(request_id="rid", forwarded_for=forwarded, listener=SimpleNamespace(kind=kind),
-                               downstream="10.0.0.9:5555")  # fmt: skip
-    return SimpleNamespace(request=req, exchange=exchange)
+SNAPSHOT = compile_snapshot(load_mesh(""), ())
+
+
+def call(req: Request, kind: str = "sidecar", forwarded: str = "") -> Call:
+    exchange = Exchange(
+        Listener(kind, 80), "GET", "/x", "", "HTTP/1.1", "rid", 0.0, 0.0, "10.0.0.9:5555", "", forwarded
+    )
+    loop = asyncio.new_event_loop()
+    loop.close()
+    return Call(req, cast(Responding, None), exchange, RequestView("GET", "/x", "", {}), SNAPSHOT, loop, False)
 
 
 def test_the_http2_head_has_pseudo_headers_first_and_no_connection_headers() -> None:
