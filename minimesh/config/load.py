@@ -487,6 +487,9 @@ def _connection_pool(r: _Reader, path: FieldPath) -> m.ConnectionPool:
         max_requests_per_connection=r.integer((*http, "maxRequestsPerConnection")),
         max_retries=r.integer((*http, "maxRetries")),
         idle_timeout=r.duration((*http, "idleTimeout")),
+        max_concurrent_streams=r.integer((*http, "maxConcurrentStreams")),
+        h2_upgrade_policy=r.text((*http, "h2UpgradePolicy")),
+        use_client_protocol=r.flag((*http, "useClientProtocol")),
     )
 
 

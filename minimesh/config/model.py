@@ -292,6 +292,9 @@ class ConnectionPool:
     max_requests_per_connection: int | None = None
     max_retries: int | None = None
     idle_timeout: float | None = None
+    max_concurrent_streams: int | None = None
+    h2_upgrade_policy: str | None = None
+    use_client_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,10 @@ from minimesh.config import model as m
 from minimesh.dataplane.call import Call
 from minimesh.dataplane.deadline import Deadline
 from minimesh.dataplane.http1 import Body, UpstreamResponse
-from minimesh.dataplane.respond import CHUNKED
+from minimesh.dataplane.respond import Head
 from minimesh.dataplane.upstream import (
     NO_HEALTHY_UPSTREAM,
+    REFUSED_STREAM,
     UPSTREAM_TIMEOUT,
     Attempt,
     ClusterState,
@@ -39,19 +40,15 @@ async def attempts(
     decider: RetryDecider,
     upstreams: Upstreams,
     rng: random.Random,
-    head_parts: list[bytes],
-    framing: bytes,
+    head: Head,
     body: Body | bytes,
     deadline: Deadline | None,
 ) -> tuple[UpstreamResponse, Attempt]:
     """Attempts within the retry policy: the response to pass on and its attempt (which the
-    caller ends once the body is through), or the failure to answer with. `head_parts` are
-    the request head less its attempt count and `framing`. Exhausted retries add `URX`; a
-    retry refused by `maxRetries` adds `UO`."""
+    caller ends once the body is through), or the failure to answer with. Exhausted retries
+    add `URX`; a retry refused by `maxRetries` adds `UO`."""
     exchange = call.exchange
-    is_head = call.request.method == b"HEAD"
     pool = cluster.policy.connection_pool
-    chunked = framing == CHUNKED
     tried: list[Endpoint] = []
     attempt_count = 0
     retrying = False
@@ -70,19 +67,16 @@ async def attempts(
         exchange.attempts = attempt_count
         exchange.destination = endpoint
         exchange.upstream_host = f"{endpoint.address}:{endpoint.port}"
-        head = b"".join([*head_parts, b"x-envoy-attempt-count: %d\r\n" % attempt_count, framing])
         attempt = state.attempt(endpoint, retry=retrying)
         retrying = False
         sent = time.monotonic()
         failure: UpstreamFailure | None = None
         try:
             if decider.per_try_timeout is None:
-                response = await upstreams.send(cluster, endpoint, head, body, head_request=is_head, chunked=chunked)
+                response = await head.send(upstreams, cluster, endpoint, body, attempt_count)
             else:
                 async with call.deadline(decider.per_try_timeout):
-                    response = await upstreams.send(
-                        cluster, endpoint, head, body, head_request=is_head, chunked=chunked
-                    )
+                    response = await head.send(upstreams, cluster, endpoint, body, attempt_count)
         except TimeoutError:
             failure = UpstreamFailure(UPSTREAM_TIMEOUT, endpoint)
         except UpstreamFailure as raised:
@@ -98,7 +92,10 @@ async def attempts(
         if failure is not None:
             attempt.end()
             state.record(cluster, endpoint, 504 if failure.reply is UPSTREAM_TIMEOUT else 503)
-            if not decider.retries_failure(failure.reply.flag) or _no_retry(attempt_count, decider, state, pool, call):
+            refused = failure.reply is REFUSED_STREAM
+            if not decider.retries_failure(failure.reply.flag, refused=refused) or _no_retry(
+                attempt_count, decider, state, pool, call
+            ):
                 raise failure
         else:
             exchange.upstream_time = time.monotonic() - sent

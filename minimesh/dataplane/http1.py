@@ -927,18 +927,36 @@ class UpstreamClosed(Exception):
         self.sent_nothing = sent_nothing
 
 
+class ResponseSource(Protocol):
+    """What carries an upstream response: an HTTP/1.1 `UpstreamConnection`, or one stream of
+    an HTTP/2 connection. `resume` is called as the body is read; `close` abandons it;
+    `transport` is what a slow client pauses (None when flow control paces it instead)."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    def resume(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class UpstreamResponse:
-    """A response being received: status and headers are in, the body streams."""
+    """A response being received: status and headers are in, the body streams; `trailers`
+    are the HTTP/2 trailers that ended it, if any."""
 
-    __slots__ = ("body", "conn", "headers", "keep_alive", "reason", "status")
+    __slots__ = ("body", "conn", "headers", "keep_alive", "reason", "status", "trailers")
 
-    def __init__(self, conn: UpstreamConnection, status: int, reason_phrase: bytes, headers: HeaderList) -> None:
+    def __init__(self, conn: ResponseSource, status: int, reason_phrase: bytes, headers: HeaderList) -> None:
         self.conn = conn
         self.status = status
         self.reason = reason_phrase
         self.headers = headers
         self.body = Body(conn.resume, conn.loop)
         self.keep_alive = True
+        self.trailers: HeaderList | None = None
 
     def header(self, name: bytes) -> bytes | None:
         return first_header(self.headers, name)

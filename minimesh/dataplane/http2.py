@@ -61,8 +61,8 @@ class Stream:
     Ending early (`abort`) resets the stream with NO_ERROR, as Envoy does."""
 
     __slots__ = (
-        "_acked", "_conn", "_end_pending", "_ended", "_out", "_out_size", "_waiter", "bytes_sent", "closed",
-        "head_sent", "id", "messages", "request", "status", "task",
+        "_acked", "_conn", "_end_pending", "_ended", "_out", "_out_size", "_trailers", "_waiter", "bytes_sent",
+        "closed", "head_sent", "id", "messages", "request", "status", "task",
     )  # fmt: skip
 
     def __init__(self, conn: Http2Downstream, stream_id: int, method: bytes, path: bytes, headers: HeaderList) -> None:
@@ -75,6 +75,7 @@ class Stream:
         self._out_size = 0
         self._end_pending = False
         self._ended = False
+        self._trailers: HeaderList | None = None
         self._acked = 0
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
@@ -127,10 +128,12 @@ class Stream:
             self._queue(data)
             self.pump()
 
-    def end(self) -> None:
+    def end(self, trailers: HeaderList | None = None) -> None:
+        """End the stream after the body held, with `trailers` (gRPC's `grpc-status`) if given."""
         if self._ended:
             return
         self._ended = True
+        self._trailers = trailers
         self._end_pending = True
         self.pump()
 
@@ -195,10 +198,12 @@ class Stream:
             else:
                 out.popleft()
             self._out_size -= len(chunk)
-            carried = self._end_pending and not out
+            carried = self._end_pending and not out and self._trailers is None
             h2.send_data(self.id, chunk, end_stream=carried)
         if self._end_pending and not out:
-            if not carried:
+            if self._trailers is not None:
+                h2.send_headers(self.id, self._trailers, end_stream=True)
+            elif not carried:
                 h2.end_stream(self.id)
             self._finished()
         self._conn.flush_soon()

@@ -9,7 +9,7 @@ import asyncio
 import random
 
 from minimesh.dataplane.http1 import UpstreamClosed
-from minimesh.dataplane.respond import AUTHORITY_AT
+from minimesh.dataplane.respond import Head
 from minimesh.dataplane.upstream import UpstreamFailure, Upstreams
 from minimesh.routing.pick import hash_key
 from minimesh.routing.request import RequestView
@@ -28,8 +28,9 @@ class Mirrors:
         self.rng = rng
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def copy(self, mirror: Mirror, view: RequestView, head_parts: list[bytes], body: bytes) -> None:
-        """Send a copy of the request (head and whole body) to the mirror's cluster."""
+    def copy(self, mirror: Mirror, view: RequestView, head: Head, body: bytes) -> None:
+        """Send a copy of the request (head, in the mirror cluster's protocol, and whole body)
+        to the mirror's cluster."""
         cluster = mirror.cluster
         if len(self.tasks) >= MIRRORS_IN_FLIGHT or not cluster.endpoints:
             return
@@ -38,18 +39,14 @@ class Mirrors:
         endpoint = state.pick(cluster, self.rng, hash_key(consistent, view) if consistent is not None else None)
         if endpoint is None:
             return
-        host, colon, port = head_parts[AUTHORITY_AT].partition(b":")
-        parts = list(head_parts)
-        parts[AUTHORITY_AT] = host + b"-shadow" + colon + port
-        head = b"".join([*parts, b"content-length: %d\r\n\r\n" % len(body)])
-        task = asyncio.get_running_loop().create_task(self._send(cluster, endpoint, head, body))
+        task = asyncio.get_running_loop().create_task(self._send(cluster, endpoint, head.shadow(), body))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _send(self, cluster: Cluster, endpoint: Endpoint, head: bytes, body: bytes) -> None:
+    async def _send(self, cluster: Cluster, endpoint: Endpoint, head: Head, body: bytes) -> None:
         try:
             async with asyncio.timeout(MIRROR_TIMEOUT):
-                response = await self.upstreams.send(cluster, endpoint, head, body)
+                response = await head.send(self.upstreams, cluster, endpoint, body, 0)
                 while await response.body.read():
                     pass
         except (UpstreamFailure, UpstreamClosed, TimeoutError):

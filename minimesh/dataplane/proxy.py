@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
+from minimesh.config.labels import DETECTED
 from minimesh.dataplane.attempts import attempts
 from minimesh.dataplane.call import Call, Responding
 from minimesh.dataplane.cors import cors_step
@@ -33,7 +34,7 @@ from minimesh.dataplane.grpc import grpc_route_timeout, is_grpc, upstream_grpc_t
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, BodyTooLarge, Request, UpstreamResponse
 from minimesh.dataplane.http2 import Stream
 from minimesh.dataplane.mirror import Mirrors
-from minimesh.dataplane.respond import framing, request_head, respond, tunnel
+from minimesh.dataplane.respond import Head, head_for, respond, tunnel
 from minimesh.dataplane.upstream import (
     BLACK_HOLE,
     NO_ROUTE,
@@ -45,6 +46,7 @@ from minimesh.dataplane.upstream import (
     LocalReply,
     UpstreamFailure,
     Upstreams,
+    speaks_http2,
 )
 from minimesh.registry.model import Workload
 from minimesh.routing.headers import NO_REQUEST_OPS, NO_RESPONSE_OPS
@@ -144,7 +146,7 @@ class Proxy:
             if request.upgrade is not None and not _upgrade_allowed(call):
                 return
             if listener.kind == "inbound" and original is not None and listener.workload is not None:
-                cluster = self.inbound_cluster(listener.workload, original[1], listener.dial)
+                cluster = self.inbound_cluster(listener.workload, original[1], listener.dial, snapshot)
                 await self._forward_to(call, cluster, NO_RETRY, None)
                 return
             outcome = decide(snapshot, view, self.rng)
@@ -199,16 +201,21 @@ class Proxy:
         timeout = _grpc_timeout(call, None, None) if call.exchange.grpc else None
         await self._forward_to(call, cluster, NO_RETRY, timeout)
 
-    def inbound_cluster(self, workload: Workload, port: int, dial: Dial | None) -> Cluster:
-        """The cluster of `workload`'s app on `port`, reached through `dial` (from inside its namespace)."""
+    def inbound_cluster(
+        self, workload: Workload, port: int, dial: Dial | None, snapshot: Snapshot | None = None
+    ) -> Cluster:
+        """The cluster of `workload`'s app on `port`, reached through `dial` (from inside its
+        namespace); its protocol (whether the app is spoken to in HTTP/2) is the port's in
+        `snapshot`."""
         key = (workload.name, port)
+        protocol = snapshot.inbound_protocols.get(key, DETECTED) if snapshot is not None else DETECTED
         cluster = self._inbound_clusters.get(key)
-        if cluster is None or cluster.endpoints[0].workload != workload:
+        if cluster is None or cluster.endpoints[0].workload != workload or cluster.protocol != protocol:
             service = workload.service or workload.name
             cluster = Cluster(
                 name=inbound_cluster_name(workload, port), host=f"{service}.{workload.namespace}.svc.cluster.local",
                 short=service, namespace=workload.namespace, subset=None, port=port,
-                endpoints=(Endpoint(workload, "127.0.0.1", port, workload.labels),),
+                endpoints=(Endpoint(workload, "127.0.0.1", port, workload.labels),), protocol=protocol,
             )  # fmt: skip
             self._inbound_clusters[key] = cluster
         self.upstreams.state(cluster, dial)
@@ -259,11 +266,13 @@ class Proxy:
             ops = outcome.target.request_ops
         else:
             path, authority, ops = exchange.path, exchange.authority, NO_REQUEST_OPS
-        head_parts = request_head(call, ops, path, authority)
+        head = head_for(call, cluster, ops, path, authority, body)
         if isinstance(body, bytes):
             for mirror in mirrors:
                 if fires(self.rng, mirror.percentage):
-                    self.mirrors.copy(mirror, call.view, head_parts, body)
+                    same = speaks_http2(mirror.cluster, request) == (head.fields is not None)
+                    copied = head if same else head_for(call, mirror.cluster, ops, path, authority, body)
+                    self.mirrors.copy(mirror, call.view, copied, body)
         state = self.upstreams.state(cluster)
         try:
             state.admit(cluster.policy.connection_pool)
@@ -272,10 +281,10 @@ class Proxy:
             return
         try:
             if timeout is None:
-                switched = await self._exchange(call, cluster, state, retry, body, head_parts, None)
+                switched = await self._exchange(call, cluster, state, retry, body, head, None)
             else:
                 async with call.deadline(timeout) as deadline:
-                    switched = await self._exchange(call, cluster, state, retry, body, head_parts, deadline)
+                    switched = await self._exchange(call, cluster, state, retry, body, head, deadline)
             if switched is not None:
                 await tunnel(call, switched)
         except TimeoutError:
@@ -298,15 +307,14 @@ class Proxy:
         state: ClusterState,
         retry: RetryDecider,
         body: Body | bytes,
-        head_parts: list[bytes],
+        head: Head,
         deadline: Deadline | None,
     ) -> UpstreamResponse | None:
         """The attempts, then the response passed on, all within the route's `deadline`, as
         Envoy's route timeout covers the whole response. A 101 to an upgrade is returned
         instead: the tunnel it opens outlives the timeout, as in Envoy."""
         response, attempt = await attempts(
-            call, cluster, state, retry, self.upstreams, self.rng, head_parts, framing(body, call.request), body,
-            deadline,
+            call, cluster, state, retry, self.upstreams, self.rng, head, body, deadline,
         )  # fmt: skip
         try:
             if response.status == 101:

@@ -1,15 +1,29 @@
 """The wire ends of forwarding: the request head sent upstream (rewritten path and Host,
-header operations, Envoy's own headers, framing) and the upstream's response passed back
-(header operations, CORS, affinity cookie, streaming, a gRPC response's messages counted),
-or a tunnel after a 101.
+header operations, Envoy's own headers, framing), as HTTP/1.1 bytes or HTTP/2 fields, and
+the upstream's response passed back (header operations, CORS, affinity cookie, streaming,
+trailers, a gRPC response's messages counted), or a tunnel after a 101.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from minimesh.dataplane.call import Call
 from minimesh.dataplane.grpc import MessageCounter, grpc_status_header, is_grpc
-from minimesh.dataplane.http1 import DATE, Body, Request, Responder, UpstreamClosed, UpstreamResponse
+from minimesh.dataplane.http1 import (
+    DATE,
+    Body,
+    Request,
+    Responder,
+    UpstreamClosed,
+    UpstreamConnection,
+    UpstreamResponse,
+    first_header,
+)
+from minimesh.dataplane.http2 import Stream
+from minimesh.dataplane.upstream import Upstreams, speaks_http2
 from minimesh.routing.headers import HeaderList, RequestOps, ResponseOps
+from minimesh.routing.snapshot import Cluster, Endpoint
 
 WHOLE_LIMIT = 1 << 16
 """A response body already complete and no longer than this goes out with its head in one write."""
@@ -18,47 +32,144 @@ BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
 NO_BODY = b"\r\n"
 AUTHORITY_AT = 4
-"""Where the authority sits in a request head's parts (a mirror swaps in HOST-shadow)."""
+AUTHORITY_FIELD = 3
+"""Where the authority sits in a request head's parts and fields (a mirror swaps in HOST-shadow)."""
+
+
+class Head:
+    """The request head every attempt sends, in its upstream's protocol: HTTP/1.1 `parts` and
+    `framing`, or HTTP/2 `fields` (`speaks_http2`). Each attempt adds its count.
+    (A plain class: made per request.)"""
+
+    __slots__ = ("fields", "framing", "head_request", "parts")
+
+    def __init__(self, parts: list[bytes], framing: bytes, fields: HeaderList | None, head_request: bool) -> None:
+        self.parts = parts
+        self.framing = framing
+        self.fields = fields
+        self.head_request = head_request
+
+    def send(
+        self, upstreams: Upstreams, cluster: Cluster, endpoint: Endpoint, body: Body | bytes, attempt: int
+    ) -> Awaitable[UpstreamResponse]:
+        """Send it to `endpoint` as try number `attempt` (0: a mirror's copy, no count)."""
+        fields = self.fields
+        if fields is not None:
+            if attempt:
+                fields = [*fields, (b"x-envoy-attempt-count", b"%d" % attempt)]
+            return upstreams.send_h2(cluster, endpoint, fields, body)
+        count = b"x-envoy-attempt-count: %d\r\n" % attempt if attempt else b""
+        head = b"".join([*self.parts, count, self.framing])
+        return upstreams.send(
+            cluster, endpoint, head, body, head_request=self.head_request, chunked=self.framing == CHUNKED
+        )
+
+    def shadow(self) -> Head:
+        """The head of a mirror's copy: the authority becomes `HOST-shadow`, as Envoy's."""
+        if self.fields is not None:
+            fields = list(self.fields)
+            fields[AUTHORITY_FIELD] = (b":authority", _shadow(fields[AUTHORITY_FIELD][1]))
+            return Head([], b"", fields, self.head_request)
+        parts = list(self.parts)
+        parts[AUTHORITY_AT] = _shadow(parts[AUTHORITY_AT])
+        return Head(parts, self.framing, None, self.head_request)
+
+    def __repr__(self) -> str:
+        return f"<Head {'HTTP/2' if self.fields is not None else 'HTTP/1.1'}>"
+
+
+def _shadow(authority: bytes) -> bytes:
+    host, colon, port = authority.partition(b":")
+    return host + b"-shadow" + colon + port
+
+
+def head_for(call: Call, cluster: Cluster, ops: RequestOps, path: str, authority: str, body: Body | bytes) -> Head:
+    """The request head for `cluster`, in the protocol it is sent in."""
+    request = call.request
+    if speaks_http2(cluster, request):
+        return Head([], b"", request_fields(call, ops, path, authority, body), False)
+    return Head(request_head(call, ops, path, authority), framing(body, request), None, request.method == b"HEAD")
 
 
 def request_head(call: Call, ops: RequestOps, path: str, authority: str) -> list[bytes]:
-    """The request line and headers sent upstream, less the attempt count and framing.
-
-    The gateway is the edge (Istio's `use_remote_address`): it appends the client to
-    x-forwarded-for and says `x-forwarded-proto: http`; a sidecar keeps what it got."""
+    """The HTTP/1.1 request line and headers sent upstream, less the attempt count and framing."""
     request = call.request
-    exchange = call.exchange
     drop = ops.drop
     parts = [request.method, b" ", path.encode("latin-1"), b" HTTP/1.1\r\nhost: ", authority.encode("latin-1"),
-             b"\r\nx-request-id: ", exchange.request_id.encode(), b"\r\n"]  # fmt: skip
+             b"\r\nx-request-id: ", call.exchange.request_id.encode(), b"\r\n"]  # fmt: skip
     for name, value in request.headers:
         if name not in drop:
             parts += (name, b": ", value, b"\r\n")
     parts += ops.lines
     if request.upgrade is not None:
         parts += [b"connection: upgrade\r\nupgrade: ", request.upgrade, b"\r\n"]
+    forwarded, proto = forwarding(call)
+    if forwarded:
+        parts += [b"x-forwarded-for: ", forwarded, b"\r\n"]
+    parts += [b"x-forwarded-proto: ", proto, b"\r\n"]
+    return parts
+
+
+def request_fields(call: Call, ops: RequestOps, path: str, authority: str, body: Body | bytes) -> HeaderList:
+    """The HTTP/2 request head sent upstream, less the attempt count: the pseudo-headers
+    (`:authority` from the Host), then what `request_head` writes, connection-specific
+    headers dropped but `te: trailers` kept (as Envoy's codec does), and the body's length
+    when known."""
+    request = call.request
+    drop = ops.drop
+    fields = [
+        (b":method", request.method),
+        (b":scheme", b"http"),
+        (b":path", path.encode("latin-1")),
+        (b":authority", authority.encode("latin-1")),
+        (b"x-request-id", call.exchange.request_id.encode()),
+    ]
+    for name, value in request.headers:
+        if name not in drop:
+            fields.append((name, value))
+        elif name == b"te" and value.lower() == b"trailers":
+            fields.append((b"te", b"trailers"))
+    fields += ops.fields
+    forwarded, proto = forwarding(call)
+    if forwarded:
+        fields.append((b"x-forwarded-for", forwarded))
+    fields.append((b"x-forwarded-proto", proto))
+    length = content_length(body, request)
+    if length is not None:
+        fields.append((b"content-length", length))
+    return fields
+
+
+def forwarding(call: Call) -> tuple[bytes, bytes]:
+    """x-forwarded-for and x-forwarded-proto as sent upstream. The gateway is the edge (Istio's
+    `use_remote_address`): it appends the client to x-forwarded-for and says `http`; a
+    sidecar keeps what it got."""
+    exchange = call.exchange
     forwarded = exchange.forwarded_for
     proto = b"http"
     if exchange.listener.kind == "gateway":
         forwarded = f"{forwarded}, {exchange.downstream.rpartition(':')[0]}".lstrip(", ")
     else:
-        proto = request.header(b"x-forwarded-proto") or proto
-    if forwarded:
-        parts += [b"x-forwarded-for: ", forwarded.encode("latin-1"), b"\r\n"]
-    parts += [b"x-forwarded-proto: ", proto, b"\r\n"]
-    return parts
+        proto = call.request.header(b"x-forwarded-proto") or proto
+    return forwarded.encode("latin-1"), proto
+
+
+def content_length(body: Body | bytes, request: Request) -> bytes | None:
+    """The request body's length as sent upstream, when known (an empty body of a method
+    that carries one still says 0, as Envoy does)."""
+    if isinstance(body, bytes):
+        return b"%d" % len(body) if body or request.method in BODY_METHODS else None
+    length = request.header(b"content-length")
+    return length if length is not None and length.isdigit() else None
 
 
 def framing(body: Body | bytes, request: Request) -> bytes:
-    """How the request body is framed upstream: its length when known, else chunked."""
-    if isinstance(body, bytes):
-        if body or request.method in BODY_METHODS:
-            return b"content-length: %d\r\n\r\n" % len(body)
-        return NO_BODY
-    length = request.header(b"content-length")
-    if length is not None and length.isdigit():
+    """How the request body is framed upstream over HTTP/1.1: its length when known, else
+    chunked (nothing for no body)."""
+    length = content_length(body, request)
+    if length is not None:
         return b"content-length: %b\r\n\r\n" % length
-    return CHUNKED
+    return NO_BODY if isinstance(body, bytes) else CHUNKED
 
 
 async def respond(call: Call, response: UpstreamResponse, ops: ResponseOps, cookie: bytes | None) -> None:
@@ -85,7 +196,7 @@ async def respond(call: Call, response: UpstreamResponse, ops: ResponseOps, cook
     if call.debug_headers and exchange.route:
         headers.append((b"x-minimesh-route", exchange.route.encode()))
     body = response.body
-    if body.complete and body.error is None and body.buffered <= WHOLE_LIMIT:
+    if body.complete and body.error is None and body.buffered <= WHOLE_LIMIT and response.trailers is None:
         whole = body.take()
         if messages is not None:
             messages.feed(whole)
@@ -112,7 +223,25 @@ async def respond(call: Call, response: UpstreamResponse, ops: ResponseOps, cook
         responder.set_producer(None)
         if not body.complete:
             response.conn.close()
-    responder.end()
+    _end(call, response)
+
+
+def _end(call: Call, response: UpstreamResponse) -> None:
+    """End the response. Its trailers go on to an HTTP/2 client (an HTTP/1.1 one gets none:
+    Envoy's HTTP/1 codec drops them by default), and a `grpc-status` among them is the call's."""
+    responder = call.responder
+    trailers = response.trailers
+    if trailers is None:
+        responder.end()
+        return
+    if call.exchange.grpc:
+        status = grpc_status_header(first_header(trailers, b"grpc-status"))
+        if status is not None:
+            call.exchange.grpc_status = status
+    if isinstance(responder, Stream):
+        responder.end(trailers)
+    else:
+        responder.end()
 
 
 async def tunnel(call: Call, response: UpstreamResponse) -> None:
@@ -120,8 +249,10 @@ async def tunnel(call: Call, response: UpstreamResponse) -> None:
     goes back, then bytes pass both ways until either side closes. Only an HTTP/1.1
     request asks to upgrade, so only its responder is ever switched."""
     responder = call.responder
+    upstream = response.conn
     assert isinstance(responder, Responder), "only HTTP/1.1 switches protocols"
-    switched = responder.switch(response.headers, response.conn)
+    assert isinstance(upstream, UpstreamConnection), "only an HTTP/1.1 upstream switches protocols"
+    switched = responder.switch(response.headers, upstream)
     try:
         await switched.done
     finally:

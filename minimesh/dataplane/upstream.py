@@ -15,9 +15,16 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
+
+from h2.exceptions import H2Error
 
 from minimesh.config import model as m
-from minimesh.dataplane.http1 import Body, UpstreamClosed, UpstreamConnection, UpstreamResponse
+from minimesh.config.labels import DETECTED
+from minimesh.dataplane.http1 import Body, Request, UpstreamClosed, UpstreamConnection, UpstreamResponse
+from minimesh.dataplane.http2 import VERSION as HTTP2
+from minimesh.dataplane.http2_upstream import Http2Upstream, StreamRefused, StreamResetByPeer
+from minimesh.routing.headers import HeaderList
 from minimesh.routing.pick import Balancer, balancer_for
 from minimesh.routing.retry import GATEWAY_ERRORS
 from minimesh.routing.snapshot import Cluster, Endpoint, Policy
@@ -29,6 +36,31 @@ CONNECT_TIMEOUT = 10.0
 """Istio's default `connectTimeout`."""
 MAX_EJECTION_TIME = 300.0
 """Envoy's default `max_ejection_time`: an ejection never lasts longer."""
+HTTP2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-WEB"})
+"""Port protocols whose upstream speaks HTTP/2 (Istio's `Instance.IsHTTP2`)."""
+UPGRADABLE = frozenset({"HTTP", DETECTED})
+"""Port protocols `h2UpgradePolicy: UPGRADE` moves to HTTP/2 upstream."""
+OPEN_TRIES = 3
+"""New HTTP/2 connections one request may open before it gives up (`UO`): each is opened
+because every other was full, and a peer that allows no stream at all must not loop."""
+
+
+def speaks_http2(cluster: Cluster, request: Request) -> bool:
+    """Whether a request goes to `cluster` over HTTP/2, as Istio programs its clusters: ports
+    declared HTTP/2 or gRPC; `useClientProtocol` or a sniffed port (Envoy's
+    USE_DOWNSTREAM_PROTOCOL) as the client spoke; `h2UpgradePolicy: UPGRADE` for HTTP. An
+    upgrade (WebSocket) stays HTTP/1.1."""
+    if request.upgrade is not None:
+        return False
+    protocol = cluster.protocol
+    if protocol in HTTP2_PROTOCOLS:
+        return True
+    pool = cluster.policy.connection_pool
+    if pool.h2_upgrade_policy == "UPGRADE" and protocol in UPGRADABLE:
+        return True
+    if pool.use_client_protocol or protocol == DETECTED:
+        return request.version == HTTP2
+    return False
 
 
 # ---------------------------------------------------------------- Envoy's local replies
@@ -54,6 +86,10 @@ CONNECTION_TERMINATION = LocalReply(503, RESET_BEFORE_HEADERS + b"connection ter
 OVERFLOW = LocalReply(503, RESET_BEFORE_HEADERS + b"overflow", "UO", ((b"x-envoy-overloaded", b"true"),))
 UPSTREAM_TIMEOUT = LocalReply(504, b"upstream request timeout", "UT")
 PROTOCOL_ERROR = LocalReply(503, RESET_BEFORE_HEADERS + b"protocol error", "UPE")
+REMOTE_RESET = LocalReply(503, RESET_BEFORE_HEADERS + b"remote reset", "UR")
+REFUSED_STREAM = LocalReply(503, RESET_BEFORE_HEADERS + b"remote refused stream reset", "UR")
+"""An HTTP/2 upstream reset the stream (RST_STREAM), or refused it (REFUSED_STREAM, or above a
+GOAWAY's last stream id): Envoy's `resetReasonToString` and `streamResetReasonToResponseFlag`."""
 UPGRADE_FAILED = LocalReply(403, b"", "")
 BLACK_HOLE = LocalReply(502, b"", "")
 
@@ -153,6 +189,116 @@ class Attempt:
 
 Dial = Callable[[str, int], Awaitable[socket.socket]]
 """Makes a connected socket to an endpoint; the default dials from the daemon's own namespace."""
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+async def connect(
+    dial: Dial | None, host: HostState, factory: Callable[[], P], tls: ssl.SSLContext | None, server_name: str | None
+) -> P:
+    """A connection to `host` through `dial` (else from here), TLS when `tls` is given."""
+    loop = asyncio.get_running_loop()
+    server_hostname = server_name if tls else None
+    if dial is not None:
+        sock = await dial(host.address, host.port)
+        _, protocol = await loop.create_connection(factory, sock=sock, ssl=tls, server_hostname=server_hostname)
+    else:
+        _, protocol = await loop.create_connection(
+            factory, host.address, host.port, ssl=tls, server_hostname=server_hostname
+        )
+    return protocol
+
+
+class Multiplexed:
+    """The HTTP/2 connections of one cluster, by endpoint: a request takes a stream on one
+    with a free slot (within the upstream's SETTINGS_MAX_CONCURRENT_STREAMS and the pool's
+    `maxConcurrentStreams`), else a new connection within `maxConnections` (one per endpoint
+    always, as Envoy allows); past that it overflows (`UO`). A connection still connecting
+    takes requests up to the pool's limit, so a burst shares one. They count in the
+    cluster's and the endpoint's connections like HTTP/1.1 ones."""
+
+    __slots__ = ("by_host", "state")
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+        self.by_host: dict[tuple[str, int], list[Http2Upstream]] = {}
+
+    async def connection(
+        self, cluster: Cluster, endpoint: Endpoint, tls: ssl.SSLContext | None, server_name: str | None
+    ) -> Http2Upstream:
+        """A connection to `endpoint` that takes a new stream now; UpstreamFailure when none
+        can be had (connect failure `UF`, overflow `UO`, closed before its SETTINGS `UC`)."""
+        pool = cluster.policy.connection_pool
+        host = self.state.host(endpoint)
+        conns = self.by_host.setdefault((host.address, host.port), [])
+        limit = pool.max_concurrent_streams or UNLIMITED
+        for _ in range(OPEN_TRIES):
+            for conn in conns:
+                if conn.takes(limit):
+                    return conn
+            joining = next((c for c in conns if not c.ready.done() and len(c.streams) + c.waiting < limit), None)
+            conn = joining or self._open(host, pool, conns, tls, server_name)
+            conn.waiting += 1
+            try:
+                await asyncio.shield(conn.ready)
+            except UpstreamClosed as exc:
+                raise UpstreamFailure(CONNECTION_TERMINATION, endpoint) from exc
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                raise UpstreamFailure(CONNECT_FAILURE, endpoint) from exc
+            finally:
+                conn.waiting -= 1
+            if conn.takes(limit):
+                return conn
+        self.state.overflows += 1
+        raise UpstreamFailure(OVERFLOW, endpoint)
+
+    def _open(
+        self,
+        host: HostState,
+        pool: m.ConnectionPool,
+        conns: list[Http2Upstream],
+        tls: ssl.SSLContext | None,
+        server_name: str | None,
+    ) -> Http2Upstream:
+        """Start a new connection to `host` (its SETTINGS awaited within `connectTimeout`)."""
+        state = self.state
+        if state.connections >= (pool.max_connections or UNLIMITED) and host.connections > 0:
+            state.overflows += 1
+            raise UpstreamFailure(OVERFLOW)
+        state.connections += 1
+        host.connections += 1
+
+        def lost(conn: Http2Upstream) -> None:
+            if conn in conns:
+                conns.remove(conn)
+                state._closed(host)
+
+        conn = Http2Upstream(lost, pool.max_requests_per_connection or 0)
+        conns.append(conn)
+        conn.opening = asyncio.get_running_loop().create_task(self._connect(conn, host, pool, tls, server_name))
+        return conn
+
+    async def _connect(
+        self,
+        conn: Http2Upstream,
+        host: HostState,
+        pool: m.ConnectionPool,
+        tls: ssl.SSLContext | None,
+        server_name: str | None,
+    ) -> None:
+        try:
+            async with asyncio.timeout(pool.connect_timeout or CONNECT_TIMEOUT):
+                await connect(self.state.dial, host, lambda: conn, tls, server_name)
+                await asyncio.shield(conn.ready)
+        except (TimeoutError, OSError, ssl.SSLError, UpstreamClosed) as exc:
+            if not conn.ready.done():
+                conn.ready.set_exception(exc)
+            conn.close()
+            conn.lost()
+
+    def close(self) -> None:
+        for conns in self.by_host.values():
+            for conn in list(conns):
+                conn.close()
 
 
 class ClusterState:
@@ -171,6 +317,7 @@ class ClusterState:
         self._balancer: Balancer | None = None
         self._balanced: tuple[tuple[Endpoint, ...], Policy] | None = None
         self._balanced_for: Cluster | None = None
+        self.h2 = Multiplexed(self)
 
     def balancer(self, cluster: Cluster, rng: random.Random) -> Balancer:
         """The cluster's load balancer, kept while its endpoints and policy stay the same
@@ -366,8 +513,6 @@ class ClusterState:
         if not slot_reserved:
             self.connections += 1
         state.connections += 1
-        loop = asyncio.get_running_loop()
-        server_hostname = server_name if tls else None
 
         def protocol_factory() -> UpstreamConnection:
             return UpstreamConnection(
@@ -376,23 +521,13 @@ class ClusterState:
 
         try:
             async with asyncio.timeout(pool.connect_timeout or CONNECT_TIMEOUT):
-                if self.dial is not None:
-                    sock = await self.dial(state.address, state.port)
-                    connect = loop.create_connection(
-                        protocol_factory, sock=sock, ssl=tls, server_hostname=server_hostname
-                    )
-                else:
-                    connect = loop.create_connection(
-                        protocol_factory, state.address, state.port, ssl=tls, server_hostname=server_hostname
-                    )
-                _, protocol = await connect
+                return await connect(self.dial, state, protocol_factory, tls, server_name)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             self._closed(state)
             raise UpstreamFailure(CONNECT_FAILURE) from exc
         except asyncio.CancelledError:
             self._closed(state)
             raise
-        return protocol
 
     def _release(self, state: HostState, pool: m.ConnectionPool, conn: UpstreamConnection) -> None:
         """A connection finished an exchange: the first waiter for its endpoint gets it, else it
@@ -434,6 +569,7 @@ class ClusterState:
             for conn in list(state.idle):
                 conn.close()
             state.idle.clear()
+        self.h2.close()
 
     def __repr__(self) -> str:
         ejected = sum(1 for h in self.hosts.values() if h.ejected)
@@ -501,6 +637,25 @@ class Upstreams:
             except asyncio.CancelledError:
                 conn.close()
                 raise
+
+    async def send_h2(
+        self, cluster: Cluster, endpoint: Endpoint, fields: HeaderList, body: Body | bytes
+    ) -> UpstreamResponse:
+        """One attempt to `endpoint` over HTTP/2 (`fields` the request head): the response once
+        its head is in, or UpstreamFailure: `UR` for a stream the upstream reset or refused,
+        `UC` for a connection lost under it, `UPE` for a head HTTP/2 cannot carry."""
+        state = self.state(cluster)
+        conn = await state.h2.connection(cluster, endpoint, self._tls(cluster) if self._tls else None, cluster.host)
+        try:
+            return await conn.exchange(fields, body)
+        except StreamRefused as exc:
+            raise UpstreamFailure(REFUSED_STREAM, endpoint) from exc
+        except StreamResetByPeer as exc:
+            raise UpstreamFailure(REMOTE_RESET, endpoint) from exc
+        except (UpstreamClosed, OSError) as exc:
+            raise UpstreamFailure(CONNECTION_TERMINATION, endpoint) from exc
+        except H2Error as exc:
+            raise UpstreamFailure(PROTOCOL_ERROR, endpoint) from exc
 
     def close(self) -> None:
         for state in self.clusters.values():

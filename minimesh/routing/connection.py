@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from minimesh.config.labels import DETECTED, TLS_PROTOCOLS
+from minimesh.config.labels import DETECTED, HTTP_PROTOCOLS, TLS_PROTOCOLS
 from minimesh.config.names import host_covers
 from minimesh.registry.model import Workload
 from minimesh.routing.pick import choose_weighted
@@ -51,9 +51,9 @@ Reached = tuple[MeshService, int]
 
 
 def handling_of(protocol: str) -> Handling:
-    """How a port of `protocol` is served. HTTP/2 and gRPC go as bytes until minimesh speaks
-    HTTP/2 (gRPC-Web is HTTP/1)."""
-    if protocol in ("HTTP", "GRPC-WEB"):
+    """How a port of `protocol` is served: every HTTP protocol as HTTP (an HTTP/2 client is
+    told from an HTTP/1.1 one by its preface, on any of them)."""
+    if protocol in HTTP_PROTOCOLS:
         return "http"
     if protocol in TLS_PROTOCOLS:
         return "tls"

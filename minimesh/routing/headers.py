@@ -24,16 +24,19 @@ REWRITTEN_REQUEST_HEADERS = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class RequestOps:
-    """Request header operations, ready to apply: names not passed on, lines to add."""
+    """Request header operations, ready to apply: names not passed on, headers to add (as
+    HTTP/1.1 lines and as HTTP/2 fields)."""
 
     drop: frozenset[bytes]
     lines: tuple[bytes, ...]
+    fields: tuple[tuple[bytes, bytes], ...] = ()
 
     @classmethod
     def of(cls, ops: m.HeaderOperations) -> RequestOps:
         names = {n.encode() for n, _ in ops.set} | {n.encode() for n in ops.remove}
+        fields = tuple((n.lower().encode(), v.encode("latin-1")) for n, v in (*ops.set, *ops.add))
         lines = tuple(b"%b: %b\r\n" % (n.encode(), v.encode("latin-1")) for n, v in (*ops.set, *ops.add))
-        return cls(HOP_BY_HOP | REWRITTEN_REQUEST_HEADERS | names, lines)
+        return cls(HOP_BY_HOP | REWRITTEN_REQUEST_HEADERS | names, lines, fields)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,13 +33,19 @@ class RetryPolicy:
 
 
 RETRIABLE_4XX = frozenset({409})
+REFUSED = "refused"
+"""A stream the upstream refused (REFUSED_STREAM, or above a GOAWAY's last stream id): flagged
+`UR` like any reset, but also retried by `refused-stream`."""
+ANY_RESET = frozenset({"UF", "UC", "UT", "UR", REFUSED})
 FAILURES_RETRIED_BY = {
-    "5xx": frozenset({"UF", "UC", "UT"}),
-    "gateway-error": frozenset({"UF", "UC", "UT"}),
-    "reset": frozenset({"UF", "UC", "UT"}),
+    "5xx": ANY_RESET,
+    "gateway-error": ANY_RESET,
+    "reset": ANY_RESET,
     "connect-failure": frozenset({"UF"}),
+    "refused-stream": frozenset({REFUSED}),
 }
-"""Local failures each condition covers: connect failure (UF), reset (UC), per-try timeout (UT)."""
+"""Local failures each condition covers (Envoy's `wouldRetryFromReset`): connect failure (UF),
+connection lost (UC), per-try timeout (UT), a stream reset by the upstream (UR) or refused."""
 GRPC_CONDITIONS = {
     "cancelled": GRPC_CODES["CANCELLED"],
     "deadline-exceeded": GRPC_CODES["DEADLINE_EXCEEDED"],
@@ -89,8 +95,9 @@ class RetryDecider:
                     return value.isdigit() and int(value) in self.grpc_statuses
         return False
 
-    def retries_failure(self, flag: str) -> bool:
-        return flag in self.failures
+    def retries_failure(self, flag: str, *, refused: bool = False) -> bool:
+        """Whether a failure flagged `flag` is retried; `refused` for a refused stream."""
+        return (REFUSED if refused else flag) in self.failures
 
 
 NO_RETRY = RetryDecider()

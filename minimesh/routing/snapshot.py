@@ -160,6 +160,7 @@ POOL_LIMITS = {
     "http2_max_requests": "http2MaxRequests",
     "max_requests_per_connection": "maxRequestsPerConnection",
     "max_retries": "maxRetries",
+    "max_concurrent_streams": "maxConcurrentStreams",
 }
 """The connection pool limits `explain` shows, by their Istio names."""
 

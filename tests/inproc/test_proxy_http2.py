@@ -22,6 +22,7 @@ from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.sniff import H2_PREFACE
 from minimesh.dataplane.upstream import Upstreams
+from tests.inproc.h2upstream import H2Backend
 from tests.inproc.test_proxy_tcp import SOURCE, Target
 from tests.inproc.upstreams import (
     REVIEWS,
@@ -465,29 +466,29 @@ spec: {address: 127.0.0.1, ports: {$PORT_NAME: $app}, labels: {app: web}}
 
 
 async def test_a_captured_connection_speaking_http2_is_served_as_http() -> None:
-    """On a port of undeclared protocol the preface is sniffed; on an `http` port the
-    listener tells the versions apart itself."""
-    app = await Backend("app").start()
-    try:
-        for port_name in ("web", "http"):
-            values = {**placeholders({"app": app}), "PORT_NAME": port_name}
-            snapshot = compile_yaml(DETECTED, values)
-            exchanges: list[Exchange] = []
-            proxy = Proxy(Current(snapshot), Upstreams(), observers=(exchanges.append,))
-            listener = Listener("sidecar", 15001, workload=SOURCE)
-            outbound = Serving(proxy, listener, transparent=True, original_of=Target(("127.0.0.1", app.port)))
-            await outbound.start("127.0.0.1", 0)
-            client = await H2Client.connect(outbound.address)
-            try:
-                answer = await client.get("/captured", authority=f"web:{app.port}")
-                assert (answer.status, answer.body) == (200, b"app"), port_name
-                assert (exchanges[-1].protocol, exchanges[-1].cluster) == (
-                    "HTTP/2",
-                    f"outbound|{app.port}||web.default.svc.cluster.local",
-                )
-            finally:
-                await client.close()
-                await outbound.stop()
-                await proxy.close()
-    finally:
-        await app.close()
+    """On a port of undeclared protocol the preface is sniffed, and the upstream is spoken to
+    in the client's protocol (Envoy's USE_DOWNSTREAM_PROTOCOL, as Istio sets for sniffed
+    ports); on an `http` port the listener tells the versions apart itself and the upstream
+    gets HTTP/1.1."""
+    for port_name, app in (("web", H2Backend("app")), ("http", Backend("app"))):
+        await app.start()
+        values = {**placeholders({"app": app}), "PORT_NAME": port_name}
+        snapshot = compile_yaml(DETECTED, values)
+        exchanges: list[Exchange] = []
+        proxy = Proxy(Current(snapshot), Upstreams(), observers=(exchanges.append,))
+        listener = Listener("sidecar", 15001, workload=SOURCE)
+        outbound = Serving(proxy, listener, transparent=True, original_of=Target(("127.0.0.1", app.port)))
+        await outbound.start("127.0.0.1", 0)
+        client = await H2Client.connect(outbound.address)
+        try:
+            answer = await client.get("/captured", authority=f"web:{app.port}")
+            assert (answer.status, answer.body) == (200, b"app"), port_name
+            assert (exchanges[-1].protocol, exchanges[-1].cluster) == (
+                "HTTP/2",
+                f"outbound|{app.port}||web.default.svc.cluster.local",
+            )
+        finally:
+            await client.close()
+            await outbound.stop()
+            await proxy.close()
+            await app.close()

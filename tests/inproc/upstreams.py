@@ -37,6 +37,7 @@ from h2.events import (
     ResponseReceived,
     StreamEnded,
     StreamReset,
+    TrailersReceived,
 )
 from h2.settings import SettingCodes, Settings
 
@@ -241,15 +242,16 @@ spec:
 """
 
 
-def service(name: str, *members: str, port: int = 9080) -> str:
-    """A Service `name` on `port` selecting `app: name`, and one WorkloadEntry per member
-    (its port `$MEMBER`, its labels `app: name` plus the backend's labels `$MEMBER_LABELS`)."""
+def service(name: str, *members: str, port: int = 9080, protocol: str = "http") -> str:
+    """A Service `name` on `port` (named `protocol`) selecting `app: name`, and one
+    WorkloadEntry per member (its port `$MEMBER`, its labels `app: name` plus the backend's
+    labels `$MEMBER_LABELS`)."""
     docs = [
         f"""
 apiVersion: v1
 kind: Service
 metadata: {{name: {name}}}
-spec: {{selector: {{app: {name}}}, ports: [{{name: http, port: {port}}}]}}
+spec: {{selector: {{app: {name}}}, ports: [{{name: {protocol}, port: {port}}}]}}
 """
     ]
     docs += [
@@ -257,7 +259,7 @@ spec: {{selector: {{app: {name}}}, ports: [{{name: http, port: {port}}}]}}
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata: {{name: {name}-{member}}}
-spec: {{address: 127.0.0.1, ports: {{http: ${member}}}, labels: {{app: {name}, ${member}_LABELS}}}}
+spec: {{address: 127.0.0.1, ports: {{{protocol}: ${member}}}, labels: {{app: {name}, ${member}_LABELS}}}}
 """
         for member in members
     ]
@@ -537,6 +539,7 @@ class H2Answer:
     reset: int | None = None
     ended: bool = False
     unacked: int = 0
+    trailers: dict[str, str] = field(default_factory=dict)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -597,6 +600,9 @@ class H2Client:
             answer.unacked += event.flow_controlled_length or 0
             if self.auto_ack:
                 self.ack(event.stream_id or 0)
+        elif isinstance(event, TrailersReceived):
+            pairs = event.headers or ()
+            self.answers[event.stream_id or 0].trailers = {bytes(n).decode(): bytes(v).decode() for n, v in pairs}
         elif isinstance(event, StreamEnded):
             self.answers[event.stream_id or 0].ended = True
         elif isinstance(event, StreamReset):

@@ -17,21 +17,29 @@ from minimesh.routing.snapshot import Route
 
 DEFAULT_ON = ",".join(m.DEFAULT_RETRY_ON)
 STATUSES = (200, 404, 409, 418, 500, 501, 502, 503, 504)
-FAILURES = ("UF", "UC", "UT")
+FAILURES = {"UF": ("UF", False), "UC": ("UC", False), "UT": ("UT", False), "UR": ("UR", False),
+            "refused": ("UR", True)}  # fmt: skip
+"""Each local failure as `retries_failure` is asked about it: a connect failure, a connection
+lost, a per-try timeout, a stream reset by an HTTP/2 upstream, and a stream it refused."""
+ANY = {"UF", "UC", "UT", "UR", "refused"}
 
 RETRY_ON = {
-    "5xx": ("5xx", (), {500, 501, 502, 503, 504}, {"UF", "UC", "UT"}),
-    "gateway-error": ("gateway-error", (), {502, 503, 504}, {"UF", "UC", "UT"}),
-    "reset": ("reset", (), set(), {"UF", "UC", "UT"}),
+    "5xx": ("5xx", (), {500, 501, 502, 503, 504}, ANY),
+    "gateway-error": ("gateway-error", (), {502, 503, 504}, ANY),
+    "reset": ("reset", (), set(), ANY),
     "connect-failure": ("connect-failure", (), set(), {"UF"}),
     "retriable-4xx": ("retriable-4xx", (), {409}, set()),
     "retriable-status-codes": ("retriable-status-codes", (418, 501), {418, 501}, set()),
-    "codes without retriable-status-codes": ("reset", (418,), set(), {"UF", "UC", "UT"}),
-    "refused-stream alone (HTTP/2 only)": ("refused-stream", (), set(), set()),
+    "codes without retriable-status-codes": ("reset", (418,), set(), ANY),
+    "refused-stream alone (HTTP/2 only)": ("refused-stream", (), set(), {"refused"}),
     "Istio's default": ("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes", (503,),
-                        {503}, {"UF"}),
-    "several": ("gateway-error,retriable-4xx", (), {409, 502, 503, 504}, {"UF", "UC", "UT"}),
+                        {503}, {"UF", "refused"}),
+    "several": ("gateway-error,retriable-4xx", (), {409, 502, 503, 504}, ANY),
 }  # fmt: skip
+
+
+def retried_failures(decider: RetryDecider) -> set[str]:
+    return {name for name, (flag, refused) in FAILURES.items() if decider.retries_failure(flag, refused=refused)}
 
 
 @pytest.mark.parametrize(("on", "codes", "statuses", "failures"), RETRY_ON.values(), ids=RETRY_ON.keys())
@@ -40,7 +48,7 @@ def test_each_retry_on_condition_retries_its_statuses_and_failures(
 ) -> None:
     decider = RetryDecider.of(RetryPolicy(2, tuple(on.split(",")), codes, 0.5))
     assert {s for s in STATUSES if decider.retries_response(s, [])} == statuses
-    assert {f for f in FAILURES if decider.retries_failure(f)} == failures
+    assert retried_failures(decider) == failures
     assert (decider.attempts, decider.per_try_timeout) == (2, 0.5)
 
 
@@ -80,7 +88,7 @@ def test_no_policy_or_no_attempts_is_no_retry(policy: RetryPolicy | None) -> Non
     decider = RetryDecider.of(policy)
     assert decider is NO_RETRY
     assert not any(decider.retries_response(s, []) for s in STATUSES)
-    assert not any(decider.retries_failure(f) for f in FAILURES)
+    assert retried_failures(decider) == set()
 
 
 # ---------------------------------------------------------------- faults

@@ -177,7 +177,7 @@ def test_plan_under_registry_only_sniffs_an_unknown_destination_to_refuse_it() -
 
 @pytest.mark.parametrize(
     ("protocol", "handling"),
-    [("HTTP", "http"), ("GRPC-WEB", "http"), ("HTTP2", "tcp"), ("GRPC", "tcp"), ("HTTPS", "tls"), ("TLS", "tls"),
+    [("HTTP", "http"), ("GRPC-WEB", "http"), ("HTTP2", "http"), ("GRPC", "http"), ("HTTPS", "tls"), ("TLS", "tls"),
      ("TCP", "tcp"), ("MONGO", "tcp"), ("REDIS", "tcp"), ("AUTO", "detect")],
 )  # fmt: skip
 def test_handling_of_each_protocol(protocol: str, handling: str) -> None:
