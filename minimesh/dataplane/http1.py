@@ -5,6 +5,10 @@ each to the proxy's handler in order, and `Responder`s frame the responses onto 
 bytes it cannot parse get Envoy's answer (400, 431, 408) once the requests before them are
 answered. `UpstreamConnection` is one keep-alive connection to an endpoint; its
 `ResponseReader` parses the responses. Header names are lower-cased, as Envoy forwards them.
+
+Two module-level objects hold state, on purpose: the `Outbox` of each event loop (kept by the
+loop, weakly, so it ends with the loop and every connection on a loop shares its bursts) and
+`DATE`, a once-a-second cache of the `date` value whose state is only the current time.
 """
 
 from __future__ import annotations
@@ -161,6 +165,8 @@ class Outbox:
 
 
 _OUTBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()
+"""One outbox per loop, found from the loop rather than passed down: every connection of a loop
+must share it, and the connections are made by asyncio's factories, which take no arguments."""
 
 
 def outbox(loop: asyncio.AbstractEventLoop) -> Outbox:
