@@ -99,6 +99,5 @@ async def fault_step(call: Call, faults: Faults, forward: Forward) -> bool:
         await asyncio.sleep(injection.delay)
     if injection.abort is None:
         return False
-    call.exchange.cluster = forward.cluster.name
     call.reply(LocalReply(injection.abort, FAULT_ABORT_BODY, "FI", grpc_status=injection.grpc_status))
     return True

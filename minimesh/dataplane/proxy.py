@@ -231,8 +231,13 @@ class Proxy:
     # ---- forwarding
 
     async def _forward(self, call: Call, outcome: Forward) -> None:
+        """The route's steps, then forwarding. The request belongs to the route's cluster and
+        service from here on, as Envoy's connection manager gives the stream its route's
+        cluster before any filter runs: a CORS or fault reply is logged and counted with them."""
         route = outcome.route
         call.forward = outcome
+        exchange = call.exchange
+        exchange.cluster, exchange.destination_service = outcome.cluster.name, outcome.cluster.host
         cors = route.cors_headers
         if cors is not None and cors_step(call, cors):
             return

@@ -13,6 +13,7 @@ from aiohttp import web
 from minimesh.admin.metrics import Metrics
 from minimesh.dataplane.accesslog import text_line
 from minimesh.dataplane.exchange import Exchange
+from minimesh.registry.model import Workload
 from tests.inproc.upstreams import Backend, H2Answer, H2Client, Reply, Seen, gateway_http, running_mesh, service
 
 APP = service("web", "app")
@@ -257,3 +258,41 @@ async def test_the_messages_of_a_grpc_stream_are_counted_however_they_are_split(
     )
     assert received[0].endswith('destination_cluster="Kubernetes"} 3')
     assert "request_protocol" not in received[0] and "response_code" not in received[0]
+
+
+BATCH = Workload("batch-1", "127.0.0.9", labels=(("app", "batch"),), service="batch")
+MESH_FAULT = """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [web]
+  http:
+  - match: [{sourceLabels: {app: batch}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+    route: [{destination: {host: web}}]
+  - route: [{destination: {host: web}}]
+"""
+
+
+async def test_a_call_aborted_in_the_callers_sidecar_counts_against_the_routes_service() -> None:
+    """Istio's source reporter counts a fault-aborted call as a call to the service of the
+    route it matched (Envoy's connection manager gives the stream the route's cluster, whose
+    metadata names the service), though no upstream was ever picked."""
+    app = Backend("app")
+    async with running_mesh(APP.replace("name: http", "name: grpc") + MESH_FAULT, {"app": app}, source=BATCH) as mesh:
+        client = await H2Client.connect(mesh.sidecar.address)
+        try:
+            answer = await client.answer(client.request("POST", "/demo.Echo/Say", GRPC, FRAME, authority="web:9080"))
+        finally:
+            await client.close()
+    assert trailers_only(answer) == (200, "application/grpc", "14", "fault filter abort", b"")
+    assert app.seen == []
+    totals = requests_total(mesh.exchanges)
+    assert len(totals) == 1, totals
+    assert 'reporter="source",source_workload="batch-1"' in totals[0]
+    assert 'destination_workload="unknown"' in totals[0]
+    assert 'destination_service="web.default.svc.cluster.local"' in totals[0]
+    assert 'destination_service_name="web",destination_service_namespace="default"' in totals[0]
+    assert 'request_protocol="grpc",response_code="200",grpc_response_status="14",response_flags="FI"' in totals[0]
