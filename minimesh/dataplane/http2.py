@@ -1,6 +1,7 @@
 """HTTP/2 downstream (h2c with prior knowledge, what gRPC clients send), framed by the
-sans-IO `h2` library: each stream becomes a `Request` for the same proxy steps as HTTP/1.1,
-answered through its `Stream` (a `Responding`). Flow control is honoured both ways.
+sans-IO `h2` library: each stream (its `StreamLifecycle`) becomes a `Request` for the same
+proxy steps as HTTP/1.1, answered through its `Stream` (a `Responding`). Flow control is
+honoured both ways.
 """
 
 from __future__ import annotations
@@ -56,31 +57,30 @@ Handler = Callable[[Request, "Stream"], Awaitable[None]]
 
 
 class Stream:
-    """One request's response on its HTTP/2 stream: `:status` and lower-case headers less
-    the connection-specific ones, then DATA no faster than the client's windows allow.
-    Ending early (`abort`) resets the stream with NO_ERROR, as Envoy does."""
+    """One request's response on its HTTP/2 stream (the `Responding` the proxy writes to):
+    `:status` and lower-case headers less the connection-specific ones, then DATA held here
+    and sent no faster than the client's windows allow. Ending early (`abort`) resets the
+    stream with NO_ERROR, as Envoy does. The stream's life on the connection (the request,
+    its window, its end) is its `lifecycle`'s."""
 
     __slots__ = (
-        "_acked", "_conn", "_end_pending", "_ended", "_out", "_out_size", "_trailers", "_waiter", "bytes_sent",
-        "closed", "head_sent", "id", "messages", "request", "status", "task",
+        "_conn", "_end_pending", "_ended", "_head_request", "_out", "_out_size", "_trailers", "_waiter", "bytes_sent",
+        "closed", "head_sent", "id", "lifecycle", "status",
     )  # fmt: skip
 
-    def __init__(self, conn: Http2Downstream, stream_id: int, method: bytes, path: bytes, headers: HeaderList) -> None:
+    def __init__(self, conn: Http2Downstream, stream_id: int, lifecycle: StreamLifecycle) -> None:
         self._conn = conn
         self.id = stream_id
-        self.request = Request(method, path, headers, Body(self.consumed, conn.loop), VERSION)
-        self.messages = MessageCounter() if is_grpc(first_header(headers, b"content-type")) else None
-        """The request's gRPC messages, counted as they arrive (a gRPC request only)."""
+        self.lifecycle = lifecycle
+        self._head_request = lifecycle.request.method == b"HEAD"
         self._out: collections.deque[bytes] = collections.deque()
         self._out_size = 0
         self._end_pending = False
         self._ended = False
         self._trailers: HeaderList | None = None
-        self._acked = 0
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
         """Nothing more goes out: the stream ended, was reset, or the connection is gone."""
-        self.task: asyncio.Task[None] | None = None
         self.head_sent = False
         self.status = 0
         self.bytes_sent = 0
@@ -93,7 +93,7 @@ class Stream:
     def send_whole(
         self, status: int, headers: HeaderList, length: int | None, body: bytes, *, reason_phrase: bytes = b""
     ) -> None:
-        if self.request.method == b"HEAD":
+        if self._head_request:
             body = b""
         self._head(status, headers, length, end=not body)
         self._ended = True
@@ -117,11 +117,11 @@ class Stream:
             fields.append((b"content-length", b"%d" % length))
         self._conn.h2.send_headers(self.id, fields, end_stream=end)
         if end:
-            self._finished()
+            self.lifecycle.finished()
         self._conn.flush_soon()
 
     def send(self, data: bytes) -> None:
-        if not data or self.request.method == b"HEAD":
+        if not data or self._head_request:
             return
         self.bytes_sent += len(data)
         if not self.closed:
@@ -140,7 +140,7 @@ class Stream:
     def abort(self) -> None:
         """Reset the stream mid-response (the upstream died after the head was sent)."""
         self._ended = True
-        self.reset(ErrorCodes.NO_ERROR)
+        self.lifecycle.reset(ErrorCodes.NO_ERROR)
 
     def reply(self, status: int, body: bytes = b"", headers: HeaderList | None = None) -> None:
         """A whole local reply, with Envoy's headers for one."""
@@ -205,10 +205,45 @@ class Stream:
                 h2.send_headers(self.id, self._trailers, end_stream=True)
             elif not carried:
                 h2.end_stream(self.id)
-            self._finished()
+            self.lifecycle.finished()
         self._conn.flush_soon()
         if self._out_size <= OUT_HIGH_WATER:
             self.wake()
+
+    def close(self) -> None:
+        """Nothing more goes out: what is held is dropped, and a `drain` waiting returns."""
+        self.closed = True
+        self._out.clear()
+        self._out_size = 0
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("ended" if self._ended else "open")
+        return f"<Stream {self.id} {state} status={self.status} held={self._out_size}>"
+
+
+class StreamLifecycle:
+    """One HTTP/2 stream on its connection, from the client's HEADERS to its end: the
+    `request` it carries (its body's window handed back to the client as the proxy reads it),
+    the `stream` its response goes out on, the `task` serving it, and its end: finished,
+    reset, or gone with the client or the connection."""
+
+    __slots__ = ("_acked", "_conn", "id", "messages", "request", "stream", "task")
+
+    def __init__(self, conn: Http2Downstream, stream_id: int, method: bytes, path: bytes, headers: HeaderList) -> None:
+        self._conn = conn
+        self.id = stream_id
+        self.request = Request(method, path, headers, Body(self.consumed, conn.loop), VERSION)
+        self.messages = MessageCounter() if is_grpc(first_header(headers, b"content-type")) else None
+        """The request's gRPC messages, counted as they arrive (a gRPC request only)."""
+        self._acked = 0
+        self.stream = Stream(conn, stream_id, self)
+        self.task: asyncio.Task[None] | None = None
 
     def consumed(self) -> None:
         """The proxy read some of the request body: hand that much window back to the client."""
@@ -220,26 +255,24 @@ class Stream:
 
     def reset(self, code: ErrorCodes) -> None:
         """End the stream abruptly: RST_STREAM with `code`, anything held is dropped."""
-        if not self.closed:
+        if not self.stream.closed:
             self._conn.h2.reset_stream(self.id, code)
             self._conn.flush_soon()
-            self._finished(reset=True)
+            self.finished(reset=True)
 
-    def _finished(self, *, reset: bool = False) -> None:
+    def finished(self, *, reset: bool = False) -> None:
         """Nothing more goes out on this stream. A request body still arriving is refused
         (RST_STREAM NO_ERROR, as RFC 9113 §8.1 allows once the response is complete) and
         what of it was never read is handed back to the connection's window."""
-        self.closed = True
-        self._out.clear()
-        self._out_size = 0
         if not self.request.body.complete and not reset:
             self._conn.h2.reset_stream(self.id, ErrorCodes.NO_ERROR)
         self.gone("the response ended before the request body")
 
     def gone(self, why: str) -> None:
-        """The stream is over for the proxy: a request body still awaited fails with `why`,
-        and what of it was never read is handed back to the connection's window."""
-        self.closed = True
+        """The stream is over for the proxy: nothing more goes out, a request body still
+        awaited fails with `why`, and what of it was never read is handed back to the
+        connection's window."""
+        self.stream.close()
         body = self.request.body
         if not body.complete:
             body.fail(ConnectionResetError(why))
@@ -248,16 +281,9 @@ class Stream:
             self._acked += unread
             self._conn.acknowledge(self.id, unread)
         self._conn.stream_closed(self)
-        self.wake()
-
-    def wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else ("ended" if self._ended else "open")
-        return f"<Stream {self.id} {state} status={self.status} held={self._out_size}>"
+        return f"<StreamLifecycle {self.id} acked={self._acked} {self.stream!r}>"
 
 
 class Http2Downstream(asyncio.Protocol):
@@ -285,7 +311,7 @@ class Http2Downstream(asyncio.Protocol):
         )
         self.h2.decoder.max_header_list_size = limits.max_header_bytes
         self._transport: asyncio.Transport | None = None
-        self._streams: dict[int, Stream] = {}
+        self._streams: dict[int, StreamLifecycle] = {}
         self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
         self.write_paused = False
@@ -321,8 +347,8 @@ class Http2Downstream(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for stream in list(self._streams.values()):
-            self._gone(stream, "downstream closed the connection")
+        for lifecycle in list(self._streams.values()):
+            self._gone(lifecycle, "downstream closed the connection")
         if self._on_close is not None:
             self._on_close(self)
 
@@ -331,43 +357,43 @@ class Http2Downstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        for stream in self._streams.values():
-            stream.wake()
+        for lifecycle in self._streams.values():
+            lifecycle.stream.wake()
 
     # ---- h2 events
 
     def _event(self, event: Event) -> None:
         if isinstance(event, DataReceived):
-            stream = self._streams.get(event.stream_id or 0)
+            lifecycle = self._streams.get(event.stream_id or 0)
             data = event.data or b""
             padding = (event.flow_controlled_length or 0) - len(data)
             if padding:
                 self.acknowledge(event.stream_id or 0, padding)
-            if stream is None:
+            if lifecycle is None:
                 self.acknowledge(event.stream_id or 0, len(data))
             elif data:
-                stream.request.body.feed(data)
-                if stream.messages is not None:
-                    stream.messages.feed(data)
+                lifecycle.request.body.feed(data)
+                if lifecycle.messages is not None:
+                    lifecycle.messages.feed(data)
         elif isinstance(event, StreamEnded):
-            stream = self._streams.get(event.stream_id or 0)
-            if stream is not None:
-                stream.request.body.finish()
+            lifecycle = self._streams.get(event.stream_id or 0)
+            if lifecycle is not None:
+                lifecycle.request.body.finish()
         elif isinstance(event, RequestReceived):
             self._request(event)
         elif isinstance(event, WindowUpdated):
             if event.stream_id:
-                stream = self._streams.get(event.stream_id)
-                if stream is not None:
-                    stream.pump()
+                lifecycle = self._streams.get(event.stream_id)
+                if lifecycle is not None:
+                    lifecycle.stream.pump()
             else:
                 self._pump_all()
         elif isinstance(event, RemoteSettingsChanged):
             self._pump_all()
         elif isinstance(event, StreamReset):
-            stream = self._streams.get(event.stream_id or 0)
-            if stream is not None:
-                self._gone(stream, "downstream reset the stream")
+            lifecycle = self._streams.get(event.stream_id or 0)
+            if lifecycle is not None:
+                self._gone(lifecycle, "downstream reset the stream")
         elif isinstance(event, ConnectionTerminated):
             self.close()
 
@@ -388,29 +414,30 @@ class Http2Downstream(asyncio.Protocol):
                 authority = value
         if authority:
             headers = [(b"host", authority), *(header for header in headers if header[0] != b"host")]
-        stream = Stream(self, stream_id, method, path, headers)
-        self._streams[stream_id] = stream
+        lifecycle = StreamLifecycle(self, stream_id, method, path, headers)
+        self._streams[stream_id] = lifecycle
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        stream.task = self.loop.create_task(self._serve(stream))
+        lifecycle.task = self.loop.create_task(self._serve(lifecycle))
 
-    def _gone(self, stream: Stream, why: str) -> None:
+    def _gone(self, lifecycle: StreamLifecycle, why: str) -> None:
         """The client reset the stream or left: stop its proxying (`DC`)."""
-        stream.gone(why)
-        task = stream.task
+        lifecycle.gone(why)
+        task = lifecycle.task
         if task is not None and not task.done():
             task.cancel()
 
     def _pump_all(self) -> None:
-        for stream in list(self._streams.values()):
-            stream.pump()
+        for lifecycle in list(self._streams.values()):
+            lifecycle.stream.pump()
 
     # ---- serving
 
-    async def _serve(self, stream: Stream) -> None:
+    async def _serve(self, lifecycle: StreamLifecycle) -> None:
+        stream = lifecycle.stream
         try:
-            await self._handler(stream.request, stream)
+            await self._handler(lifecycle.request, stream)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -422,9 +449,9 @@ class Http2Downstream(asyncio.Protocol):
         if not stream.ended:
             stream.end()
 
-    def stream_closed(self, stream: Stream) -> None:
-        """`stream` sends no more; the connection idles once it has none open."""
-        if self._streams.pop(stream.id, None) is not None and not self._streams:
+    def stream_closed(self, lifecycle: StreamLifecycle) -> None:
+        """The stream is over; the connection idles once it has none open."""
+        if self._streams.pop(lifecycle.id, None) is not None and not self._streams:
             self._idle()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
@@ -465,8 +492,8 @@ class Http2Downstream(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for stream in list(self._streams.values()):
-            self._gone(stream, "the connection is closing")
+        for lifecycle in list(self._streams.values()):
+            self._gone(lifecycle, "the connection is closing")
         if self._transport is not None and not self._transport.is_closing():
             with contextlib.suppress(ProtocolError):  # h2 already sent one (a protocol error, the client's GOAWAY)
                 self.h2.close_connection()

@@ -366,7 +366,7 @@ def _exchange(
     )
     if is_grpc(raw.get(b"content-type")):
         exchange.grpc = True
-        exchange.request_messages = responder.messages if isinstance(responder, Stream) else None
+        exchange.request_messages = responder.lifecycle.messages if isinstance(responder, Stream) else None
     return exchange
 
 

@@ -208,6 +208,142 @@ async def connect(
     return protocol
 
 
+class KeepAlive:
+    """The HTTP/1.1 connections of one cluster, by endpoint, one exchange at a time each: a
+    request takes the endpoint's idle keep-alive connection, else opens one within
+    `maxConnections`, else waits in the endpoint's pending queue (`http1MaxPendingRequests`);
+    a connection that finishes an exchange goes to the first waiter, else back to idle. The
+    counts are the cluster's (`ClusterState`), shared with its HTTP/2 connections."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+
+    async def connection(
+        self, cluster: Cluster, endpoint: Endpoint, tls: ssl.SSLContext | None, server_name: str | None
+    ) -> UpstreamConnection:
+        """An idle keep-alive connection to `endpoint`, a new one within `maxConnections`, or
+        a wait in the pending queue (bounded by `http1MaxPendingRequests`, else 503 UO).
+
+        As in Envoy, an endpoint with no connection at all may always open one, even past
+        `maxConnections`, so one busy endpoint never starves another."""
+        pool = cluster.policy.connection_pool
+        state = self.state
+        host = state.host(endpoint)
+        conn = self.idle_connection(host)
+        if conn is not None:
+            return conn
+        if state.connections < (pool.max_connections or UNLIMITED) or host.connections == 0:
+            return await self._open(host, pool, tls, server_name)
+        if state.pending >= (pool.http1_max_pending_requests or UNLIMITED):
+            state.overflows += 1
+            raise UpstreamFailure(OVERFLOW, endpoint)
+        waiter: asyncio.Future[UpstreamConnection | None] = asyncio.get_running_loop().create_future()
+        host.waiters.append(waiter)
+        state.pending += 1
+        try:
+            handed = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._handed_back(host, pool, waiter.result())
+            elif waiter in host.waiters:
+                host.waiters.remove(waiter)
+            raise
+        finally:
+            state.pending -= 1
+        if handed is None:
+            return await self._open(host, pool, tls, server_name, slot_reserved=True)
+        return handed
+
+    def idle_connection(self, host: HostState) -> UpstreamConnection | None:
+        """A keep-alive connection of `host` that is open and idle (the most recently used), if any."""
+        idle = host.idle
+        while idle:
+            conn = idle.pop()
+            if conn.idle:
+                return conn
+        return None
+
+    def _handed_back(self, host: HostState, pool: m.ConnectionPool, conn: UpstreamConnection | None) -> None:
+        """A waiter was cancelled after it was handed a connection or a slot: pass it on."""
+        if conn is not None:
+            self._release(host, pool, conn)
+        else:
+            self.state.connections -= 1
+            self._slot_freed(host)
+
+    async def _open(
+        self,
+        host: HostState,
+        pool: m.ConnectionPool,
+        tls: ssl.SSLContext | None,
+        server_name: str | None,
+        *,
+        slot_reserved: bool = False,
+    ) -> UpstreamConnection:
+        state = self.state
+        if not slot_reserved:
+            state.connections += 1
+        host.connections += 1
+
+        def protocol_factory() -> UpstreamConnection:
+            return UpstreamConnection(lambda conn: self._release(host, pool, conn), lambda conn: self._lost(host, conn))
+
+        try:
+            async with asyncio.timeout(pool.connect_timeout or CONNECT_TIMEOUT):
+                return await connect(state.dial, host, protocol_factory, tls, server_name)
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            self.closed(host)
+            raise UpstreamFailure(CONNECT_FAILURE) from exc
+        except asyncio.CancelledError:
+            self.closed(host)
+            raise
+
+    def _release(self, host: HostState, pool: m.ConnectionPool, conn: UpstreamConnection) -> None:
+        """A connection finished an exchange: the first waiter for its endpoint gets it, else it
+        waits idle; past `maxRequestsPerConnection` it is closed instead (its slot freed)."""
+        limit = pool.max_requests_per_connection or 0
+        if limit and conn.requests >= limit:
+            conn.close()
+            return
+        while host.waiters:
+            waiter = host.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        host.idle.append(conn)
+
+    def _lost(self, host: HostState, conn: UpstreamConnection) -> None:
+        if conn in host.idle:
+            host.idle.remove(conn)
+        self.closed(host)
+
+    def closed(self, host: HostState) -> None:
+        """A connection to `host` (HTTP/1.1 or HTTP/2) is gone: its slot is free."""
+        self.state.connections -= 1
+        host.connections -= 1
+        self._slot_freed(host)
+
+    def _slot_freed(self, host: HostState) -> None:
+        """A connection slot is free: a waiter (this endpoint's first, else any) takes it over,
+        so nothing that arrives meanwhile can push the cluster past `maxConnections`."""
+        state = self.state
+        for waiting in (host, *state.hosts.values()):
+            while waiting.waiters:
+                waiter = waiting.waiters.popleft()
+                if not waiter.done():
+                    state.connections += 1
+                    waiter.set_result(None)
+                    return
+
+    def close(self) -> None:
+        for host in self.state.hosts.values():
+            for conn in list(host.idle):
+                conn.close()
+            host.idle.clear()
+
+
 class Multiplexed:
     """The HTTP/2 connections of one cluster, by endpoint: a request takes a stream on one
     with a free slot (within the upstream's SETTINGS_MAX_CONCURRENT_STREAMS and the pool's
@@ -270,7 +406,7 @@ class Multiplexed:
         def lost(conn: Http2Upstream) -> None:
             if conn in conns:
                 conns.remove(conn)
-                state._closed(host)
+                state.h1.closed(host)
 
         conn = Http2Upstream(lost, pool.max_requests_per_connection or 0)
         conns.append(conn)
@@ -302,7 +438,9 @@ class Multiplexed:
 
 
 class ClusterState:
-    """Run-time state of one cluster: limits are the policy's, counters are live."""
+    """Run-time state of one cluster: limits are the policy's, counters are live. It counts
+    for the circuit breakers, picks endpoints and ejects outliers; its connections are pooled
+    by `h1` (HTTP/1.1, `KeepAlive`) and `h2` (HTTP/2, `Multiplexed`)."""
 
     def __init__(self, name: str, clock: Clock = time.monotonic, dial: Dial | None = None) -> None:
         self.name = name
@@ -317,6 +455,7 @@ class ClusterState:
         self._balancer: Balancer | None = None
         self._balanced: tuple[tuple[Endpoint, ...], Policy] | None = None
         self._balanced_for: Cluster | None = None
+        self.h1 = KeepAlive(self)
         self.h2 = Multiplexed(self)
 
     def balancer(self, cluster: Cluster, rng: random.Random) -> Balancer:
@@ -449,126 +588,8 @@ class ClusterState:
     def retry_done(self) -> None:
         self.retries -= 1
 
-    async def connection(
-        self, cluster: Cluster, endpoint: Endpoint, tls: ssl.SSLContext | None, server_name: str | None
-    ) -> UpstreamConnection:
-        """An idle keep-alive connection to `endpoint`, a new one within `maxConnections`, or
-        a wait in the pending queue (bounded by `http1MaxPendingRequests`, else 503 UO).
-
-        As in Envoy, an endpoint with no connection at all may always open one, even past
-        `maxConnections`, so one busy endpoint never starves another."""
-        pool = cluster.policy.connection_pool
-        state = self.host(endpoint)
-        conn = self.idle_connection(state)
-        if conn is not None:
-            return conn
-        if self.connections < (pool.max_connections or UNLIMITED) or state.connections == 0:
-            return await self._open(state, pool, tls, server_name)
-        if self.pending >= (pool.http1_max_pending_requests or UNLIMITED):
-            self.overflows += 1
-            raise UpstreamFailure(OVERFLOW, endpoint)
-        waiter: asyncio.Future[UpstreamConnection | None] = asyncio.get_running_loop().create_future()
-        state.waiters.append(waiter)
-        self.pending += 1
-        try:
-            handed = await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._handed_back(state, pool, waiter.result())
-            elif waiter in state.waiters:
-                state.waiters.remove(waiter)
-            raise
-        finally:
-            self.pending -= 1
-        if handed is None:
-            return await self._open(state, pool, tls, server_name, slot_reserved=True)
-        return handed
-
-    def idle_connection(self, state: HostState) -> UpstreamConnection | None:
-        """A keep-alive connection of `state` that is open and idle (the most recently used), if any."""
-        idle = state.idle
-        while idle:
-            conn = idle.pop()
-            if conn.idle:
-                return conn
-        return None
-
-    def _handed_back(self, state: HostState, pool: m.ConnectionPool, conn: UpstreamConnection | None) -> None:
-        """A waiter was cancelled after it was handed a connection or a slot: pass it on."""
-        if conn is not None:
-            self._release(state, pool, conn)
-        else:
-            self.connections -= 1
-            self._slot_freed(state)
-
-    async def _open(
-        self,
-        state: HostState,
-        pool: m.ConnectionPool,
-        tls: ssl.SSLContext | None,
-        server_name: str | None,
-        *,
-        slot_reserved: bool = False,
-    ) -> UpstreamConnection:
-        if not slot_reserved:
-            self.connections += 1
-        state.connections += 1
-
-        def protocol_factory() -> UpstreamConnection:
-            return UpstreamConnection(
-                lambda conn: self._release(state, pool, conn), lambda conn: self._lost(state, conn)
-            )
-
-        try:
-            async with asyncio.timeout(pool.connect_timeout or CONNECT_TIMEOUT):
-                return await connect(self.dial, state, protocol_factory, tls, server_name)
-        except (TimeoutError, OSError, ssl.SSLError) as exc:
-            self._closed(state)
-            raise UpstreamFailure(CONNECT_FAILURE) from exc
-        except asyncio.CancelledError:
-            self._closed(state)
-            raise
-
-    def _release(self, state: HostState, pool: m.ConnectionPool, conn: UpstreamConnection) -> None:
-        """A connection finished an exchange: the first waiter for its endpoint gets it, else it
-        waits idle; past `maxRequestsPerConnection` it is closed instead (its slot freed)."""
-        limit = pool.max_requests_per_connection or 0
-        if limit and conn.requests >= limit:
-            conn.close()
-            return
-        while state.waiters:
-            waiter = state.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return
-        state.idle.append(conn)
-
-    def _lost(self, state: HostState, conn: UpstreamConnection) -> None:
-        if conn in state.idle:
-            state.idle.remove(conn)
-        self._closed(state)
-
-    def _closed(self, state: HostState) -> None:
-        self.connections -= 1
-        state.connections -= 1
-        self._slot_freed(state)
-
-    def _slot_freed(self, state: HostState) -> None:
-        """A connection slot is free: a waiter (this endpoint's first, else any) takes it over,
-        so nothing that arrives meanwhile can push the cluster past `maxConnections`."""
-        for host in (state, *self.hosts.values()):
-            while host.waiters:
-                waiter = host.waiters.popleft()
-                if not waiter.done():
-                    self.connections += 1
-                    waiter.set_result(None)
-                    return
-
     def close(self) -> None:
-        for state in self.hosts.values():
-            for conn in list(state.idle):
-                conn.close()
-            state.idle.clear()
+        self.h1.close()
         self.h2.close()
 
     def __repr__(self) -> str:
@@ -619,7 +640,7 @@ class Upstreams:
         state = self.state(cluster)
         reused_once = False
         while True:
-            conn = state.idle_connection(state.host(endpoint)) or await state.connection(
+            conn = state.h1.idle_connection(state.host(endpoint)) or await state.h1.connection(
                 cluster, endpoint, self._tls(cluster) if self._tls else None, cluster.host
             )
             fresh = conn.requests == 0

@@ -1,18 +1,24 @@
 """A cluster's run-time state on its own: circuit-breaker counts (`http2MaxRequests`,
 `maxRetries`), outlier detection (streaks, ejection within `maxEjectionPercent` but always
-one, ejections that end on a fake clock and grow with each one), and the load balancer kept
-across a reload that leaves the cluster as it was."""
+one, ejections that end on a fake clock and grow with each one), the load balancer kept
+across a reload that leaves the cluster as it was, and the HTTP/1.1 keep-alive pool
+(`KeepAlive`: reuse, `maxConnections`, the pending queue and its overflow, slots handed over,
+`maxRequestsPerConnection`) over socket pairs, so nothing leaves the process."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import socket
+from collections.abc import Iterator
 
 import pytest
 
 from minimesh.config import model as m
+from minimesh.dataplane.http1 import UpstreamConnection
 from minimesh.dataplane.upstream import MAX_EJECTION_TIME, OVERFLOW, ClusterState, UpstreamFailure
 from minimesh.routing.snapshot import UNLIMITED, Cluster, Endpoint, Policy
-from tests.clocks import FakeClock
+from tests.clocks import FakeClock, on_virtual_time, settle
 
 
 def endpoints(count: int) -> tuple[Endpoint, ...]:
@@ -213,3 +219,130 @@ def test_a_changed_cluster_gets_a_new_balancer(changed: Cluster) -> None:
     rng = random.Random(3)
     balancer = state.balancer(cluster(3), rng)
     assert state.balancer(changed, rng) is not balancer
+
+
+# ---------------------------------------------------------------- the HTTP/1.1 keep-alive pool
+
+
+class Peers:
+    """The upstream ends of the pool's connections, in the order they were dialled."""
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+
+    async def dial(self, address: str, port: int) -> socket.socket:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        self.sockets.append(theirs)
+        return ours
+
+    def close(self) -> None:
+        for peer in self.sockets:
+            peer.close()
+
+
+@pytest.fixture
+def peers() -> Iterator[Peers]:
+    made = Peers()
+    yield made
+    made.close()
+
+
+async def exchange(conn: UpstreamConnection, peer: socket.socket) -> None:
+    """One request on `conn` that `peer` answers (200, no body, kept alive): at its end the
+    connection goes back to its pool."""
+    loop = asyncio.get_running_loop()
+
+    async def answer() -> None:
+        await loop.sock_recv(peer, 65536)
+        await loop.sock_sendall(peer, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+
+    await asyncio.gather(conn.exchange(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n", b""), answer())
+
+
+@on_virtual_time
+async def test_a_finished_exchange_leaves_its_connection_idle_for_the_next_request(peers: Peers) -> None:
+    web = cluster(1)
+    endpoint = web.endpoints[0]
+    state = ClusterState("c", dial=peers.dial)
+    conn = await state.h1.connection(web, endpoint, None, None)
+    host = state.host(endpoint)
+    assert (state.connections, host.connections, host.idle) == (1, 1, [])
+    await exchange(conn, peers.sockets[0])
+    assert host.idle == [conn]
+    assert state.h1.idle_connection(host) is conn
+    assert state.h1.idle_connection(host) is None, "taken: no longer idle"
+    await exchange(conn, peers.sockets[0])
+    assert await state.h1.connection(web, endpoint, None, None) is conn
+    assert (len(peers.sockets), state.connections) == (1, 1)
+    conn.close()
+
+
+@on_virtual_time
+async def test_past_max_connections_a_request_waits_for_the_connection_handed_back(peers: Peers) -> None:
+    web = cluster(1, pool=m.ConnectionPool(max_connections=1))
+    endpoint = web.endpoints[0]
+    state = ClusterState("c", dial=peers.dial)
+    first = await state.h1.connection(web, endpoint, None, None)
+    waiting = asyncio.ensure_future(state.h1.connection(web, endpoint, None, None))
+    await settle()
+    assert (state.pending, len(state.host(endpoint).waiters)) == (1, 1)
+    await exchange(first, peers.sockets[0])
+    assert await waiting is first
+    assert (state.pending, state.connections, len(peers.sockets)) == (0, 1, 1)
+    first.close()
+
+
+@on_virtual_time
+async def test_the_pending_queue_overflows_past_http1_max_pending_requests(peers: Peers) -> None:
+    web = cluster(1, pool=m.ConnectionPool(max_connections=1, http1_max_pending_requests=1))
+    endpoint = web.endpoints[0]
+    state = ClusterState("c", dial=peers.dial)
+    first = await state.h1.connection(web, endpoint, None, None)
+    waiting = asyncio.ensure_future(state.h1.connection(web, endpoint, None, None))
+    await settle()
+    with pytest.raises(UpstreamFailure) as refused:
+        await state.h1.connection(web, endpoint, None, None)
+    assert refused.value.reply is OVERFLOW
+    assert (state.pending, state.overflows) == (1, 1)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert (state.pending, len(state.host(endpoint).waiters)) == (0, 0), "a waiter that gave up leaves the queue"
+    first.close()
+
+
+@on_virtual_time
+async def test_an_endpoint_without_a_connection_may_open_one_past_max_connections(peers: Peers) -> None:
+    web = cluster(2, pool=m.ConnectionPool(max_connections=1))
+    state = ClusterState("c", dial=peers.dial)
+    conns = [await state.h1.connection(web, endpoint, None, None) for endpoint in web.endpoints]
+    assert (state.connections, len(peers.sockets)) == (2, 2)
+    for conn in conns:
+        conn.close()
+
+
+@on_virtual_time
+async def test_a_lost_connection_hands_its_slot_to_a_waiter(peers: Peers) -> None:
+    web = cluster(1, pool=m.ConnectionPool(max_connections=1))
+    endpoint = web.endpoints[0]
+    state = ClusterState("c", dial=peers.dial)
+    first = await state.h1.connection(web, endpoint, None, None)
+    waiting = asyncio.ensure_future(state.h1.connection(web, endpoint, None, None))
+    await settle()
+    first.close()
+    second = await waiting
+    assert second is not first
+    assert (state.connections, state.host(endpoint).connections, len(peers.sockets)) == (1, 1, 2)
+    second.close()
+
+
+@on_virtual_time
+async def test_past_max_requests_per_connection_a_connection_is_closed_not_kept(peers: Peers) -> None:
+    web = cluster(1, pool=m.ConnectionPool(max_requests_per_connection=1))
+    endpoint = web.endpoints[0]
+    state = ClusterState("c", dial=peers.dial)
+    conn = await state.h1.connection(web, endpoint, None, None)
+    await exchange(conn, peers.sockets[0])
+    assert conn.closed and state.host(endpoint).idle == []
+    await settle()
+    assert (state.connections, state.host(endpoint).connections) == (0, 0), "its slot is free once it is gone"
