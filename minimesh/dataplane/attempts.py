@@ -14,7 +14,7 @@ from typing import NoReturn
 from minimesh.dataplane.call import Call
 from minimesh.dataplane.deadline import Deadline
 from minimesh.dataplane.http1 import Body, UpstreamResponse
-from minimesh.dataplane.replay import RETRY_BUFFER_DETAILS, RETRY_BUFFER_EXCEEDED, Replay
+from minimesh.dataplane.replay import Replay
 from minimesh.dataplane.respond import Head
 from minimesh.dataplane.upstream import (
     NO_HEALTHY_UPSTREAM,
@@ -22,6 +22,7 @@ from minimesh.dataplane.upstream import (
     UPSTREAM_TIMEOUT,
     Attempt,
     ClusterState,
+    LocalReply,
     UpstreamFailure,
     Upstreams,
 )
@@ -32,6 +33,9 @@ from minimesh.routing.snapshot import Cluster, Endpoint
 RETRY_BACKOFF_BASE = 0.025
 RETRY_BACKOFF_MAX = 0.250
 """Envoy's retry back-off: fully jittered, 25 ms base, at most 250 ms."""
+RETRY_BUFFER_EXCEEDED = LocalReply(507, b"exceeded request buffer limit while retrying upstream", "")
+RETRY_BUFFER_DETAILS = "request_payload_exceeded_retry_buffer_limit"
+"""Envoy's answer when the copy of a body outgrows its bound while a retry waits for its back-off."""
 
 
 async def attempts(
@@ -74,10 +78,10 @@ async def attempts(
         failure: UpstreamFailure | None = None
         try:
             if decider.per_try_timeout is None:
-                response = await head.send(upstreams, cluster, endpoint, body, attempt_count)
+                response = await head.send(upstreams, cluster, endpoint, body, attempt_count, replay)
             else:
                 async with call.deadline(decider.per_try_timeout):
-                    response = await head.send(upstreams, cluster, endpoint, body, attempt_count)
+                    response = await head.send(upstreams, cluster, endpoint, body, attempt_count, replay)
         except TimeoutError:
             failure = UpstreamFailure(UPSTREAM_TIMEOUT, endpoint)
         except UpstreamFailure as raised:

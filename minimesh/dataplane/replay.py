@@ -10,11 +10,6 @@ import asyncio
 from collections.abc import Callable
 
 from minimesh.dataplane.http1 import Body
-from minimesh.dataplane.upstream import LocalReply
-
-RETRY_BUFFER_EXCEEDED = LocalReply(507, b"exceeded request buffer limit while retrying upstream", "")
-RETRY_BUFFER_DETAILS = "request_payload_exceeded_retry_buffer_limit"
-"""Envoy's answer when the copy outgrows its bound while a retry waits for its back-off."""
 
 
 class Replay:

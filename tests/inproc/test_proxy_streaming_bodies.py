@@ -1,7 +1,8 @@
 """Request bodies still arriving when routing decides, kept for retries and mirrors as Envoy's
 router keeps them: forwarded as they arrive while a copy is recorded up to BUFFER_LIMIT, the
 copy replayed to a retry then the rest streamed on, a body past the bound neither retried
-nor mirrored, a mirror sent the whole body once it is in."""
+nor mirrored, a mirror sent the whole body once it is in, and the copy sent again on a fresh
+connection when a reused one proves closed."""
 
 from __future__ import annotations
 
@@ -141,3 +142,79 @@ async def test_a_streamed_body_past_the_bound_is_not_mirrored() -> None:
         await until(lambda: copy.seen, "the small request's copy")
         assert [s.path for s in copy.seen] == ["/small"], "the big one was never copied"
         assert [s.body == body for s in app.seen[:1]] == [True]
+
+
+class ClosesItsFirstConnection:
+    """An HTTP/1.1 upstream whose first connection answers one request, keeps alive, then
+    closes without a word when the next request starts on it (an idle timeout just struck);
+    requests on later connections are read whole, recorded in `bodies` and answered 200."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.closed_one = False
+        self.bodies: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> ClosesItsFirstConnection:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        done: list[bytes] = []
+        body = bytearray()
+
+        class Request:
+            def on_message_begin(self) -> None:
+                body.clear()
+
+            def on_body(self, data: bytes) -> None:
+                body.extend(data)
+
+            def on_message_complete(self) -> None:
+                done.append(bytes(body))
+
+        parser = httptools.HttpRequestParser(Request())
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if first and done:
+                    self.closed_one = True
+                    writer.close()
+                    return
+                parser.feed_data(data)
+                if done:
+                    if not first:
+                        self.bodies.append(done[-1])
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    await writer.drain()
+                    if not first:
+                        done.clear()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_a_streamed_body_sent_on_a_connection_the_upstream_had_closed_goes_again_on_a_new_one() -> None:
+    upstream = await ClosesItsFirstConnection().start()
+    ports = {"app": upstream.port, "app_LABELS": "version: v1"}
+    try:
+        async with running_mesh(service("web", "app") + web_route(), ports=ports) as mesh:
+            assert (await mesh.get("/warm")).status == 200
+            client = await RawClient.connect(mesh.gateway.address)
+            client.send(
+                b"POST /upload HTTP/1.1\r\nhost: example.com\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            )
+            await until(lambda: upstream.closed_one, "the reused connection to close under the request")
+            client.send(b"6\r\n world\r\n0\r\n\r\n")
+            response = await client.response()
+            await client.close()
+            assert (response.status, response.body) == (200, b"ok")
+            assert upstream.bodies == [b"hello world"]
+            assert (upstream.connections, mesh.last().attempts, mesh.last().flag_text) == (2, 1, "-")
+    finally:
+        await upstream.close()
