@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from typing import NoReturn
 
-from minimesh.config import model as m
 from minimesh.dataplane.call import Call
 from minimesh.dataplane.deadline import Deadline
 from minimesh.dataplane.http1 import Body, UpstreamResponse
+from minimesh.dataplane.replay import Replay
 from minimesh.dataplane.respond import Head
 from minimesh.dataplane.upstream import (
     NO_HEALTHY_UPSTREAM,
@@ -21,6 +22,7 @@ from minimesh.dataplane.upstream import (
     UPSTREAM_TIMEOUT,
     Attempt,
     ClusterState,
+    LocalReply,
     UpstreamFailure,
     Upstreams,
 )
@@ -31,6 +33,9 @@ from minimesh.routing.snapshot import Cluster, Endpoint
 RETRY_BACKOFF_BASE = 0.025
 RETRY_BACKOFF_MAX = 0.250
 """Envoy's retry back-off: fully jittered, 25 ms base, at most 250 ms."""
+RETRY_BUFFER_EXCEEDED = LocalReply(507, b"exceeded request buffer limit while retrying upstream", "")
+RETRY_BUFFER_DETAILS = "request_payload_exceeded_retry_buffer_limit"
+"""Envoy's answer when the copy of a body outgrows its bound while a retry waits for its back-off."""
 
 
 async def attempts(
@@ -42,26 +47,26 @@ async def attempts(
     rng: random.Random,
     head: Head,
     body: Body | bytes,
+    replay: Replay | None,
     deadline: Deadline | None,
 ) -> tuple[UpstreamResponse, Attempt]:
     """Attempts within the retry policy: the response to pass on and its attempt (which the
-    caller ends once the body is through), or the failure to answer with. Exhausted retries
-    add `URX`; a retry refused by `maxRetries` adds `UO`."""
+    caller ends once the body is through), or the failure to answer with; each attempt takes
+    a body still arriving from `replay`. `URX`: retries used up; `UO`: refused by `maxRetries`."""
     exchange = call.exchange
-    pool = cluster.policy.connection_pool
     tried: list[Endpoint] = []
     attempt_count = 0
     retrying = False
     consistent = cluster.policy.load_balancer.consistent_hash
     key = hash_key(consistent, call.view) if consistent is not None else None
-    original = call.exchange.original
+    original = exchange.original
     while True:
         attempt_count += 1
         endpoint = state.pick(cluster, rng, key, tried, original)
-        if endpoint is None:
-            if retrying:
-                state.retry_done()
-            raise UpstreamFailure(NO_HEALTHY_UPSTREAM)
+        if endpoint is None or (replay is not None and replay.overflowed):
+            _no_attempt(call, state, retrying, endpoint is None)
+        if replay is not None:
+            body = replay.body()
         if decider.attempts:
             tried.append(endpoint)
         exchange.attempts = attempt_count
@@ -73,54 +78,117 @@ async def attempts(
         failure: UpstreamFailure | None = None
         try:
             if decider.per_try_timeout is None:
-                response = await head.send(upstreams, cluster, endpoint, body, attempt_count)
+                response = await head.send(upstreams, cluster, endpoint, body, attempt_count, replay)
             else:
                 async with call.deadline(decider.per_try_timeout):
-                    response = await head.send(upstreams, cluster, endpoint, body, attempt_count)
+                    response = await head.send(upstreams, cluster, endpoint, body, attempt_count, replay)
         except TimeoutError:
             failure = UpstreamFailure(UPSTREAM_TIMEOUT, endpoint)
         except UpstreamFailure as raised:
             raised.endpoint = endpoint
             failure = raised
         except asyncio.CancelledError:
-            attempt.end()
-            if deadline is not None and deadline.expired():
-                state.record(cluster, endpoint, 504)
+            _cancelled(cluster, endpoint, state, attempt, deadline)
             raise
         finally:
             attempt.sent()
         if failure is not None:
-            attempt.end()
-            state.record(cluster, endpoint, 504 if failure.reply is UPSTREAM_TIMEOUT else 503)
-            refused = failure.reply is REFUSED_STREAM
-            if not decider.retries_failure(failure.reply.flag, refused=refused) or _no_retry(
-                attempt_count, decider, state, pool, call
-            ):
-                raise failure
-        else:
-            exchange.upstream_time = time.monotonic() - sent
-            state.record(cluster, endpoint, response.status)
-            retried = decider.retries_response(response.status, response.headers)
-            if not retried or _no_retry(attempt_count, decider, state, pool, call):
-                return response, attempt
-            attempt.end()
-            response.conn.close()
+            _failed(call, cluster, endpoint, state, decider, replay, attempt_count, attempt, failure)
+        elif _passed_on(call, cluster, endpoint, state, decider, replay, attempt_count, attempt, response, sent):
+            return response, attempt
         retrying = True
-        ceiling = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE * (2**attempt_count - 1))
-        try:
-            await asyncio.sleep(rng.uniform(0, ceiling))
-        except asyncio.CancelledError:
-            state.retry_done()
-            raise
+        await _back_off(rng, attempt_count, state)
 
 
-def _no_retry(attempt: int, decider: RetryDecider, state: ClusterState, pool: m.ConnectionPool, call: Call) -> bool:
-    """Whether a retriable attempt ends the retries: they are used up (`URX`), or
-    `maxRetries` is reached across the cluster (`UO`); else one retry is counted in."""
+def _cancelled(
+    cluster: Cluster, endpoint: Endpoint, state: ClusterState, attempt: Attempt, deadline: Deadline | None
+) -> None:
+    """An attempt cancelled (the client left, or a timeout): a route timeout counts against
+    the endpoint, as Envoy's outlier detection takes it."""
+    attempt.end()
+    if deadline is not None and deadline.expired():
+        state.record(cluster, endpoint, 504)
+
+
+def _passed_on(
+    call: Call,
+    cluster: Cluster,
+    endpoint: Endpoint,
+    state: ClusterState,
+    decider: RetryDecider,
+    replay: Replay | None,
+    count: int,
+    attempt: Attempt,
+    response: UpstreamResponse,
+    sent: float,
+) -> bool:
+    """An attempt got its response head: recorded, then passed on unless the policy retries
+    it (the response is then dropped with its connection)."""
+    call.exchange.upstream_time = time.monotonic() - sent
+    state.record(cluster, endpoint, response.status)
+    retried = decider.retries_response(response.status, response.headers)
+    if not retried or _no_retry(count, decider, state, cluster, call, replay):
+        return True
+    attempt.end()
+    response.conn.close()
+    return False
+
+
+def _no_attempt(call: Call, state: ClusterState, retrying: bool, unhealthy: bool) -> NoReturn:
+    """No attempt can start: no endpoint to pick (`UH`), or, for a retry waiting for its
+    back-off, the copy of the body outgrew its bound (Envoy's 507)."""
+    if retrying:
+        state.retry_done()
+    if unhealthy:
+        raise UpstreamFailure(NO_HEALTHY_UPSTREAM)
+    call.exchange.details = RETRY_BUFFER_DETAILS
+    raise UpstreamFailure(RETRY_BUFFER_EXCEEDED)
+
+
+def _failed(
+    call: Call,
+    cluster: Cluster,
+    endpoint: Endpoint,
+    state: ClusterState,
+    decider: RetryDecider,
+    replay: Replay | None,
+    count: int,
+    attempt: Attempt,
+    failure: UpstreamFailure,
+) -> None:
+    """An attempt failed before its response head: recorded for outlier detection, then
+    raised unless the policy retries it."""
+    attempt.end()
+    state.record(cluster, endpoint, 504 if failure.reply is UPSTREAM_TIMEOUT else 503)
+    refused = failure.reply is REFUSED_STREAM
+    if not decider.retries_failure(failure.reply.flag, refused=refused) or _no_retry(
+        count, decider, state, cluster, call, replay
+    ):
+        raise failure
+
+
+async def _back_off(rng: random.Random, count: int, state: ClusterState) -> None:
+    """Wait before retry `count`, with Envoy's fully jittered back-off."""
+    ceiling = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE * (2**count - 1))
+    try:
+        await asyncio.sleep(rng.uniform(0, ceiling))
+    except asyncio.CancelledError:
+        state.retry_done()
+        raise
+
+
+def _no_retry(
+    attempt: int, decider: RetryDecider, state: ClusterState, cluster: Cluster, call: Call, replay: Replay | None
+) -> bool:
+    """Whether a retriable attempt ends the retries: the body could not be kept for another
+    (as if the route had no retry policy, as Envoy drops it then), they are used up (`URX`),
+    or `maxRetries` is reached across the cluster (`UO`); else one retry is counted in."""
+    if replay is not None and replay.overflowed:
+        return True
     if attempt > decider.attempts:
         call.exchange.flags.append("URX")
         return True
-    if not state.admit_retry(pool):
+    if not state.admit_retry(cluster.policy.connection_pool):
         call.exchange.flags.append("UO")
         return True
     return False

@@ -185,12 +185,8 @@ def first_header(headers: HeaderList, name: bytes) -> bytes | None:
     return None
 
 
-class BodyTooLarge(Exception):
-    """A body that had to be buffered (for a retry or a mirror) outgrew its bound."""
-
-
 class Body:
-    """A message body arriving in chunks; read it whole (bounded) or stream it."""
+    """A message body arriving in chunks, read as they come (`take`: all at once, once complete)."""
 
     __slots__ = ("_chunks", "_complete", "_loop", "_on_drain", "_size", "_waiter", "error", "received")
 
@@ -258,23 +254,6 @@ class Body:
     def take(self) -> bytes:
         """Everything buffered, at once (for a body already complete)."""
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        self._size = 0
-        if self._on_drain is not None:
-            self._on_drain()
-        return data
-
-    async def read_all(self, limit: int) -> bytes:
-        """The whole body; BodyTooLarge once it passes `limit` bytes."""
-        while not self._complete:
-            if self._size > limit:
-                raise BodyTooLarge(limit)
-            await self._wait()
-        if self.error is not None:
-            raise self.error
-        if self._size > limit:
-            raise BodyTooLarge(limit)
-        data = b"".join(self._chunks)
         self._chunks.clear()
         self._size = 0
         if self._on_drain is not None:

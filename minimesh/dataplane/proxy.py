@@ -3,8 +3,9 @@
 Every listener hands its parsed HTTP requests to `Proxy.handle`, which reads the snapshot
 once, decides, and dispatches on the outcome. Forwarding runs the steps in the order of
 Istio's filter chain and Envoy's router, each in its own module over one `Call`: CORS
-(`cors`), fault (`fault`), body buffering, mirror (`mirror`), admission
-(`http2MaxRequests`), route timeout, attempts (`attempts`), and the response (`respond`).
+(`cors`), fault (`fault`), the body kept for retries and mirrors (`replay`), mirror
+(`mirror`), admission (`http2MaxRequests`), route timeout, attempts (`attempts`), and the
+response (`respond`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from minimesh.config.labels import DETECTED
 from minimesh.dataplane.attempts import attempts
@@ -31,9 +33,10 @@ from minimesh.dataplane.exchange import (
 )
 from minimesh.dataplane.fault import Faults, fault_step, fires
 from minimesh.dataplane.grpc import grpc_route_timeout, is_grpc, upstream_grpc_timeout
-from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, BodyTooLarge, Request, UpstreamResponse
+from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, Request, UpstreamResponse
 from minimesh.dataplane.http2 import Stream
 from minimesh.dataplane.mirror import Mirrors
+from minimesh.dataplane.replay import Replay
 from minimesh.dataplane.respond import Head, head_for, respond, tunnel
 from minimesh.dataplane.upstream import (
     BLACK_HOLE,
@@ -49,7 +52,7 @@ from minimesh.dataplane.upstream import (
     speaks_http2,
 )
 from minimesh.registry.model import Workload
-from minimesh.routing.headers import NO_REQUEST_OPS, NO_RESPONSE_OPS
+from minimesh.routing.headers import NO_REQUEST_OPS, NO_RESPONSE_OPS, RequestOps
 from minimesh.routing.match import decide
 from minimesh.routing.pick import set_cookie
 from minimesh.routing.request import RequestView
@@ -60,6 +63,7 @@ from minimesh.routing.snapshot import (
     DirectResponse,
     Endpoint,
     Forward,
+    Mirror,
     NoRoute,
     PassThrough,
     Redirect,
@@ -68,8 +72,7 @@ from minimesh.routing.snapshot import (
 
 BUFFER_LIMIT = READ_HIGH_WATER
 """Envoy's default `per_connection_buffer_limit_bytes` (1 MiB), which bounds the copy of a
-request body kept for retries and mirrors: a longer body is streamed with both abandoned.
-At most what a connection buffers before it stops reading, so waiting for it never stalls."""
+request body kept for retries and mirrors: a longer body goes on streaming with both abandoned."""
 SCOPE_HEADER = b"x-minimesh-test"
 REJECTED_DETAILS = {400: "http1.codec_error", 408: "request_header_timeout", 431: "http1.headers_too_large"}
 
@@ -128,16 +131,10 @@ class Proxy:
             authority = exchange.authority = f"{original[0]}:{original[1]}"
         gateway = listener.kind == "gateway"
         view = RequestView(
-            exchange.method,
-            target,
-            authority,
-            LazyHeaders(raw),
-            scheme,
+            exchange.method, target, authority, LazyHeaders(raw), scheme,
             listener.port if gateway else original[1] if original else None,
-            listener.workload,
-            (listener.gateways or ("",))[0] if gateway else "mesh",
-            peer,
-        )
+            listener.workload, (listener.gateways or ("",))[0] if gateway else "mesh", peer,
+        )  # fmt: skip
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -249,7 +246,7 @@ class Proxy:
         await self._forward_to(call, outcome.cluster, route.retry, timeout)
 
     async def _forward_to(self, call: Call, cluster: Cluster, retry: RetryDecider, timeout: float | None) -> None:
-        """Buffer the body when retries or mirrors need it again, copy it to the mirrors, admit
+        """Keep the body for retries and mirrors (`kept_body`), copy it to the mirrors, admit
         the request (`http2MaxRequests`), then the attempts and the response within the route
         timeout; a failure is answered as Envoy answers it."""
         exchange = call.exchange
@@ -257,27 +254,19 @@ class Proxy:
         outcome = call.forward
         exchange.cluster = cluster.name
         exchange.destination_service = cluster.host
-        mirrors = outcome.mirrors if outcome is not None and outcome.route.mirrors and request.upgrade is None else ()
-        body: Body | bytes = request.body
-        if not request.has_body:
-            body = b""
-        elif retry.attempts or mirrors:
-            try:
-                body = await request.body.read_all(BUFFER_LIMIT)
-            except BodyTooLarge:
-                retry, mirrors = NO_RETRY, ()
         if outcome is not None:
             path, authority = outcome.rewritten(exchange.path, exchange.authority)
             ops = outcome.target.request_ops
+            mirrors = self._firing(outcome) if outcome.route.mirrors and request.upgrade is None else ()
         else:
-            path, authority, ops = exchange.path, exchange.authority, NO_REQUEST_OPS
+            path, authority, ops, mirrors = exchange.path, exchange.authority, NO_REQUEST_OPS, ()
+        body, replay, retry = kept_body(call, retry, bool(mirrors))
         head = head_for(call, cluster, ops, path, authority, body)
-        if isinstance(body, bytes):
-            for mirror in mirrors:
-                if fires(self.rng, mirror.percentage):
-                    same = speaks_http2(mirror.cluster, request) == (head.fields is not None)
-                    copied = head if same else head_for(call, mirror.cluster, ops, path, authority, body)
-                    self.mirrors.copy(mirror, call.view, copied, body)
+        if mirrors:
+            if replay is None and isinstance(body, bytes):
+                self._mirror(call, mirrors, ops, path, authority, head, body)
+            elif replay is not None:
+                replay.on_whole = partial(self._mirror, call, mirrors, ops, path, authority, None)
         state = self.upstreams.state(cluster)
         try:
             state.admit(cluster.policy.connection_pool)
@@ -286,10 +275,10 @@ class Proxy:
             return
         try:
             if timeout is None:
-                switched = await self._exchange(call, cluster, state, retry, body, head, None)
+                switched = await self._exchange(call, cluster, state, retry, body, replay, head, None)
             else:
                 async with call.deadline(timeout) as deadline:
-                    switched = await self._exchange(call, cluster, state, retry, body, head, deadline)
+                    switched = await self._exchange(call, cluster, state, retry, body, replay, head, deadline)
             if switched is not None:
                 await tunnel(call, switched)
         except TimeoutError:
@@ -304,6 +293,31 @@ class Proxy:
             call.reply(failure.reply)
         finally:
             state.done()
+            if replay is not None:
+                replay.close()
+
+    def _firing(self, outcome: Forward) -> tuple[Mirror, ...]:
+        """The route's mirrors that copy this request (`mirrorPercentage`), drawn as routing
+        decides, as Envoy picks its shadow policies with the request's headers."""
+        return tuple(mirror for mirror in outcome.mirrors if fires(self.rng, mirror.percentage))
+
+    def _mirror(
+        self,
+        call: Call,
+        mirrors: tuple[Mirror, ...],
+        ops: RequestOps,
+        path: str,
+        authority: str,
+        head: Head | None,
+        body: bytes,
+    ) -> None:
+        """Copy the whole `body` to each mirror; `head`, built for that body, is reused for a
+        mirror spoken to in the same protocol."""
+        request = call.request
+        for mirror in mirrors:
+            same = head is not None and speaks_http2(mirror.cluster, request) == (head.fields is not None)
+            copied = head if same and head is not None else head_for(call, mirror.cluster, ops, path, authority, body)
+            self.mirrors.copy(mirror, call.view, copied, body)
 
     async def _exchange(
         self,
@@ -312,6 +326,7 @@ class Proxy:
         state: ClusterState,
         retry: RetryDecider,
         body: Body | bytes,
+        replay: Replay | None,
         head: Head,
         deadline: Deadline | None,
     ) -> UpstreamResponse | None:
@@ -319,8 +334,10 @@ class Proxy:
         Envoy's route timeout covers the whole response. A 101 to an upgrade is returned
         instead: the tunnel it opens outlives the timeout, as in Envoy."""
         response, attempt = await attempts(
-            call, cluster, state, retry, self.upstreams, self.rng, head, body, deadline,
+            call, cluster, state, retry, self.upstreams, self.rng, head, body, replay, deadline,
         )  # fmt: skip
+        if replay is not None:
+            replay.settle()
         try:
             if response.status == 101:
                 if call.request.upgrade is None:
@@ -368,6 +385,24 @@ def _exchange(
         exchange.grpc = True
         exchange.request_messages = responder.lifecycle.messages if isinstance(responder, Stream) else None
     return exchange
+
+
+def kept_body(call: Call, retry: RetryDecider, mirrored: bool) -> tuple[Body | bytes, Replay | None, RetryDecider]:
+    """The request body as the attempts send it, and the policy they follow. Kept for retries
+    and mirrors only: one already whole within BUFFER_LIMIT as bytes (the common case, no
+    copy made), one still arriving as a `Replay` (forwarded as it comes, a copy recorded);
+    one already whole past the limit is streamed with both abandoned, as Envoy does."""
+    request = call.request
+    source = request.body
+    if not request.has_body:
+        return b"", None, retry
+    if not (retry.attempts or mirrored):
+        return source, None, retry
+    if not source.complete:
+        return source, Replay(source, BUFFER_LIMIT, call.loop), retry
+    if source.error is None and source.buffered <= BUFFER_LIMIT:
+        return source.take(), None, retry
+    return source, None, NO_RETRY
 
 
 def _grpc_timeout(call: Call, route_timeout: float | None, per_try_timeout: float | None) -> float | None:

@@ -21,6 +21,7 @@ from minimesh.dataplane.http1 import (
     first_header,
 )
 from minimesh.dataplane.http2 import Stream
+from minimesh.dataplane.replay import Replay
 from minimesh.dataplane.upstream import Upstreams, speaks_http2
 from minimesh.routing.headers import HeaderList, RequestOps, ResponseOps
 from minimesh.routing.snapshot import Cluster, Endpoint
@@ -50,9 +51,16 @@ class Head:
         self.head_request = head_request
 
     def send(
-        self, upstreams: Upstreams, cluster: Cluster, endpoint: Endpoint, body: Body | bytes, attempt: int
+        self,
+        upstreams: Upstreams,
+        cluster: Cluster,
+        endpoint: Endpoint,
+        body: Body | bytes,
+        attempt: int,
+        replay: Replay | None = None,
     ) -> Awaitable[UpstreamResponse]:
-        """Send it to `endpoint` as try number `attempt` (0: a mirror's copy, no count)."""
+        """Send it to `endpoint` as try number `attempt` (0: a mirror's copy, no count);
+        `replay` gives `body` again should a reused HTTP/1.1 connection prove closed."""
         fields = self.fields
         if fields is not None:
             if attempt:
@@ -61,7 +69,13 @@ class Head:
         count = b"x-envoy-attempt-count: %d\r\n" % attempt if attempt else b""
         head = b"".join([*self.parts, count, self.framing])
         return upstreams.send(
-            cluster, endpoint, head, body, head_request=self.head_request, chunked=self.framing == CHUNKED
+            cluster,
+            endpoint,
+            head,
+            body,
+            head_request=self.head_request,
+            chunked=self.framing == CHUNKED,
+            replay=replay,
         )
 
     def shadow(self) -> Head:

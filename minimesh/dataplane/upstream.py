@@ -24,6 +24,7 @@ from minimesh.config.labels import DETECTED
 from minimesh.dataplane.http1 import Body, Request, UpstreamClosed, UpstreamConnection, UpstreamResponse
 from minimesh.dataplane.http2 import VERSION as HTTP2
 from minimesh.dataplane.http2_upstream import Http2Upstream, StreamRefused, StreamResetByPeer
+from minimesh.dataplane.replay import Replay
 from minimesh.routing.headers import HeaderList
 from minimesh.routing.pick import Balancer, balancer_for
 from minimesh.routing.retry import GATEWAY_ERRORS
@@ -631,12 +632,14 @@ class Upstreams:
         *,
         head_request: bool = False,
         chunked: bool = True,
+        replay: Replay | None = None,
     ) -> UpstreamResponse:
         """One attempt to `endpoint`; the response once its head is in, or UpstreamFailure.
 
         A reused keep-alive connection the upstream had already closed is retried once on a
-        fresh one when nothing was sent yet that cannot be sent again; an attempt cancelled
-        (timeout, client gone) closes its connection, as Envoy resets the stream."""
+        fresh one when nothing was sent yet that cannot be sent again (a streamed body can
+        while its `replay` still holds a copy); an attempt cancelled (timeout, client gone)
+        closes its connection, as Envoy resets the stream."""
         state = self.state(cluster)
         reused_once = False
         while True:
@@ -648,8 +651,11 @@ class Upstreams:
                 return await conn.exchange(head, body, head_request=head_request, chunked=chunked)
             except UpstreamClosed as exc:
                 conn.close()
-                if not fresh and exc.sent_nothing and isinstance(body, bytes) and not reused_once:
+                again = isinstance(body, bytes) or (replay is not None and not replay.overflowed)
+                if not fresh and exc.sent_nothing and again and not reused_once:
                     reused_once = True
+                    if replay is not None:
+                        body = replay.body()
                     continue
                 raise UpstreamFailure(CONNECTION_TERMINATION, endpoint) from exc
             except (OSError, ssl.SSLError) as exc:

@@ -1,0 +1,128 @@
+"""A streamed request body that retries and mirrors can use again, kept as Envoy's router keeps
+it: forwarded as it arrives while a copy is recorded up to a bound; each attempt gets a `Body`
+that replays the copy, then continues live. A body outgrowing the bound is no longer retried
+or mirrored; a mirror gets the copy once the whole body is in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from minimesh.dataplane.http1 import Body
+
+
+class Replay:
+    """One downstream body shared by a request's attempts. A single pump reads it no faster
+    than the current attempt's upstream takes it (that attempt's body is refilled only once
+    empty), records each chunk while the copy fits `limit`, and feeds the current attempt.
+    `overflowed`: the copy outgrew `limit` and was dropped, so nothing can be sent again.
+    `on_whole` (the mirrors) gets the whole body once it is in, if it fit."""
+
+    __slots__ = (
+        "_chunks", "_done", "_error", "_limit", "_loop", "_pump", "_recording", "_size", "_source",
+        "_target", "_waiter", "on_whole", "overflowed",
+    )  # fmt: skip
+
+    def __init__(self, source: Body, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._source = source
+        self._limit = limit
+        self._loop = loop
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._recording = True
+        self._done = False
+        self._error: BaseException | None = None
+        self._target: Body | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.on_whole: Callable[[bytes], None] | None = None
+        self.overflowed = False
+
+    def body(self) -> Body:
+        """The body of the next attempt: the copy so far, then the rest as it arrives (the
+        previous attempt's body gets no more)."""
+        target = Body(self._wake, self._loop)
+        for chunk in self._chunks:
+            target.feed(chunk)
+        if self._done:
+            if self._error is not None:
+                target.fail(self._error)
+            else:
+                target.finish()
+        self._target = target
+        if self._pump is None and not self._done:
+            self._pump = self._loop.create_task(self._run())
+        else:
+            self._wake()
+        return target
+
+    def settle(self) -> None:
+        """The response is passed on, so no attempt follows: the copy is kept only for a
+        mirror still waiting for the whole body."""
+        if self.on_whole is None:
+            self._stop_recording()
+
+    def close(self) -> None:
+        """The request is over: stop reading the downstream body."""
+        pump = self._pump
+        if pump is not None and not pump.done():
+            pump.cancel()
+
+    async def _run(self) -> None:
+        source = self._source
+        try:
+            while True:
+                while self._target is not None and self._target.buffered:
+                    await self._wait()
+                chunk = await source.read()
+                if not chunk:
+                    break
+                self._record(chunk)
+                if self._target is not None:
+                    self._target.feed(chunk)
+        except Exception as error:  # the downstream failed (its client left): so does the attempt
+            self._done = True
+            self._error = error
+            if self._target is not None:
+                self._target.fail(error)
+            return
+        self._done = True
+        if self._target is not None:
+            self._target.finish()
+        on_whole = self.on_whole
+        if on_whole is not None and self._recording:
+            self.on_whole = None
+            on_whole(b"".join(self._chunks))
+
+    def _record(self, chunk: bytes) -> None:
+        if not self._recording:
+            return
+        if self._size + len(chunk) > self._limit:
+            self.overflowed = True
+            self.on_whole = None
+            self._stop_recording()
+            return
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+
+    def _stop_recording(self) -> None:
+        self._recording = False
+        self._chunks = []
+        self._size = 0
+
+    async def _wait(self) -> None:
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __repr__(self) -> str:
+        state = "overflowed" if self.overflowed else "done" if self._done else "streaming"
+        return f"<Replay {state} recorded={self._size}>"

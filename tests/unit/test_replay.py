@@ -1,0 +1,119 @@
+"""`Replay`, the request body kept for retries and mirrors, on a downstream body the test
+feeds: read no faster than the current attempt takes it, the copy replayed to the next
+attempt then continued live, abandoned past its bound, handed whole to the mirrors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from minimesh.dataplane.http1 import Body
+from minimesh.dataplane.replay import Replay
+from tests.clocks import on_virtual_time, settle
+
+
+def replay_of(*chunks: bytes, limit: int = 1000) -> tuple[Body, Replay]:
+    source = Body()
+    for chunk in chunks:
+        source.feed(chunk)
+    return source, Replay(source, limit, asyncio.get_running_loop())
+
+
+async def drain(body: Body) -> bytes:
+    parts = []
+    while chunk := await body.read():
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+@on_virtual_time
+async def test_the_downstream_is_read_no_faster_than_the_attempt_takes_it() -> None:
+    source, replay = replay_of(b"a", b"b", b"c")
+    attempt = replay.body()
+    await settle()
+    assert (attempt.buffered, source.buffered) == (1, 2), "one chunk handed on, the rest left downstream"
+    assert await attempt.read() == b"a"
+    await settle()
+    assert (attempt.buffered, source.buffered) == (1, 1)
+    replay.close()
+
+
+@on_virtual_time
+async def test_a_retry_replays_the_copy_then_continues_live() -> None:
+    source, replay = replay_of(b"one ", b"two ")
+    first = replay.body()
+    assert await first.read() == b"one "
+    await settle()
+    second = replay.body()
+    source.feed(b"three")
+    source.finish()
+    assert await drain(second) == b"one two three", "each byte once, in order"
+    assert not replay.overflowed
+    third = replay.body()
+    assert (await drain(third), third.complete) == (b"one two three", True), "a body already in is replayed whole"
+
+
+@on_virtual_time
+async def test_a_copy_past_its_bound_is_dropped_but_the_body_still_flows() -> None:
+    source, replay = replay_of(b"x" * 6, limit=10)
+    wholes: list[bytes] = []
+    replay.on_whole = wholes.append
+    attempt = replay.body()
+    source.feed(b"y" * 6)
+    source.finish()
+    assert await drain(attempt) == b"x" * 6 + b"y" * 6
+    assert replay.overflowed
+    assert wholes == [], "no mirror for a body past the bound"
+
+
+@on_virtual_time
+async def test_the_mirrors_get_the_whole_body_once_it_is_in() -> None:
+    source, replay = replay_of(b"ab")
+    wholes: list[bytes] = []
+    replay.on_whole = wholes.append
+    attempt = replay.body()
+    assert await attempt.read() == b"ab"
+    replay.settle()
+    await settle()
+    assert wholes == [], "not before the end"
+    source.feed(b"cd")
+    source.finish()
+    assert await drain(attempt) == b"cd"
+    await settle()
+    assert wholes == [b"abcd"], "settling kept the copy for the mirror"
+
+
+@on_virtual_time
+async def test_settling_without_mirrors_stops_the_copy() -> None:
+    source, replay = replay_of(b"x" * 8, limit=10)
+    attempt = replay.body()
+    assert await attempt.read() == b"x" * 8
+    replay.settle()
+    source.feed(b"y" * 8)
+    source.finish()
+    assert await drain(attempt) == b"y" * 8
+    assert not replay.overflowed, "nothing is recorded once no attempt can follow"
+
+
+@on_virtual_time
+async def test_a_downstream_failure_fails_the_attempt_and_close_stops_the_pump() -> None:
+    source, replay = replay_of(b"a")
+    attempt = replay.body()
+    assert await attempt.read() == b"a"
+    source.fail(ConnectionResetError("downstream closed the connection"))
+    with pytest.raises(ConnectionResetError):
+        await attempt.read()
+    again = replay.body()
+    assert await again.read() == b"a"
+    with pytest.raises(ConnectionResetError):
+        await again.read()
+
+    source, replay = replay_of()
+    replay.body()
+    await settle()
+    replay.close()
+    await settle()
+    source.feed(b"late")
+    await settle()
+    assert source.buffered == 4, "nothing reads the downstream once the request is over"
