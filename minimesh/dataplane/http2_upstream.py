@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -28,7 +27,7 @@ from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
 from minimesh.dataplane.http1 import Body, UpstreamClosed, UpstreamResponse
-from minimesh.dataplane.http2 import CONNECTION_WINDOW, STREAM_WINDOW
+from minimesh.dataplane.http2 import CONNECTION_WINDOW, STREAM_WINDOW, h2_config
 from minimesh.routing.headers import HeaderList
 
 
@@ -194,7 +193,7 @@ class Http2Upstream(asyncio.Protocol):
 
     def __init__(self, on_lost: Callable[[Http2Upstream], None], max_requests: int = 0) -> None:
         self.loop = asyncio.get_running_loop()
-        self.h2 = H2Connection(config=H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = H2Connection(config=h2_config(client_side=True))
         self.h2.local_settings = Settings(
             client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, SettingCodes.ENABLE_PUSH: 0}
         )
