@@ -327,13 +327,24 @@ class Http2Upstream(asyncio.Protocol):
             del self.streams[stream_id]
             raise
         self.flush_soon()
-        if not empty:
+        if not empty and not self._sent_whole(stream_id, body):
             stream.sender = self.loop.create_task(stream.send_body(body))
         try:
             return await stream.head
         except asyncio.CancelledError:
             stream.close()
             raise
+
+    def _sent_whole(self, stream_id: int, body: Body | bytes) -> bool:
+        """Send a buffered body that the windows take in one frame beside its head, with
+        END_STREAM (a unary gRPC call: no task, no pass of the loop); False for any other."""
+        if not isinstance(body, bytes) or self.write_paused:
+            return False
+        h2 = self.h2
+        if len(body) > min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size):
+            return False
+        h2.send_data(stream_id, body, end_stream=True)
+        return True
 
     def stream_done(self, stream: UpstreamStream) -> None:
         if self.streams.pop(stream.id, None) is not None and self.draining and not self.streams:
