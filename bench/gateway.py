@@ -15,7 +15,7 @@ import signal
 
 from minimesh.config.load import load_paths
 from minimesh.dataplane.current import Current
-from minimesh.dataplane.exchange import Listener
+from minimesh.dataplane.exchange import Listener, ListenerKind
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import Upstreams
@@ -27,7 +27,7 @@ async def serve(config: str, port: int) -> None:
     mesh = load_paths([config]).raise_errors()
     snapshot = compile_snapshot(mesh, workloads_of(mesh), generation=1)
     proxy = Proxy(Current(snapshot), Upstreams())
-    serving = Serving(proxy, Listener("gateway", port, gateways=snapshot.ingress_gateways))
+    serving = Serving(proxy, Listener(ListenerKind.GATEWAY, port, gateways=snapshot.ingress_gateways))
     await serving.start("127.0.0.1", port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -23,6 +23,7 @@ the other); every container and the network are removed at the end, even when st
 
 from __future__ import annotations
 
+import collections
 import re
 import statistics
 import subprocess
@@ -248,8 +249,19 @@ def mesh_protocol(daemon: Daemon) -> str:
         text = response.read().decode()
     calls = [line for line in text.splitlines() if line.startswith("istio_requests_total{") and "mesh-server" in line]
     if any('request_protocol="grpc"' in line for line in calls):
-        bad = sum(float(line.rsplit(" ", 1)[1]) for line in calls if 'grpc_response_status="0"' not in line)
-        return f"HTTP/2, gRPC (istio_requests_total; {bad:g} calls with a grpc-status other than 0)"
+        bad: collections.Counter[str] = collections.Counter()
+        for line in calls:
+            if 'grpc_response_status="0"' not in line:
+                labels = dict(
+                    re.findall(r'(response_code|grpc_response_status|response_flags|reporter)="([^"]*)"', line)
+                )
+                bad[" ".join(f"{name}={value!r}" for name, value in sorted(labels.items()))] += float(
+                    line.rsplit(" ", 1)[1]
+                )
+        which = "; ".join(f"{count:g} with {labels}" for labels, count in bad.most_common())
+        return (
+            f"HTTP/2, gRPC (istio_requests_total; {sum(bad.values()):g} calls with a grpc-status other than 0: {which})"
+        )
     if any(
         line.startswith("istio_tcp_connections_opened_total{") and "mesh-server" in line for line in text.splitlines()
     ):

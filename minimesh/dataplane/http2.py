@@ -53,6 +53,16 @@ MAX_CONCURRENT_STREAMS = 2**31 - 1
 OUT_HIGH_WATER = 1 << 16
 """Response bytes held for one stream (its window closed) past which `drain` waits."""
 
+
+def h2_config(*, client_side: bool) -> H2Configuration:
+    """The `h2` settings of both codecs: what arrives is validated, what goes out is not
+    checked again (its names are already lower-case, its values came through a validating
+    codec or the config), which saves about a sixth of the CPU of a proxied call."""
+    return H2Configuration(
+        client_side=client_side, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
+
+
 Handler = Callable[[Request, "Stream"], Awaitable[None]]
 
 
@@ -300,7 +310,7 @@ class Http2Downstream(asyncio.Protocol):
         self._on_close = on_close
         self._limits = limits
         self.loop = asyncio.get_running_loop()
-        self.h2 = H2Connection(config=H2Configuration(client_side=False, header_encoding=None))
+        self.h2 = H2Connection(config=h2_config(client_side=False))
         self.h2.local_settings = Settings(
             client=False,
             initial_values={

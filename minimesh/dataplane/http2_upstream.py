@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -28,7 +27,7 @@ from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
 from minimesh.dataplane.http1 import Body, UpstreamClosed, UpstreamResponse
-from minimesh.dataplane.http2 import CONNECTION_WINDOW, STREAM_WINDOW
+from minimesh.dataplane.http2 import CONNECTION_WINDOW, STREAM_WINDOW, h2_config
 from minimesh.routing.headers import HeaderList
 
 
@@ -194,7 +193,7 @@ class Http2Upstream(asyncio.Protocol):
 
     def __init__(self, on_lost: Callable[[Http2Upstream], None], max_requests: int = 0) -> None:
         self.loop = asyncio.get_running_loop()
-        self.h2 = H2Connection(config=H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = H2Connection(config=h2_config(client_side=True))
         self.h2.local_settings = Settings(
             client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, SettingCodes.ENABLE_PUSH: 0}
         )
@@ -328,13 +327,24 @@ class Http2Upstream(asyncio.Protocol):
             del self.streams[stream_id]
             raise
         self.flush_soon()
-        if not empty:
+        if not empty and not self._sent_whole(stream_id, body):
             stream.sender = self.loop.create_task(stream.send_body(body))
         try:
             return await stream.head
         except asyncio.CancelledError:
             stream.close()
             raise
+
+    def _sent_whole(self, stream_id: int, body: Body | bytes) -> bool:
+        """Send a buffered body that the windows take in one frame beside its head, with
+        END_STREAM (a unary gRPC call: no task, no pass of the loop); False for any other."""
+        if not isinstance(body, bytes) or self.write_paused:
+            return False
+        h2 = self.h2
+        if len(body) > min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size):
+            return False
+        h2.send_data(stream_id, body, end_stream=True)
+        return True
 
     def stream_done(self, stream: UpstreamStream) -> None:
         if self.streams.pop(stream.id, None) is not None and self.draining and not self.streams:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
+from hpack import NeverIndexedHeaderTuple
+
 from minimesh.dataplane.call import Call
 from minimesh.dataplane.grpc import MessageCounter, grpc_status_header, is_grpc
 from minimesh.dataplane.http1 import (
@@ -128,7 +130,8 @@ def request_fields(call: Call, ops: RequestOps, path: str, authority: str, body:
     """The HTTP/2 request head sent upstream, less the attempt count: the pseudo-headers
     (`:authority` from the Host), then what `request_head` writes, connection-specific
     headers dropped but `te: trailers` kept (as Envoy's codec does), and the body's length
-    when known."""
+    when known. The request id, new on every request, is never indexed: kept out of the
+    HPACK table, it leaves room for the headers that repeat, which then cost a byte each."""
     request = call.request
     drop = ops.drop
     fields = [
@@ -136,7 +139,7 @@ def request_fields(call: Call, ops: RequestOps, path: str, authority: str, body:
         (b":scheme", b"http"),
         (b":path", path.encode("latin-1")),
         (b":authority", authority.encode("latin-1")),
-        (b"x-request-id", call.exchange.request_id.encode()),
+        NeverIndexedHeaderTuple(b"x-request-id", call.exchange.request_id.encode()),
     ]
     for name, value in request.headers:
         if name not in drop:

@@ -377,10 +377,10 @@ class Multiplexed:
             conn.waiting += 1
             try:
                 await asyncio.shield(conn.ready)
-            except UpstreamClosed as exc:
-                raise UpstreamFailure(CONNECTION_TERMINATION, endpoint) from exc
-            except (OSError, ssl.SSLError, TimeoutError) as exc:
-                raise UpstreamFailure(CONNECT_FAILURE, endpoint) from exc
+            except UpstreamClosed as closed:
+                raise UpstreamFailure(CONNECTION_TERMINATION, endpoint) from closed
+            except (OSError, ssl.SSLError, TimeoutError) as failed:  # its own name: mypyc types one name once
+                raise UpstreamFailure(CONNECT_FAILURE, endpoint) from failed
             finally:
                 conn.waiting -= 1
             if conn.takes(limit):
@@ -675,14 +675,14 @@ class Upstreams:
         conn = await state.h2.connection(cluster, endpoint, self._tls(cluster) if self._tls else None, cluster.host)
         try:
             return await conn.exchange(fields, body)
-        except StreamRefused as exc:
-            raise UpstreamFailure(REFUSED_STREAM, endpoint) from exc
-        except StreamResetByPeer as exc:
-            raise UpstreamFailure(REMOTE_RESET, endpoint) from exc
-        except (UpstreamClosed, OSError) as exc:
-            raise UpstreamFailure(CONNECTION_TERMINATION, endpoint) from exc
-        except H2Error as exc:
-            raise UpstreamFailure(PROTOCOL_ERROR, endpoint) from exc
+        except StreamRefused as refused:  # a name per clause: mypyc types one name once
+            raise UpstreamFailure(REFUSED_STREAM, endpoint) from refused
+        except StreamResetByPeer as reset:
+            raise UpstreamFailure(REMOTE_RESET, endpoint) from reset
+        except (UpstreamClosed, OSError) as lost:
+            raise UpstreamFailure(CONNECTION_TERMINATION, endpoint) from lost
+        except H2Error as error:
+            raise UpstreamFailure(PROTOCOL_ERROR, endpoint) from error
 
     def close(self) -> None:
         for state in self.clusters.values():

@@ -13,7 +13,7 @@ from minimesh.config.source import Document, parse_text
 from minimesh.daemon import Daemon, Options, compile_config
 from minimesh.daemon.runtime import with_applied
 from minimesh.errors import ConfigError
-from minimesh.registry.model import Workload
+from minimesh.registry.model import Origin, Workload
 from minimesh.registry.watch import Discovered
 from minimesh.routing.snapshot import Snapshot
 from tests.inproc.conftest import Shop
@@ -62,7 +62,9 @@ def applying(text: str, source: str = "applied.yaml") -> list[Document]:
 
 
 def container(number: int) -> Workload:
-    return Workload(name=f"web-{number}", address=f"172.18.0.{number}", labels=(("app", "web"),), origin="Docker")
+    return Workload(
+        name=f"web-{number}", address=f"172.18.0.{number}", labels=(("app", "web"),), origin=Origin.CONTAINER
+    )
 
 
 async def test_a_burst_of_triggers_is_one_compile(shop: Shop) -> None:

@@ -23,7 +23,7 @@ from minimesh.config.source import MAX_DOCUMENT_BYTES
 from minimesh.daemon import Daemon, Options, compile_config, converge, pipeline
 from minimesh.daemon import runtime as daemon_module
 from minimesh.errors import ConfigError
-from minimesh.registry.model import Workload
+from minimesh.registry.model import Origin, Workload
 from minimesh.registry.watch import Discovered
 from tests.hostile import HOSTILE, Hostile
 from tests.inproc.conftest import Shop, StartDaemon, minimesh
@@ -199,7 +199,7 @@ async def test_no_background_task_ends_the_daemon(
 
         compiling = pipeline.compile_snapshot
         monkeypatch.setattr(pipeline, "compile_snapshot", broken)
-        container = Workload(name="web-1", address="172.18.0.5", labels=(("app", "web"),), origin="Docker")
+        container = Workload(name="web-1", address="172.18.0.5", labels=(("app", "web"),), origin=Origin.CONTAINER)
         daemon._discovered(Discovered((container,)))  # the containers changed, and recompiling fails
         await until(lambda: daemon.internal_errors == 2, "the failed recompile counted")
         monkeypatch.setattr(pipeline, "compile_snapshot", compiling)

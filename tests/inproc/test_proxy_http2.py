@@ -15,7 +15,7 @@ from aiohttp import web
 
 from minimesh.dataplane.accesslog import text_line
 from minimesh.dataplane.current import Current
-from minimesh.dataplane.exchange import Exchange, Listener
+from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.http1 import Downstream
 from minimesh.dataplane.http2 import Http2Downstream
 from minimesh.dataplane.listeners import Serving
@@ -476,7 +476,7 @@ async def test_a_captured_connection_speaking_http2_is_served_as_http() -> None:
         snapshot = compile_yaml(DETECTED, values)
         exchanges: list[Exchange] = []
         proxy = Proxy(Current(snapshot), Upstreams(), observers=(exchanges.append,))
-        listener = Listener("sidecar", 15001, workload=SOURCE)
+        listener = Listener(ListenerKind.SIDECAR, 15001, workload=SOURCE)
         outbound = Serving(proxy, listener, transparent=True, original_of=Target(("127.0.0.1", app.port)))
         await outbound.start("127.0.0.1", 0)
         client = await H2Client.connect(outbound.address)

@@ -14,7 +14,7 @@ import pytest
 from h2.errors import ErrorCodes
 
 from minimesh.dataplane.current import Current
-from minimesh.dataplane.exchange import Exchange, Listener
+from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.http2 import STREAM_WINDOW
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Proxy
@@ -431,7 +431,7 @@ async def test_the_inbound_side_speaks_http2_to_an_app_on_a_grpc_port() -> None:
     exchanges: list[Exchange] = []
     proxy = Proxy(Current(snapshot), Upstreams(), observers=(exchanges.append,))
     workload = next(w for w in snapshot.workloads if w.name == "greeter-v1")
-    listener = Listener("inbound", 15006, workload=workload)
+    listener = Listener(ListenerKind.INBOUND, 15006, workload=workload)
     inbound = Serving(proxy, listener, transparent=True, original_of=Target(("127.0.0.1", app.port)))
     await inbound.start("127.0.0.1", 0)
     try:

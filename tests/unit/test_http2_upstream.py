@@ -12,7 +12,7 @@ import pytest
 from minimesh.config import model as m
 from minimesh.config.labels import DETECTED
 from minimesh.dataplane.call import Call, Responding
-from minimesh.dataplane.exchange import Exchange, Listener
+from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.http1 import Body, Request
 from minimesh.dataplane.respond import head_for
 from minimesh.dataplane.upstream import speaks_http2
@@ -68,7 +68,7 @@ SNAPSHOT = compile_snapshot(load_mesh(""), ())
 
 def call(req: Request, kind: str = "sidecar", forwarded: str = "") -> Call:
     exchange = Exchange(
-        Listener(kind, 80), "GET", "/x", "", "HTTP/1.1", "rid", 0.0, 0.0, "10.0.0.9:5555", "", forwarded
+        Listener(ListenerKind(kind), 80), "GET", "/x", "", "HTTP/1.1", "rid", 0.0, 0.0, "10.0.0.9:5555", "", forwarded
     )
     loop = asyncio.new_event_loop()
     loop.close()

@@ -9,7 +9,7 @@ import pytest
 from minimesh.config.labels import ServicePortSpec
 from minimesh.dataplane.capture.netns import capture_rules
 from minimesh.registry.docker import Skipped, aliases_of, ready, workload_of
-from minimesh.registry.model import Workload
+from minimesh.registry.model import Origin, Workload
 
 
 def record(labels: dict[str, str], *, exposed: tuple[str, ...] = ("9080/tcp",), ip: str = "172.18.0.5",
@@ -40,7 +40,7 @@ def test_a_labelled_container_is_a_workload() -> None:
         service_ports=(ServicePortSpec(9080),),
         inject=True,
         netns="/proc/4242/ns/net",
-        origin="container",
+        origin=Origin.CONTAINER,
     )
     assert isinstance(found, Workload)
     assert found.identity == "spiffe://cluster.local/ns/default/sa/reviews"
