@@ -36,6 +36,7 @@ HOT_PATH = (
     "minimesh/dataplane/proxy.py",
     "minimesh/dataplane/respond.py",
     "minimesh/dataplane/sniff.py",
+    "minimesh/dataplane/replay.py",
     "minimesh/dataplane/tcp.py",
     "minimesh/dataplane/upstream.py",
     "minimesh/registry/model.py",
