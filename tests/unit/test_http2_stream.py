@@ -123,7 +123,8 @@ async def test_a_client_reset_fails_the_awaited_body_and_cancels_the_handler() -
 
     async def handler(request: Request, stream: Stream) -> None:
         try:
-            await request.body.read_all(1 << 20)
+            while await request.body.read():
+                pass
         except ConnectionResetError as exc:
             outcome.append(str(exc))
             await asyncio.Event().wait()
