@@ -73,6 +73,9 @@ def test_demo_down_leaves_nothing_even_after_a_killed_daemon(images: None) -> No
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         assert "bookinfo is up behind minimesh:  http://127.0.0.1:8080/productpage" in up.stdout
         assert "Reviews served by:" in get("http://127.0.0.1:8080/productpage")
+        services = ("productpage", "details", "ratings", "reviews-v1", "reviews-v2", "reviews-v3")
+        containers = [f"{project}_{service}_1" for service in services]
+        until(lambda: all("MINIMESH" in capture_rules(c) for c in containers), "the demo's daemon to capture bookinfo")
         pid = int((ROOT / ".minimesh" / "minimesh.pid").read_text())
         os.kill(pid, signal.SIGKILL)
         until(lambda: not alive(pid), "the killed daemon gone")
@@ -82,8 +85,8 @@ def test_demo_down_leaves_nothing_even_after_a_killed_daemon(images: None) -> No
                               text=True, timeout=300, check=False)  # fmt: skip
     assert down.returncode == 0, down.stdout + down.stderr
     cleaned = next(line for line in down.stdout.splitlines() if "removed capture rules left in" in line)
-    for service in ("productpage", "details", "ratings", "reviews-v1", "reviews-v2", "reviews-v3"):
-        assert f"{project}_{service}_1" in cleaned
+    for container in containers:
+        assert container in cleaned
     containers = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
     networks = subprocess.run(["docker", "network", "ls", "-q", "--filter", f"name={project}"],

@@ -5,6 +5,7 @@ network namespace (`ip netns`), real iptables and `ss`; root only, and never ski
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from minimesh.dataplane.capture.manager import put_rules_in
 from minimesh.dataplane.capture.netns import abort_bypassing, bypass_filter, install_rules, listening_ports
 
 APP = """
@@ -95,3 +97,18 @@ def test_bypass_filter_keeps_listening_ports_that_are_not_captured() -> None:
     assert listening == {9080, 22}
     text = bypass_filter(listening, [9080])
     assert "sport = :22" in text and "sport = :15001" in text and "sport = :9080" not in text
+
+
+def test_a_capture_cancelled_while_its_rules_go_in_leaves_no_rule(namespace: str) -> None:
+    path = f"/var/run/netns/{namespace}"
+
+    async def cancel_midway() -> None:
+        task = asyncio.ensure_future(put_rules_in(path, (9080,)))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_midway())
+    assert "MINIMESH" not in subprocess.run(["ip", "netns", "exec", namespace, "iptables-save", "-t", "nat"],
+                                            capture_output=True, text=True, check=True).stdout  # fmt: skip

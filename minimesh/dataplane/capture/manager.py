@@ -85,6 +85,24 @@ def _still_running(pid: int, alive: Callable[[int], bool], grace: float = 3.0) -
     return False
 
 
+def _install_and_abort(path: str, ports: tuple[int, ...]) -> None:
+    install_rules(path, ports)
+    abort_bypassing(path, ports)
+
+
+async def put_rules_in(path: str, ports: tuple[int, ...]) -> None:
+    """Put the rules in (and abort what bypasses them) in a thread a cancellation cannot orphan:
+    cancelled (the daemon stopping), it waits for the thread and takes the rules out again
+    before passing the cancellation on, so no rule outlives the daemon that put it in."""
+    work = asyncio.ensure_future(asyncio.to_thread(_install_and_abort, path, ports))
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        await asyncio.to_thread(remove_rules, path)
+        raise
+
+
 class NetnsCapture:
     """Transparent capture of every injected container workload, by its netns path."""
 
@@ -124,8 +142,11 @@ class NetnsCapture:
             await asyncio.to_thread(namespace.start)
             await outbound.start("", 0, sock=await namespace.listen(OUTBOUND_PORT))
             await inbound.start("", 0, sock=await namespace.listen(INBOUND_PORT))
-            await asyncio.to_thread(install_rules, path, ports)
-            await asyncio.to_thread(abort_bypassing, path, ports)
+            await put_rules_in(path, ports)
+        except asyncio.CancelledError:
+            await asyncio.gather(outbound.stop(), inbound.stop())
+            namespace.stop()
+            raise
         except (CaptureError, OSError) as exc:
             await asyncio.gather(outbound.stop(), inbound.stop())
             namespace.stop()
