@@ -37,9 +37,11 @@ def wait_for(url: str, seconds: float) -> str:
             time.sleep(0.5)
 
 
-def capture_rules_left() -> list[str]:
-    """Containers that still carry minimesh's chains."""
-    running = subprocess.run(["docker", "ps", "-q"], capture_output=True, text=True, check=True).stdout.split()
+def capture_rules_left(project: str) -> list[str]:
+    """The compose project's containers that still carry minimesh's chains (only its own: other
+    meshes, such as `make bench`'s, may run beside the tests)."""
+    running = subprocess.run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+                             capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
     return [container for container in running if "MINIMESH" in capture_rules(container)]
 
 
@@ -57,9 +59,12 @@ def test_the_daemon_as_a_compose_service(images: None, tmp_path: Path) -> None:
         assert "Sorry" not in get(url)
         dump = get(f"http://127.0.0.1:{admin}/config_dump")
         assert "minimesh" in dump and '"generation"' in dump
-        until(lambda: bool(capture_rules_left()), "the daemon in its container to capture the bookinfo containers")
+        until(
+            lambda: bool(capture_rules_left(compose.project)),
+            "the daemon in its container to capture the bookinfo containers",
+        )
         compose.run("stop", "-t", "10", "minimesh")
-        assert capture_rules_left() == [], "stopping the daemon's container removes every rule"
+        assert capture_rules_left(compose.project) == [], "stopping the daemon's container removes every rule"
     finally:
         compose.run("down", "-v", "--remove-orphans", check=False)
 
@@ -79,7 +84,7 @@ def test_demo_down_leaves_nothing_even_after_a_killed_daemon(images: None) -> No
         pid = int((ROOT / ".minimesh" / "minimesh.pid").read_text())
         os.kill(pid, signal.SIGKILL)
         until(lambda: not alive(pid), "the killed daemon gone")
-        assert capture_rules_left(), "a killed daemon leaves its rules behind"
+        assert capture_rules_left(project), "a killed daemon leaves its rules behind"
     finally:
         down = subprocess.run(["bash", "compose/demo.sh", "down"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300, check=False)  # fmt: skip
@@ -87,10 +92,9 @@ def test_demo_down_leaves_nothing_even_after_a_killed_daemon(images: None) -> No
     cleaned = next(line for line in down.stdout.splitlines() if "removed capture rules left in" in line)
     for container in containers:
         assert container in cleaned
-    containers = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
-                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+    remaining = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
     networks = subprocess.run(["docker", "network", "ls", "-q", "--filter", f"name={project}"],
                               capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert containers == "" and networks == ""
+    assert remaining == "" and networks == ""
     assert not (ROOT / ".minimesh" / "minimesh.pid").exists()
-    assert capture_rules_left() == []
