@@ -250,6 +250,9 @@ class Daemon:
         self.supervisor = Supervisor()
         self.converger = Converger(self, first.files)
         self.ready = False
+        self.started = False
+        """Whether `run` got past the first discovery: only then is a converged pass `ready`, and
+        only once its containers are captured (a request sent earlier could bypass the mesh)."""
         self.reloads_rejected = 0
         """Reloads of the files refused, the last good config serving on."""
         self._admin: web.AppRunner | None = None
@@ -295,6 +298,7 @@ class Daemon:
                 jobs.append(tasks.create_task(supervise("expire overlays", lambda: expire_overlays(self)),
                                               name="expire overlays"))  # fmt: skip
                 await asyncio.sleep(0)  # the watcher registers with the OS before we say ready
+                self.started = True
                 self.ready = not self.serving.failed
                 log.info("minimesh: ready; watching %s for changes", ", ".join(self.options.paths))
                 await self.supervisor.stopping.wait()
@@ -346,9 +350,10 @@ class Daemon:
     async def reconcile(self, snapshot: Snapshot) -> None:
         """The sidecars and the captured containers, made what `snapshot` asks for."""
         await self.serving.reconcile(snapshot)
-        self.ready = not self.serving.failed and not self.supervisor.stopping.is_set()
         if self.capture is not None:
             await self.capture.reconcile(snapshot.workloads)
+        if self.started:
+            self.ready = not self.serving.failed and not self.supervisor.stopping.is_set()
 
     # ---- triggers
 
