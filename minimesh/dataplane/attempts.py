@@ -53,13 +53,13 @@ async def attempts(
     """Attempts within the retry policy: the response to pass on and its attempt (which the
     caller ends once the body is through), or the failure to answer with; each attempt takes
     a body still arriving from `replay`. `URX`: retries used up; `UO`: refused by `maxRetries`."""
-    exchange = call.exchange
+    settle = Settle(call, cluster, state, decider, replay)
     tried: list[Endpoint] = []
     attempt_count = 0
     retrying = False
     consistent = cluster.policy.load_balancer.consistent_hash
     key = hash_key(consistent, call.view) if consistent is not None else None
-    original = exchange.original
+    original = call.exchange.original
     while True:
         attempt_count += 1
         endpoint = state.pick(cluster, rng, key, tried, original)
@@ -69,9 +69,7 @@ async def attempts(
             body = replay.body()
         if decider.attempts:
             tried.append(endpoint)
-        exchange.attempts = attempt_count
-        exchange.destination = endpoint
-        exchange.upstream_host = f"{endpoint.address}:{endpoint.port}"
+        settle.begin(attempt_count, endpoint)
         attempt = state.attempt(endpoint, retry=retrying)
         retrying = False
         sent = time.monotonic()
@@ -93,8 +91,8 @@ async def attempts(
         finally:
             attempt.sent()
         if failure is not None:
-            _failed(call, cluster, endpoint, state, decider, replay, attempt_count, attempt, failure)
-        elif _passed_on(call, cluster, endpoint, state, decider, replay, attempt_count, attempt, response, sent):
+            settle.failure(attempt_count, attempt, endpoint, failure)
+        elif settle.response(attempt_count, attempt, endpoint, response, sent):
             return response, attempt
         retrying = True
         await _back_off(rng, attempt_count, state)
@@ -110,30 +108,6 @@ def _cancelled(
         state.record(cluster, endpoint, 504)
 
 
-def _passed_on(
-    call: Call,
-    cluster: Cluster,
-    endpoint: Endpoint,
-    state: ClusterState,
-    decider: RetryDecider,
-    replay: Replay | None,
-    count: int,
-    attempt: Attempt,
-    response: UpstreamResponse,
-    sent: float,
-) -> bool:
-    """An attempt got its response head: recorded, then passed on unless the policy retries
-    it (the response is then dropped with its connection)."""
-    call.exchange.upstream_time = time.monotonic() - sent
-    state.record(cluster, endpoint, response.status)
-    retried = decider.retries_response(response.status, response.headers)
-    if not retried or _no_retry(count, decider, state, cluster, call, replay):
-        return True
-    attempt.end()
-    response.conn.close()
-    return False
-
-
 def _no_attempt(call: Call, state: ClusterState, retrying: bool, unhealthy: bool) -> NoReturn:
     """No attempt can start: no endpoint to pick (`UH`), or, for a retry waiting for its
     back-off, the copy of the body outgrew its bound (Envoy's 507)."""
@@ -145,26 +119,64 @@ def _no_attempt(call: Call, state: ClusterState, retrying: bool, unhealthy: bool
     raise UpstreamFailure(RETRY_BUFFER_EXCEEDED)
 
 
-def _failed(
-    call: Call,
-    cluster: Cluster,
-    endpoint: Endpoint,
-    state: ClusterState,
-    decider: RetryDecider,
-    replay: Replay | None,
-    count: int,
-    attempt: Attempt,
-    failure: UpstreamFailure,
-) -> None:
-    """An attempt failed before its response head: recorded for outlier detection, then
-    raised unless the policy retries it."""
-    attempt.end()
-    state.record(cluster, endpoint, 504 if failure.reply is UPSTREAM_TIMEOUT else 503)
-    refused = failure.reply is REFUSED_STREAM
-    if not decider.retries_failure(failure.reply.flag, refused=refused) or _no_retry(
-        count, decider, state, cluster, call, replay
-    ):
-        raise failure
+class Settle:
+    """How one request's attempts end: each result is recorded for outlier detection, then
+    the retry policy decides whether another attempt follows. (A plain class: made per request.)"""
+
+    __slots__ = ("call", "cluster", "decider", "replay", "state")
+
+    def __init__(
+        self, call: Call, cluster: Cluster, state: ClusterState, decider: RetryDecider, replay: Replay | None
+    ) -> None:
+        self.call = call
+        self.cluster = cluster
+        self.state = state
+        self.decider = decider
+        self.replay = replay
+
+    def begin(self, count: int, endpoint: Endpoint) -> None:
+        """Attempt `count` goes to `endpoint`, as the exchange records it."""
+        exchange = self.call.exchange
+        exchange.attempts = count
+        exchange.destination = endpoint
+        exchange.upstream_host = f"{endpoint.address}:{endpoint.port}"
+
+    def response(
+        self, count: int, attempt: Attempt, endpoint: Endpoint, response: UpstreamResponse, sent: float
+    ) -> bool:
+        """An attempt got its response head: True to pass it on, False when the policy retries
+        it (the response is then dropped with its connection)."""
+        self.call.exchange.upstream_time = time.monotonic() - sent
+        self.state.record(self.cluster, endpoint, response.status)
+        if not self.decider.retries_response(response.status, response.headers) or self._ends(count):
+            return True
+        attempt.end()
+        response.conn.close()
+        return False
+
+    def failure(self, count: int, attempt: Attempt, endpoint: Endpoint, failure: UpstreamFailure) -> None:
+        """An attempt failed before its response head: `failure` is raised unless the policy
+        retries it."""
+        attempt.end()
+        self.state.record(self.cluster, endpoint, 504 if failure.reply is UPSTREAM_TIMEOUT else 503)
+        refused = failure.reply is REFUSED_STREAM
+        if not self.decider.retries_failure(failure.reply.flag, refused=refused) or self._ends(count):
+            raise failure
+
+    def _ends(self, count: int) -> bool:
+        """Whether a retriable attempt ends the retries: the body could not be kept for another
+        (as if the route had no retry policy, as Envoy drops it then), they are used up (`URX`),
+        or `maxRetries` is reached across the cluster (`UO`); else one retry is counted in."""
+        replay = self.replay
+        if replay is not None and replay.overflowed:
+            return True
+        if count > self.decider.attempts:
+            self.call.exchange.flags.append("URX")
+            return True
+        if not self.state.admit_retry(self.cluster.policy.connection_pool):
+            self.call.exchange.flags.append("UO")
+            return True
+        return False
 
 
 async def _back_off(rng: random.Random, count: int, state: ClusterState) -> None:
@@ -175,20 +187,3 @@ async def _back_off(rng: random.Random, count: int, state: ClusterState) -> None
     except asyncio.CancelledError:
         state.retry_done()
         raise
-
-
-def _no_retry(
-    attempt: int, decider: RetryDecider, state: ClusterState, cluster: Cluster, call: Call, replay: Replay | None
-) -> bool:
-    """Whether a retriable attempt ends the retries: the body could not be kept for another
-    (as if the route had no retry policy, as Envoy drops it then), they are used up (`URX`),
-    or `maxRetries` is reached across the cluster (`UO`); else one retry is counted in."""
-    if replay is not None and replay.overflowed:
-        return True
-    if attempt > decider.attempts:
-        call.exchange.flags.append("URX")
-        return True
-    if not state.admit_retry(cluster.policy.connection_pool):
-        call.exchange.flags.append("UO")
-        return True
-    return False
