@@ -904,12 +904,16 @@ class Downstream(asyncio.Protocol):
 
 
 class UpstreamClosed(Exception):
-    """The upstream closed or reset the connection before the response was complete."""
+    """The upstream closed the connection, or reset the stream, before the response was
+    complete; `reason` is Envoy's name for it (`connection_termination`, `remote_reset`)."""
 
-    def __init__(self, message: str, *, before_headers: bool, sent_nothing: bool = False) -> None:
+    def __init__(
+        self, message: str, *, before_headers: bool, sent_nothing: bool = False, reason: str = "connection_termination"
+    ) -> None:
         super().__init__(message)
         self.before_headers = before_headers
         self.sent_nothing = sent_nothing
+        self.reason = reason
 
 
 class ResponseSource(Protocol):

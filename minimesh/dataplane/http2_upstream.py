@@ -174,7 +174,8 @@ class UpstreamStream:
             if error is None:
                 response.body.finish()
             else:
-                response.body.fail(UpstreamClosed(str(error), before_headers=False))
+                reason = error.reason if isinstance(error, UpstreamClosed) else "remote_reset"
+                response.body.fail(UpstreamClosed(str(error), before_headers=False, reason=reason))
         sender = self.sender
         if sender is not None and not sender.done() and sender is not asyncio.current_task():
             sender.cancel()

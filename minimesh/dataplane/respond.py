@@ -37,6 +37,9 @@ NO_BODY = b"\r\n"
 AUTHORITY_AT = 4
 AUTHORITY_FIELD = 3
 """Where the authority sits in a request head's parts and fields (a mirror swaps in HOST-shadow)."""
+LATE_RESET_FLAGS = {"connection_termination": "UC", "remote_reset": "UR"}
+"""The access-log flag of an upstream gone after the response head went out, by Envoy's reset
+reason (its router's `streamResetReasonToResponseFlag`)."""
 
 
 class Head:
@@ -232,8 +235,9 @@ async def respond(call: Call, response: UpstreamResponse, ops: ResponseOps, cook
                 messages.feed(chunk)
             responder.send(chunk)
             await responder.drain()
-    except UpstreamClosed:
-        exchange.flags.append("UC")
+    except UpstreamClosed as error:
+        exchange.flags.append(LATE_RESET_FLAGS[error.reason])
+        exchange.details = f"upstream_reset_after_response_started{{{error.reason}}}"
         responder.abort()
         return
     finally:

@@ -31,13 +31,15 @@ from hyperframe.frame import GoAwayFrame
 @dataclass(frozen=True, slots=True)
 class H2Reply:
     """How the upstream answers one request; `echo` sends the request body back; `reset`
-    answers with RST_STREAM of that code instead."""
+    answers with RST_STREAM of that code instead, or, with `reset_after_head`, after the head
+    and the body (the stream then never ends)."""
 
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes | None = None
     trailers: tuple[tuple[str, str], ...] = ()
     reset: ErrorCodes | None = None
+    reset_after_head: bool = False
     hold: bool = False
     echo: bool = False
 
@@ -134,7 +136,7 @@ class _ServerConnection(asyncio.Protocol):
 
     def _answer(self, seen: H2Seen) -> None:
         reply = self.backend.next_reply(seen)
-        if reply.reset is not None:
+        if reply.reset is not None and not reply.reset_after_head:
             self.h2.reset_stream(seen.stream_id, reply.reset)
             return
         task = asyncio.get_running_loop().create_task(self._send(seen, reply))
@@ -157,7 +159,9 @@ class _ServerConnection(asyncio.Protocol):
                     continue
                 self.h2.send_data(seen.stream_id, body[:room])
                 body = body[room:]
-            if reply.trailers:
+            if reply.reset is not None:
+                self.h2.reset_stream(seen.stream_id, reply.reset)
+            elif reply.trailers:
                 self.h2.send_headers(
                     seen.stream_id, [(n.encode(), v.encode()) for n, v in reply.trailers], end_stream=True
                 )

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from minimesh.dataplane.accesslog import text_line
+from minimesh.dataplane.accesslog import response_code_details, text_line
 from minimesh.dataplane.current import Current
 from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.http1 import Downstream
@@ -446,7 +446,10 @@ async def test_a_reset_upstream_mid_response_resets_the_stream() -> None:
         try:
             answer = await client.get("/")
             assert (answer.status, answer.reset, answer.ended) == (200, 0, False)
-            assert mesh.last().flag_text == "UC"
+            last = mesh.last()
+            assert (last.flag_text, response_code_details(last)) == (
+                "UC", "upstream_reset_after_response_started{connection_termination}"
+            )
             assert (await client.get("/")).reset == 0, "the connection still serves"
         finally:
             await client.close()

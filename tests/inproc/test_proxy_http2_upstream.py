@@ -13,6 +13,7 @@ import grpc
 import pytest
 from h2.errors import ErrorCodes
 
+from minimesh.dataplane.accesslog import response_code_details
 from minimesh.dataplane.current import Current
 from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.http2 import STREAM_WINDOW
@@ -168,6 +169,22 @@ async def test_a_refused_stream_is_retried_under_refused_stream_and_reported_ur_
         assert [e.flag_text for e in mesh.exchanges[1:3]] == ["UR", "UR"]
         assert (reset_retried.status, mesh.last().attempts) == (200, 2)
         assert len(app.connections) == 1, "a reset stream leaves its connection open"
+
+
+async def test_a_stream_reset_mid_response_resets_the_client_stream_and_is_ur() -> None:
+    app = H2Backend("app", H2Reply(body=b"partial", reset=ErrorCodes.INTERNAL_ERROR, reset_after_head=True))
+    async with running_mesh(GRPC_APP + web_route(), {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            answer = await client.get("/")
+            assert (answer.status, answer.reset, answer.ended) == (200, 0, False)
+            assert (await client.get("/")).status == 200, "the connection still serves"
+        finally:
+            await client.close()
+        first = mesh.exchanges[0]
+        assert (first.flag_text, response_code_details(first)) == (
+            "UR", "upstream_reset_after_response_started{remote_reset}"
+        )
 
 
 async def test_a_lost_connection_fails_every_stream_on_it() -> None:
