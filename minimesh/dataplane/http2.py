@@ -1,7 +1,7 @@
 """HTTP/2 downstream (h2c with prior knowledge, what gRPC clients send), framed by the
 sans-IO `h2` library: each stream (its `StreamLifecycle`) becomes a `Request` for the same
 proxy steps as HTTP/1.1, answered through its `Stream` (a `Responding`). Flow control is
-honoured both ways.
+honoured both ways. `Http2Connection` is what it shares with the upstream side.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError
+from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
 
 from minimesh.dataplane.grpc import MessageCounter, is_grpc
@@ -296,7 +296,62 @@ class StreamLifecycle:
         return f"<StreamLifecycle {self.id} acked={self._acked} {self.stream!r}>"
 
 
-class Http2Downstream(asyncio.Protocol):
+class Http2Connection(asyncio.Protocol):
+    """What both ends of an HTTP/2 connection share: the `h2` state machine, opened with its
+    SETTINGS and a connection window of CONNECTION_WINDOW; what arrives handed to `event`
+    frame by frame (a frame h2 refuses closes the connection); what h2 frames written at the
+    end of a pass of the loop, every stream's together."""
+
+    def __init__(self, h2: H2Connection) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.h2 = h2
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+        self._flush_pending = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's subclasses
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - self.h2.inbound_flow_control_window)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except H2Error:
+            self.flush()
+            self.close()
+            return
+        for event in events:
+            self.event(event)
+        self.flush()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def event(self, event: Event) -> None:
+        """One h2 event of what arrived."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """GOAWAY, then close."""
+        raise NotImplementedError
+
+    def flush_soon(self) -> None:
+        """Write what h2 has framed at the end of this pass of the loop."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        data = self.h2.data_to_send()
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+
+
+class Http2Downstream(Http2Connection):
     """One HTTP/2 client connection: its streams are served concurrently, each in its own
     task; a stream the client resets is cancelled (`DC`); closing sends GOAWAY."""
 
@@ -306,11 +361,10 @@ class Http2Downstream(asyncio.Protocol):
         on_close: Callable[[Http2Downstream], None] | None = None,
         limits: ConnectionLimits = DEFAULT_LIMITS,
     ) -> None:
+        super().__init__(H2Connection(config=h2_config(client_side=False)))
         self._handler = handler
         self._on_close = on_close
         self._limits = limits
-        self.loop = asyncio.get_running_loop()
-        self.h2 = H2Connection(config=h2_config(client_side=False))
         self.h2.local_settings = Settings(
             client=False,
             initial_values={
@@ -320,11 +374,8 @@ class Http2Downstream(asyncio.Protocol):
             },
         )
         self.h2.decoder.max_header_list_size = limits.max_header_bytes
-        self._transport: asyncio.Transport | None = None
         self._streams: dict[int, StreamLifecycle] = {}
-        self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
-        self.write_paused = False
         self.closing = False
         self.peer_text = ":0"
         """`host:port` of the peer, as the access log and x-forwarded-for write it."""
@@ -333,24 +384,10 @@ class Http2Downstream(asyncio.Protocol):
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's subclasses
         peer = transport.get_extra_info("peername")
         self.peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ":0"
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - self.h2.inbound_flow_control_window)
-        self._flush()
+        super().connection_made(transport)
         self._idle()
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.h2.receive_data(data)
-        except ProtocolError:
-            self._flush()
-            self.close()
-            return
-        for event in events:
-            self._event(event)
-        self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -362,9 +399,6 @@ class Http2Downstream(asyncio.Protocol):
         if self._on_close is not None:
             self._on_close(self)
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
     def resume_writing(self) -> None:
         self.write_paused = False
         for lifecycle in self._streams.values():
@@ -372,7 +406,7 @@ class Http2Downstream(asyncio.Protocol):
 
     # ---- h2 events
 
-    def _event(self, event: Event) -> None:
+    def event(self, event: Event) -> None:
         if isinstance(event, DataReceived):
             lifecycle = self._streams.get(event.stream_id or 0)
             data = event.data or b""
@@ -469,19 +503,6 @@ class Http2Downstream(asyncio.Protocol):
             self.h2.acknowledge_received_data(size, stream_id)
             self.flush_soon()
 
-    def flush_soon(self) -> None:
-        """Write what h2 has framed at the end of this pass of the loop: the frames of every
-        stream answered meanwhile go out together."""
-        if not self._flush_pending:
-            self._flush_pending = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_pending = False
-        data = self.h2.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
-
     # ---- idle timeout and closing
 
     def _idle(self) -> None:
@@ -504,11 +525,12 @@ class Http2Downstream(asyncio.Protocol):
             self._timer = None
         for lifecycle in list(self._streams.values()):
             self._gone(lifecycle, "the connection is closing")
-        if self._transport is not None and not self._transport.is_closing():
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
             with contextlib.suppress(ProtocolError):  # h2 already sent one (a protocol error, the client's GOAWAY)
                 self.h2.close_connection()
-            self._flush()
-            self._transport.close()
+            self.flush()
+            transport.close()
 
     def __repr__(self) -> str:
         state = "closing" if self.closing else "open"

@@ -27,7 +27,7 @@ from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
 from minimesh.dataplane.http1 import Body, UpstreamClosed, UpstreamResponse
-from minimesh.dataplane.http2 import CONNECTION_WINDOW, STREAM_WINDOW, h2_config
+from minimesh.dataplane.http2 import STREAM_WINDOW, Http2Connection, h2_config
 from minimesh.routing.headers import HeaderList
 
 
@@ -186,15 +186,14 @@ class UpstreamStream:
         return f"<UpstreamStream {self.id} {'done' if self.done else 'open'}>"
 
 
-class Http2Upstream(asyncio.Protocol):
+class Http2Upstream(Http2Connection):
     """One HTTP/2 connection to an endpoint. `ready` resolves once the upstream's SETTINGS
     are in (its concurrency limit known). It takes no new stream once `draining`: after a
     GOAWAY, or `max_requests` streams (`maxRequestsPerConnection`), and closes when its
     last stream ends; losing it fails every stream it carries (`connection termination`)."""
 
     def __init__(self, on_lost: Callable[[Http2Upstream], None], max_requests: int = 0) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.h2 = H2Connection(config=h2_config(client_side=True))
+        super().__init__(H2Connection(config=h2_config(client_side=True)))
         self.h2.local_settings = Settings(
             client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, SettingCodes.ENABLE_PUSH: 0}
         )
@@ -204,14 +203,11 @@ class Http2Upstream(asyncio.Protocol):
         self.started = 0
         self.draining = False
         self.closed = False
-        self.write_paused = False
-        self.transport: asyncio.Transport | None = None
         self.waiting = 0
         """Requests waiting for `ready` to start a stream here."""
         self.opening: asyncio.Task[None] | None = None
         self._on_lost: Callable[[Http2Upstream], None] | None = on_lost
         self._max_requests = max_requests
-        self._flush_pending = False
 
     def takes(self, limit: int) -> bool:
         """Whether a new stream may start here now, within `limit` concurrent streams
@@ -221,22 +217,6 @@ class Http2Upstream(asyncio.Protocol):
         return len(self.streams) < min(limit, self.h2.remote_settings.max_concurrent_streams)
 
     # ---- asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio's subclasses
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - self.h2.inbound_flow_control_window)
-        self._flush()
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.h2.receive_data(data)
-        except H2Error:
-            self.close()
-            return
-        for event in events:
-            self._event(event)
-        self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost()
@@ -254,16 +234,13 @@ class Http2Upstream(asyncio.Protocol):
         if on_lost is not None:
             on_lost(self)
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
     def resume_writing(self) -> None:
         self.write_paused = False
         self._wake_all()
 
     # ---- h2 events
 
-    def _event(self, event: Event) -> None:
+    def event(self, event: Event) -> None:
         stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
         if isinstance(event, DataReceived):
             data = event.data or b""
@@ -362,25 +339,13 @@ class Http2Upstream(asyncio.Protocol):
                 self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
             self.flush_soon()
 
-    def flush_soon(self) -> None:
-        """Write what h2 framed at the end of this pass of the loop, every stream's together."""
-        if not self._flush_pending:
-            self._flush_pending = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_pending = False
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
     def close(self) -> None:
         """GOAWAY, then close (the streams still open fail as the connection goes)."""
         self.draining = True
         if self.transport is not None and not self.transport.is_closing():
             with contextlib.suppress(H2Error):
                 self.h2.close_connection()
-            self._flush()
+            self.flush()
             self.transport.close()
 
     def __repr__(self) -> str:
