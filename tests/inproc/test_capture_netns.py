@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -22,9 +24,10 @@ from minimesh.dataplane.capture.netns import abort_bypassing, bypass_filter, ins
 
 APP = """
 import json, socket, sys
-servers = {port: socket.create_server(("10.77.0.1", port)) for port in (9000, 9080)}
+inside, outside, out_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+servers = {port: socket.create_server((inside, port)) for port in (9000, 9080)}
 loopback = socket.create_server(("127.0.0.1", 9001))
-clients = {"out": socket.create_connection(("10.77.0.2", int(sys.argv[1]))), "lo": socket.create_connection(("127.0.0.1", 9001))}
+clients = {"out": socket.create_connection((outside, out_port)), "lo": socket.create_connection(("127.0.0.1", 9001))}
 accepted = {"lo": loopback.accept()[0]}
 print("ready", flush=True)
 sys.stdin.readline()
@@ -38,8 +41,17 @@ print(json.dumps(state), flush=True)
 ECONNABORTED = 103
 
 
+@dataclass(frozen=True)
+class Namespace:
+    """A network namespace joined to the host by a veth pair on a /24 of its own."""
+
+    name: str
+    inside: str
+    outside: str
+
+
 @pytest.fixture
-def namespace() -> Iterator[str]:
+def namespace() -> Iterator[Namespace]:
     missing = [tool for tool in ("ip", "ss", "iptables-restore", "nsenter") if shutil.which(tool) is None]
     if os.geteuid() != 0 or missing:
         reason = f"needs root and {', '.join(missing) or 'nothing else'}"
@@ -47,35 +59,40 @@ def namespace() -> Iterator[str]:
             pytest.fail(f"CI runs as root with iproute2 and iptables: {reason}")
         pytest.skip(reason)
     name = f"mmtest{uuid.uuid4().hex[:8]}"
+    net = f"10.{random.randrange(64, 128)}.{random.randrange(256)}"  # a CI run beside this one picks another
     subprocess.run(["ip", "netns", "add", name], check=True)
     host_end = f"mm{name[-8:]}"
     try:
         subprocess.run(
             ["ip", "link", "add", host_end, "type", "veth", "peer", "name", "mm0", "netns", name], check=True
         )
-        for command in (["ip", "addr", "add", "10.77.0.2/24", "dev", host_end], ["ip", "link", "set", host_end, "up"]):
+        for command in (["ip", "addr", "add", f"{net}.2/24", "dev", host_end], ["ip", "link", "set", host_end, "up"]):
             subprocess.run(command, check=True)
-        for command in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "10.77.0.1/24", "dev", "mm0"],
+        for command in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", f"{net}.1/24", "dev", "mm0"],
                         ["ip", "link", "set", "mm0", "up"]):  # fmt: skip
             subprocess.run(["ip", "netns", "exec", name, *command], check=True)
-        yield name
+        yield Namespace(name, f"{net}.1", f"{net}.2")
     finally:
         subprocess.run(["ip", "link", "delete", host_end], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
-def test_capture_aborts_the_connections_that_would_bypass_it(namespace: str) -> None:
-    with socket.create_server(("10.77.0.2", 0)) as outside:
-        app = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c", APP, str(outside.getsockname()[1])],
+def test_capture_aborts_the_connections_that_would_bypass_it(namespace: Namespace) -> None:
+    with socket.create_server((namespace.outside, 0)) as outside:
+        app = subprocess.Popen(["ip", "netns", "exec", namespace.name, sys.executable, "-c", APP, namespace.inside,
+                                namespace.outside, str(outside.getsockname()[1])],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert app.stdin is not None and app.stdout is not None
         try:
             assert app.stdout.readline().strip() == "ready"
-            peers = [outside.accept()[0], *(socket.create_connection(("10.77.0.1", port)) for port in (9000, 9080))]
+            peers = [
+                outside.accept()[0],
+                *(socket.create_connection((namespace.inside, port)) for port in (9000, 9080)),
+            ]
             app.stdin.write("accept\n")
             app.stdin.flush()
             assert app.stdout.readline().strip() == "accepted"
-            path = f"/var/run/netns/{namespace}"
+            path = f"/var/run/netns/{namespace.name}"
             install_rules(path, [9080])
             abort_bypassing(path, [9080])
             app.stdin.write("report\n")
@@ -99,8 +116,8 @@ def test_bypass_filter_keeps_listening_ports_that_are_not_captured() -> None:
     assert "sport = :22" in text and "sport = :15001" in text and "sport = :9080" not in text
 
 
-def test_a_capture_cancelled_while_its_rules_go_in_leaves_no_rule(namespace: str) -> None:
-    path = f"/var/run/netns/{namespace}"
+def test_a_capture_cancelled_while_its_rules_go_in_leaves_no_rule(namespace: Namespace) -> None:
+    path = f"/var/run/netns/{namespace.name}"
 
     async def cancel_midway() -> None:
         task = asyncio.ensure_future(put_rules_in(path, (9080,)))
@@ -110,5 +127,5 @@ def test_a_capture_cancelled_while_its_rules_go_in_leaves_no_rule(namespace: str
             await task
 
     asyncio.run(cancel_midway())
-    assert "MINIMESH" not in subprocess.run(["ip", "netns", "exec", namespace, "iptables-save", "-t", "nat"],
+    assert "MINIMESH" not in subprocess.run(["ip", "netns", "exec", namespace.name, "iptables-save", "-t", "nat"],
                                             capture_output=True, text=True, check=True).stdout  # fmt: skip
