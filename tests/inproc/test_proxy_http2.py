@@ -448,7 +448,8 @@ async def test_a_reset_upstream_mid_response_resets_the_stream() -> None:
             assert (answer.status, answer.reset, answer.ended) == (200, 0, False)
             last = mesh.last()
             assert (last.flag_text, response_code_details(last)) == (
-                "UC", "upstream_reset_after_response_started{connection_termination}"
+                "UC",
+                "upstream_reset_after_response_started{connection_termination}",
             )
             assert (await client.get("/")).reset == 0, "the connection still serves"
         finally:

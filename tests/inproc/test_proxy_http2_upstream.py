@@ -183,7 +183,8 @@ async def test_a_stream_reset_mid_response_resets_the_client_stream_and_is_ur() 
             await client.close()
         first = mesh.exchanges[0]
         assert (first.flag_text, response_code_details(first)) == (
-            "UR", "upstream_reset_after_response_started{remote_reset}"
+            "UR",
+            "upstream_reset_after_response_started{remote_reset}",
         )
 
 
