@@ -14,9 +14,8 @@ bench/results.json under "grpc"; prints a table.
 
 h2load runs on the host inside the client container's network namespace (nsenter), so that
 container's capture applies to it, and addresses the servers by IP (the host's resolver does
-not know the network's aliases). Until minimesh speaks HTTP/2 to upstreams, a port declared
-`grpc` is passed through as TCP; the sidecar rows then measure that path, and the output
-says which one the daemon's metrics show. Needs root, a Docker Engine and h2load (installed
+not know the network's aliases). The output says which protocol the daemon's metrics show
+for the sidecar rows (gRPC, proxied per call over HTTP/2). Needs root, a Docker Engine and h2load (installed
 with apt-get when missing); pinned like bench/tcp.py (proxies on one core, everything else on
 the other); every container and the network are removed at the end, even when stopped.
 """
@@ -183,6 +182,9 @@ class H2load:
     """h2load in a container's network namespace, pinned to the load core."""
 
     def __init__(self, workdir: Path, pinning: Pinning) -> None:
+        """`workdir`: a folder of its own, not the one the daemon watches, so that writing
+        its logs wakes nothing in the daemon."""
+        workdir.mkdir(exist_ok=True)
         self.request = workdir / "request"
         self.request.write_bytes(b"\0\0\0\0\x10greeter-bench-rq")
         self.workdir = workdir
@@ -283,7 +285,7 @@ def bench(workdir: Path, pinning: Pinning) -> dict[str, Any]:
     say("==> minimesh up (netns capture) for the mesh client and server")
     prefix = ("taskset", "-c", str(pinning.server)) if pinning.server is not None else ()
     daemon = Daemon(workdir, MESH, prefix)
-    h2load = H2load(workdir, pinning)
+    h2load = H2load(workdir / "h2load", pinning)
     errors: dict[str, str] = {}
     rounds: list[dict[str, Any]] = []
     latency: dict[str, Any] = {}
