@@ -192,7 +192,9 @@ class Http2Upstream(Http2Connection):
     GOAWAY, or `max_requests` streams (`maxRequestsPerConnection`), and closes when its
     last stream ends; losing it fails every stream it carries (`connection termination`)."""
 
-    def __init__(self, on_lost: Callable[[Http2Upstream], None], max_requests: int = 0) -> None:
+    def __init__(
+        self, on_lost: Callable[[Http2Upstream], None], max_requests: int = 0, on_free: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(H2Connection(config=h2_config(client_side=True)))
         self.h2.local_settings = Settings(
             client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, SettingCodes.ENABLE_PUSH: 0}
@@ -208,6 +210,8 @@ class Http2Upstream(Http2Connection):
         self.opening: asyncio.Task[None] | None = None
         self._on_lost: Callable[[Http2Upstream], None] | None = on_lost
         self._max_requests = max_requests
+        self._on_free = on_free
+        """Called as each stream ends: a request waiting for a slot may take one."""
 
     def takes(self, limit: int) -> bool:
         """Whether a new stream may start here now, within `limit` concurrent streams
@@ -325,8 +329,12 @@ class Http2Upstream(Http2Connection):
         return True
 
     def stream_done(self, stream: UpstreamStream) -> None:
-        if self.streams.pop(stream.id, None) is not None and self.draining and not self.streams:
+        if self.streams.pop(stream.id, None) is None:
+            return
+        if self.draining and not self.streams:
             self.close()
+        if self._on_free is not None:
+            self._on_free()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         if not self.closed:

@@ -349,15 +349,18 @@ class Multiplexed:
     """The HTTP/2 connections of one cluster, by endpoint: a request takes a stream on one
     with a free slot (within the upstream's SETTINGS_MAX_CONCURRENT_STREAMS and the pool's
     `maxConcurrentStreams`), else a new connection within `maxConnections` (one per endpoint
-    always, as Envoy allows); past that it overflows (`UO`). A connection still connecting
-    takes requests up to the pool's limit, so a burst shares one. They count in the
-    cluster's and the endpoint's connections like HTTP/1.1 ones."""
+    always, as Envoy allows), else it waits in the endpoint's pending queue until a stream
+    ends or a connection goes (`http1MaxPendingRequests`, which Istio applies to HTTP/2 too;
+    past it, `UO`). A connection still connecting takes requests up to the pool's limit, so
+    a burst shares one. They count in the cluster's and the endpoint's connections like
+    HTTP/1.1 ones."""
 
-    __slots__ = ("by_host", "state")
+    __slots__ = ("by_host", "queued", "state")
 
     def __init__(self, state: ClusterState) -> None:
         self.state = state
         self.by_host: dict[tuple[str, int], list[Http2Upstream]] = {}
+        self.queued: dict[tuple[str, int], collections.deque[asyncio.Future[None]]] = {}
 
     async def connection(
         self, cluster: Cluster, endpoint: Endpoint, tls: ssl.SSLContext | None, server_name: str | None
@@ -365,14 +368,21 @@ class Multiplexed:
         """A connection to `endpoint` that takes a new stream now; UpstreamFailure when none
         can be had (connect failure `UF`, overflow `UO`, closed before its SETTINGS `UC`)."""
         pool = cluster.policy.connection_pool
-        host = self.state.host(endpoint)
-        conns = self.by_host.setdefault((host.address, host.port), [])
+        state = self.state
+        host = state.host(endpoint)
+        key = (host.address, host.port)
+        conns = self.by_host.setdefault(key, [])
         limit = pool.max_concurrent_streams or UNLIMITED
-        for _ in range(OPEN_TRIES):
+        tries = 0
+        while tries < OPEN_TRIES:
             for conn in conns:
                 if conn.takes(limit):
                     return conn
             joining = next((c for c in conns if not c.ready.done() and len(c.streams) + c.waiting < limit), None)
+            if joining is None and state.connections >= (pool.max_connections or UNLIMITED) and host.connections > 0:
+                await self._queue(key, pool, endpoint)
+                continue
+            tries += 1
             conn = joining or self._open(host, pool, conns, tls, server_name)
             conn.waiting += 1
             try:
@@ -385,8 +395,39 @@ class Multiplexed:
                 conn.waiting -= 1
             if conn.takes(limit):
                 return conn
-        self.state.overflows += 1
+        state.overflows += 1
         raise UpstreamFailure(OVERFLOW, endpoint)
+
+    async def _queue(self, key: tuple[str, int], pool: m.ConnectionPool, endpoint: Endpoint) -> None:
+        """Wait in the endpoint's pending queue until a stream ends or a connection goes; `UO`
+        when the cluster's queue is full. Woken and then cancelled, the wake passes on."""
+        state = self.state
+        if state.pending >= (pool.http1_max_pending_requests or UNLIMITED):
+            state.overflows += 1
+            raise UpstreamFailure(OVERFLOW, endpoint)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self.queued.setdefault(key, collections.deque())
+        queue.append(waiter)
+        state.pending += 1
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake(key)
+            elif waiter in queue:
+                queue.remove(waiter)
+            raise
+        finally:
+            state.pending -= 1
+
+    def _wake(self, key: tuple[str, int]) -> None:
+        """A stream ended or a connection went: the first request waiting for `key` tries again."""
+        queue = self.queued.get(key)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _open(
         self,
@@ -398,18 +439,17 @@ class Multiplexed:
     ) -> Http2Upstream:
         """Start a new connection to `host` (its SETTINGS awaited within `connectTimeout`)."""
         state = self.state
-        if state.connections >= (pool.max_connections or UNLIMITED) and host.connections > 0:
-            state.overflows += 1
-            raise UpstreamFailure(OVERFLOW)
         state.connections += 1
         host.connections += 1
+        key = (host.address, host.port)
 
         def lost(conn: Http2Upstream) -> None:
             if conn in conns:
                 conns.remove(conn)
                 state.h1.closed(host)
+                self._wake(key)
 
-        conn = Http2Upstream(lost, pool.max_requests_per_connection or 0)
+        conn = Http2Upstream(lost, pool.max_requests_per_connection or 0, lambda: self._wake(key))
         conns.append(conn)
         conn.opening = asyncio.get_running_loop().create_task(self._connect(conn, host, pool, tls, server_name))
         return conn

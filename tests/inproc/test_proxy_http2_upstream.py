@@ -40,14 +40,14 @@ GRPC_APP = service("web", "app", protocol="grpc")
 GRPC = {"content-type": "application/grpc", "te": "trailers"}
 
 
-def pool(settings: str) -> str:
-    """A DestinationRule for `web` with these `connectionPool.http` settings."""
+def pool(settings: str, tcp: str = "") -> str:
+    """A DestinationRule for `web` with these `connectionPool.http` (and `tcp`) settings."""
     return f"""
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: web}}
-spec: {{host: web, trafficPolicy: {{connectionPool: {{http: {{{settings}}}}}}}}}
+spec: {{host: web, trafficPolicy: {{connectionPool: {{http: {{{settings}}}, tcp: {{{tcp}}}}}}}}}
 """
 
 
@@ -236,6 +236,30 @@ async def test_concurrent_streams_beyond_either_limit_take_another_connection(
             await client.close()
         assert {a.status for a in answers} == {200}
         assert Counter(s.connection for s in app.seen) == {0: 2, 1: 1}
+
+
+async def test_past_max_connections_a_request_waits_for_a_stream_and_past_the_pending_queue_overflows() -> None:
+    app = H2Backend("app", H2Reply(hold=True), max_streams=1)
+    yaml = GRPC_APP + pool("http1MaxPendingRequests: 1", tcp="maxConnections: 1") + web_route("retries: {attempts: 0}")
+    async with running_mesh(yaml, {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            first = client.request("GET", "/first")
+            await until(lambda: len(app.seen) == 1, "the first stream at the upstream")
+            (state,) = mesh.proxy.upstreams.clusters.values()
+            second = client.request("GET", "/second")
+            await until(lambda: state.pending == 1, "the second request waiting for a stream")
+            third = await client.answer(client.request("GET", "/third"))
+            app.released.set()
+            answers = [await client.answer(stream_id) for stream_id in (first, second)]
+        finally:
+            await client.close()
+        assert (third.status, third.body) == (503, b"upstream connect error or disconnect/reset before headers. "
+                                              b"reset reason: overflow")  # fmt: skip
+        assert [a.status for a in answers] == [200, 200]
+        assert [s.path for s in app.seen] == ["/first", "/second"]
+        assert len(app.connections) == 1, "maxConnections holds: the second waited for the first's stream"
+        assert (state.pending, state.connections) == (0, 1)
 
 
 async def test_http2_max_requests_overflows() -> None:
