@@ -9,8 +9,10 @@ trailers `grpc-status: 0`) over HTTP/2 cleartext: the proxies are measured, not 
 gRPC server. Each way is first checked with a real grpcio call (minimesh/grpc:local).
 Closed loop: requests/s, medians of ROUNDS rounds with the ways side by side, ratios the
 median of per-round ratios. Open loop: OPEN_RATE calls/s, P90 from h2load's per-request log
-(from each request's actual send), added over direct, per hop. Merges into
-bench/results.json under "grpc"; prints a table.
+(from each request's actual send), added over direct, per hop. Last, the h2 library's own
+work per call is timed in this process on the proxies' core (bench/h2codec.py) and set
+beside the time a whole call may take at the target. Merges into bench/results.json under
+"grpc"; prints a table.
 
 h2load runs on the host inside the client container's network namespace (nsenter), so that
 container's capture applies to it, and addresses the servers by IP (the host's resolver does
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from docker import TAG, Daemon, bounded, docker, ensure_images, record, say
+from h2codec import codec_us_per_call
 from procs import Pinning, ensure_h2load
 from tcp import NETWORK, TOOLS, median_ratio, run
 
@@ -377,6 +380,11 @@ def report(data: dict[str, Any]) -> str:
         lines.append(f"  added P90 per hop at {OPEN_RATE} calls/s: sidecar {per_hop} ms (target <= "
                      f"{TARGETS['added_p90_ms_per_hop']}: {p90}), pair {added['sidecar_pair']} ms per hop, "
                      f"nginx {added['nginx_one_hop']} ms")  # fmt: skip
+    codec, nginx = data.get("h2_codec_us_per_call"), data.get("ways", {}).get("nginx_one_hop", {}).get("rps")
+    if codec and nginx:
+        budget = 1e6 / (TARGETS["one_hop_vs_nginx"] * nginx)
+        lines.append(f"  the h2 library's own work per proxied call: {codec:.0f} us, {codec / budget:.0%} of the "
+                     f"{budget:.0f} us a whole call may take at {TARGETS['one_hop_vs_nginx']}x nginx")  # fmt: skip
     if data.get("mesh_path"):
         lines.append(f"  the sidecars carried the calls as: {data['mesh_path']}")
     if data.get("error"):
@@ -388,7 +396,10 @@ def _grpc_bench(workdir: Path, data: dict[str, Any]) -> None:
     if not ensure_h2load(say):
         raise RuntimeError("h2load not found: apt-get install -y nghttp2-client")
     ensure_images(TOOLS, GRPC_IMAGE)
-    data.update(bench(workdir, Pinning.detect()))
+    pinning = Pinning.detect()
+    data.update(bench(workdir, pinning))
+    say("==> the h2 library's own work per call, in this process, on the proxies' core")
+    data["h2_codec_us_per_call"] = pinning.on_server(codec_us_per_call)
 
 
 def main() -> int:

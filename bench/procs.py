@@ -16,8 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 LOOPBACK = "127.0.0.1"
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,17 @@ class Pinning:
 
     def load_cmd(self, cmd: list[str]) -> list[str]:
         return ["taskset", "-c", str(self.load), *cmd] if self.load is not None else cmd
+
+    def on_server(self, work: Callable[[], T]) -> T:
+        """`work` run in this process on the server's core, as the system under test runs."""
+        if self.server is None:
+            return work()
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {self.server})
+        try:
+            return work()
+        finally:
+            os.sched_setaffinity(0, before)
 
     def describe(self) -> str:
         if not self.pinned:
