@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from docker import TAG, Daemon, bounded, docker, ensure_images, record, say
-from h2codec import codec_us_per_call
+from h2codec import MESSAGE as REQUEST
+from h2codec import METHOD, codec_us_per_call
 from procs import Pinning, ensure_h2load
 from tcp import NETWORK, TOOLS, median_ratio, run
 
 GRPC_IMAGE = "minimesh/grpc:local"
 PORT, NGINX_NEAR_SERVER, NGINX_NEAR_CLIENT = 50051, 50052, 50053
-METHOD = "/greeter.Greeter/Greet"
 MESSAGE = "greeter-bench-ok"
 FRAME = "\\000\\000\\000\\000\\020"
 """A gRPC message's 5-byte prefix (not compressed, 16 bytes long), as printf octal escapes."""
@@ -189,7 +189,7 @@ class H2load:
         its logs wakes nothing in the daemon."""
         workdir.mkdir(exist_ok=True)
         self.request = workdir / "request"
-        self.request.write_bytes(b"\0\0\0\0\x10greeter-bench-rq")
+        self.request.write_bytes(REQUEST)
         self.workdir = workdir
         self.pinning = pinning
 

@@ -281,7 +281,7 @@ async def test_a_call_aborted_in_the_callers_sidecar_counts_against_the_routes_s
     route it matched (Envoy's connection manager gives the stream the route's cluster, whose
     metadata names the service), though no upstream was ever picked."""
     app = Backend("app")
-    async with running_mesh(APP.replace("name: http", "name: grpc") + MESH_FAULT, {"app": app}, source=BATCH) as mesh:
+    async with running_mesh(service("web", "app", protocol="grpc") + MESH_FAULT, {"app": app}, source=BATCH) as mesh:
         client = await H2Client.connect(mesh.sidecar.address)
         try:
             answer = await client.answer(client.request("POST", "/demo.Echo/Say", GRPC, FRAME, authority="web:9080"))

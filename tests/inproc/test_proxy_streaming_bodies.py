@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httptools
 
 from minimesh.admin.metrics import Metrics
 from minimesh.dataplane.proxy import BUFFER_LIMIT
-from tests.inproc.upstreams import Backend, RawClient, Reply, running_mesh, service, until, web_route
+from tests.inproc.upstreams import Backend, RawClient, RawResponse, Reply, running_mesh, service, until, web_route
 
 APPS = service("web", "app") + "---" + service("shadow", "copy")
 
@@ -72,20 +72,25 @@ class FailsOnceMidBody:
             await server.wait_closed()
 
 
+async def upload_in_two(address: tuple[str, int], between: Callable[[], object], what: str) -> RawResponse:
+    """POST `hello world` chunked: `hello`, then, once `between` holds, ` world` and the end."""
+    client = await RawClient.connect(address)
+    client.send(b"POST /upload HTTP/1.1\r\nhost: example.com\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    await until(between, what)
+    client.send(b"6\r\n world\r\n0\r\n\r\n")
+    response = await client.response()
+    await client.close()
+    return response
+
+
 async def test_a_chunked_upload_failing_midway_is_retried_with_the_whole_body_once() -> None:
     upstream = await FailsOnceMidBody().start()
     first, second = upstream.ports
     ports = {"one": first, "one_LABELS": "version: one", "two": second, "two_LABELS": "version: two"}
     try:
         async with running_mesh(service("web", "one", "two") + web_route(), ports=ports) as mesh:
-            client = await RawClient.connect(mesh.gateway.address)
-            client.send(
-                b"POST /upload HTTP/1.1\r\nhost: example.com\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
-            )
-            await until(lambda: upstream.failed, "the first endpoint to fail with part of the body")
-            client.send(b"6\r\n world\r\n0\r\n\r\n")
-            response = await client.response()
-            await client.close()
+            response = await upload_in_two(mesh.gateway.address, lambda: upstream.failed,
+                                           "the first endpoint to fail with part of the body")  # fmt: skip
             assert (response.status, response.body) == (200, b"ok")
             assert len(upstream.bodies) == 1
             assert upstream.bodies[0][1] == b"hello world", "replayed, then continued live, each byte once"
@@ -205,14 +210,8 @@ async def test_a_streamed_body_sent_on_a_connection_the_upstream_had_closed_goes
     try:
         async with running_mesh(service("web", "app") + web_route(), ports=ports) as mesh:
             assert (await mesh.get("/warm")).status == 200
-            client = await RawClient.connect(mesh.gateway.address)
-            client.send(
-                b"POST /upload HTTP/1.1\r\nhost: example.com\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
-            )
-            await until(lambda: upstream.closed_one, "the reused connection to close under the request")
-            client.send(b"6\r\n world\r\n0\r\n\r\n")
-            response = await client.response()
-            await client.close()
+            response = await upload_in_two(mesh.gateway.address, lambda: upstream.closed_one,
+                                           "the reused connection to close under the request")  # fmt: skip
             assert (response.status, response.body) == (200, b"ok")
             assert upstream.bodies == [b"hello world"]
             assert (upstream.connections, mesh.last().attempts, mesh.last().flag_text) == (2, 1, "-")

@@ -278,14 +278,23 @@ async def test_a_finished_exchange_leaves_its_connection_idle_for_the_next_reque
     conn.close()
 
 
-@on_virtual_time
-async def test_past_max_connections_a_request_waits_for_the_connection_handed_back(peers: Peers) -> None:
-    web = cluster(1, pool=m.ConnectionPool(max_connections=1))
+async def one_held_one_waiting(
+    peers: Peers, pool: m.ConnectionPool
+) -> tuple[Cluster, Endpoint, ClusterState, UpstreamConnection, asyncio.Future[UpstreamConnection]]:
+    """A one-endpoint cluster under `pool` whose one connection is taken and a second request
+    queued for it: the cluster, its endpoint, its state, the connection and the waiter."""
+    web = cluster(1, pool=pool)
     endpoint = web.endpoints[0]
     state = ClusterState("c", dial=peers.dial)
     first = await state.h1.connection(web, endpoint, None, None)
     waiting = asyncio.ensure_future(state.h1.connection(web, endpoint, None, None))
     await settle()
+    return web, endpoint, state, first, waiting
+
+
+@on_virtual_time
+async def test_past_max_connections_a_request_waits_for_the_connection_handed_back(peers: Peers) -> None:
+    _, endpoint, state, first, waiting = await one_held_one_waiting(peers, m.ConnectionPool(max_connections=1))
     assert (state.pending, len(state.host(endpoint).waiters)) == (1, 1)
     await exchange(first, peers.sockets[0])
     assert await waiting is first
@@ -295,12 +304,8 @@ async def test_past_max_connections_a_request_waits_for_the_connection_handed_ba
 
 @on_virtual_time
 async def test_the_pending_queue_overflows_past_http1_max_pending_requests(peers: Peers) -> None:
-    web = cluster(1, pool=m.ConnectionPool(max_connections=1, http1_max_pending_requests=1))
-    endpoint = web.endpoints[0]
-    state = ClusterState("c", dial=peers.dial)
-    first = await state.h1.connection(web, endpoint, None, None)
-    waiting = asyncio.ensure_future(state.h1.connection(web, endpoint, None, None))
-    await settle()
+    pool = m.ConnectionPool(max_connections=1, http1_max_pending_requests=1)
+    web, endpoint, state, first, waiting = await one_held_one_waiting(peers, pool)
     with pytest.raises(UpstreamFailure) as refused:
         await state.h1.connection(web, endpoint, None, None)
     assert refused.value.reply is OVERFLOW
@@ -323,12 +328,7 @@ async def test_an_endpoint_without_a_connection_may_open_one_past_max_connection
 
 @on_virtual_time
 async def test_a_lost_connection_hands_its_slot_to_a_waiter(peers: Peers) -> None:
-    web = cluster(1, pool=m.ConnectionPool(max_connections=1))
-    endpoint = web.endpoints[0]
-    state = ClusterState("c", dial=peers.dial)
-    first = await state.h1.connection(web, endpoint, None, None)
-    waiting = asyncio.ensure_future(state.h1.connection(web, endpoint, None, None))
-    await settle()
+    _, endpoint, state, first, waiting = await one_held_one_waiting(peers, m.ConnectionPool(max_connections=1))
     first.close()
     second = await waiting
     assert second is not first

@@ -17,7 +17,6 @@ from minimesh.dataplane.http1 import (
     DELAYED_CLOSE,
     PIPELINE_DEPTH,
     READ_HIGH_WATER,
-    Body,
     ConnectionLimits,
     Downstream,
     HeaderList,
@@ -26,6 +25,7 @@ from minimesh.dataplane.http1 import (
     UpstreamConnection,
     local_reply_bytes,
 )
+from tests.bodies import whole
 from tests.clocks import on_virtual_time, settle
 
 
@@ -85,14 +85,6 @@ class Seen:
 
 
 Answer = Callable[[Request, Responder], Awaitable[None]]
-
-
-async def whole(body: Body) -> bytes:
-    """A body read to its end, chunk by chunk."""
-    parts = []
-    while chunk := await body.read():
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 async def echo(request: Request, responder: Responder) -> None:
@@ -440,7 +432,7 @@ async def test_a_response_is_framed_as_its_request_and_length_allow(
 
 @on_virtual_time
 async def test_a_whole_response_is_framed_as_the_same_response_sent_in_parts() -> None:
-    async def whole(request: Request, responder: Responder) -> None:
+    async def at_once(request: Request, responder: Responder) -> None:
         responder.send_whole(201, [(b"x-a", b"1")], None, b"abc", reason_phrase=b"Made")
 
     async def parts(request: Request, responder: Responder) -> None:
@@ -449,7 +441,7 @@ async def test_a_whole_response_is_framed_as_the_same_response_sent_in_parts() -
         responder.end()
 
     written = []
-    for answer in (whole, parts):
+    for answer in (at_once, parts):
         down = client(answer)
         down.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
         await settle()
@@ -612,10 +604,7 @@ async def exchange(conn: UpstreamConnection, *pieces: bytes, head_request: bool 
         conn.data_received(piece)
         await settle()
     response = await sent
-    body = b""
-    while chunk := await response.body.read():
-        body += chunk
-    return response.status, body
+    return response.status, await whole(response.body)
 
 
 RESPONSES = {

@@ -10,6 +10,7 @@ import pytest
 
 from minimesh.dataplane.http1 import Body
 from minimesh.dataplane.replay import Replay
+from tests.bodies import whole
 from tests.clocks import on_virtual_time, settle
 
 
@@ -18,13 +19,6 @@ def replay_of(*chunks: bytes, limit: int = 1000) -> tuple[Body, Replay]:
     for chunk in chunks:
         source.feed(chunk)
     return source, Replay(source, limit, asyncio.get_running_loop())
-
-
-async def drain(body: Body) -> bytes:
-    parts = []
-    while chunk := await body.read():
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 @on_virtual_time
@@ -48,10 +42,10 @@ async def test_a_retry_replays_the_copy_then_continues_live() -> None:
     second = replay.body()
     source.feed(b"three")
     source.finish()
-    assert await drain(second) == b"one two three", "each byte once, in order"
+    assert await whole(second) == b"one two three", "each byte once, in order"
     assert not replay.overflowed
     third = replay.body()
-    assert (await drain(third), third.complete) == (b"one two three", True), "a body already in is replayed whole"
+    assert (await whole(third), third.complete) == (b"one two three", True), "a body already in is replayed whole"
 
 
 @on_virtual_time
@@ -62,7 +56,7 @@ async def test_a_copy_past_its_bound_is_dropped_but_the_body_still_flows() -> No
     attempt = replay.body()
     source.feed(b"y" * 6)
     source.finish()
-    assert await drain(attempt) == b"x" * 6 + b"y" * 6
+    assert await whole(attempt) == b"x" * 6 + b"y" * 6
     assert replay.overflowed
     assert wholes == [], "no mirror for a body past the bound"
 
@@ -79,7 +73,7 @@ async def test_the_mirrors_get_the_whole_body_once_it_is_in() -> None:
     assert wholes == [], "not before the end"
     source.feed(b"cd")
     source.finish()
-    assert await drain(attempt) == b"cd"
+    assert await whole(attempt) == b"cd"
     await settle()
     assert wholes == [b"abcd"], "settling kept the copy for the mirror"
 
@@ -92,7 +86,7 @@ async def test_settling_without_mirrors_stops_the_copy() -> None:
     replay.settle()
     source.feed(b"y" * 8)
     source.finish()
-    assert await drain(attempt) == b"y" * 8
+    assert await whole(attempt) == b"y" * 8
     assert not replay.overflowed, "nothing is recorded once no attempt can follow"
 
 
