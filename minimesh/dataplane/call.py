@@ -46,7 +46,8 @@ class Responding(Protocol):
 
     def send(self, data: bytes) -> None: ...
 
-    def end(self) -> None: ...
+    def end(self, trailers: HeaderList | None = None) -> None:
+        """End the response; `trailers` go out where the protocol carries them (HTTP/2)."""
 
     def abort(self) -> None: ...
 

@@ -364,7 +364,8 @@ class Responder:
         else:
             self._conn.out.write(data)
 
-    def end(self) -> None:
+    def end(self, trailers: HeaderList | None = None) -> None:
+        """End the response; `trailers` are dropped, as Envoy's HTTP/1 codec drops them by default."""
         if self._ended:
             return
         self._ended = True

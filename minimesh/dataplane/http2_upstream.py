@@ -91,10 +91,12 @@ class UpstreamStream:
 
     # ---- the response
 
-    def head_received(self, headers: HeaderList) -> None:
+    def head_received(self, headers: object) -> None:
+        """The response head, as h2 gives it: `:status`, then the fields as bytes."""
         status = 0
         fields: HeaderList = []
-        for name, value in headers:
+        for raw_name, raw_value in headers or ():  # type: ignore[attr-defined]
+            name, value = bytes(raw_name), bytes(raw_value)
             if name == b":status":
                 status = int(value)
             elif name[:1] != b":":
@@ -254,7 +256,7 @@ class Http2Upstream(Http2Connection):
             if stream is None or not stream.received(data):
                 self.acknowledge(event.stream_id or 0, len(data))
         elif isinstance(event, ResponseReceived) and stream is not None:
-            stream.head_received(_fields(event.headers))
+            stream.head_received(event.headers)
         elif isinstance(event, TrailersReceived) and stream is not None and stream.response is not None:
             stream.response.trailers = _fields(event.headers)
         elif isinstance(event, StreamEnded) and stream is not None:
@@ -263,7 +265,10 @@ class Http2Upstream(Http2Connection):
             refused = event.error_code == ErrorCodes.REFUSED_STREAM
             stream.finish(StreamRefused("upstream refused the stream") if refused else StreamResetByPeer(str(event)))
         elif isinstance(event, WindowUpdated):
-            self._wake_all()
+            if stream is not None:
+                stream.wake()
+            elif not event.stream_id:
+                self._wake_all()
         elif isinstance(event, RemoteSettingsChanged):
             if not self.ready.done():
                 self.ready.set_result(None)

@@ -263,10 +263,10 @@ class Proxy:
         body, replay, retry = kept_body(call, retry, bool(mirrors))
         head = head_for(call, cluster, ops, path, authority, body)
         if mirrors:
-            if replay is None and isinstance(body, bytes):
-                self._mirror(call, mirrors, ops, path, authority, head, body)
-            elif replay is not None:
+            if replay is not None:
                 replay.on_whole = partial(self._mirror, call, mirrors, ops, path, authority, None)
+            elif isinstance(body, bytes):
+                self._mirror(call, mirrors, ops, path, authority, head, body)
         state = self.upstreams.state(cluster)
         try:
             state.admit(cluster.policy.connection_pool)
@@ -315,8 +315,10 @@ class Proxy:
         mirror spoken to in the same protocol."""
         request = call.request
         for mirror in mirrors:
-            same = head is not None and speaks_http2(mirror.cluster, request) == (head.fields is not None)
-            copied = head if same and head is not None else head_for(call, mirror.cluster, ops, path, authority, body)
+            if head is not None and speaks_http2(mirror.cluster, request) == (head.fields is not None):
+                copied = head
+            else:
+                copied = head_for(call, mirror.cluster, ops, path, authority, body)
             self.mirrors.copy(mirror, call.view, copied, body)
 
     async def _exchange(

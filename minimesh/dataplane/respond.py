@@ -22,7 +22,6 @@ from minimesh.dataplane.http1 import (
     UpstreamResponse,
     first_header,
 )
-from minimesh.dataplane.http2 import Stream
 from minimesh.dataplane.replay import Replay
 from minimesh.dataplane.upstream import Upstreams, speaks_http2
 from minimesh.routing.headers import HeaderList, RequestOps, ResponseOps
@@ -259,10 +258,7 @@ def _end(call: Call, response: UpstreamResponse) -> None:
         status = grpc_status_header(first_header(trailers, b"grpc-status"))
         if status is not None:
             call.exchange.grpc_status = status
-    if isinstance(responder, Stream):
-        responder.end(trailers)
-    else:
-        responder.end()
+    responder.end(trailers)
 
 
 async def tunnel(call: Call, response: UpstreamResponse) -> None:

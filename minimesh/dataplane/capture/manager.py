@@ -143,13 +143,11 @@ class NetnsCapture:
             await outbound.start("", 0, sock=await namespace.listen(OUTBOUND_PORT))
             await inbound.start("", 0, sock=await namespace.listen(INBOUND_PORT))
             await put_rules_in(path, ports)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, CaptureError, OSError) as exc:
             await asyncio.gather(outbound.stop(), inbound.stop())
             namespace.stop()
-            raise
-        except (CaptureError, OSError) as exc:
-            await asyncio.gather(outbound.stop(), inbound.stop())
-            namespace.stop()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             reason = f"cannot capture container {workload.name}: {exc}"
             if self.failed.get(path) != reason:
                 log.error("minimesh: %s", reason)
