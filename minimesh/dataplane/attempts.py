@@ -76,10 +76,10 @@ async def attempts(
         failure: UpstreamFailure | None = None
         try:
             if decider.per_try_timeout is None:
-                response = await head.send(upstreams, cluster, endpoint, body, attempt_count, replay)
+                response = await head.send(upstreams, cluster, endpoint, body, attempt_count, replay, deadline)
             else:
                 async with call.deadline(decider.per_try_timeout):
-                    response = await head.send(upstreams, cluster, endpoint, body, attempt_count, replay)
+                    response = await head.send(upstreams, cluster, endpoint, body, attempt_count, replay, deadline)
         except TimeoutError:
             failure = UpstreamFailure(UPSTREAM_TIMEOUT, endpoint)
         except UpstreamFailure as raised:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from minimesh.dataplane.deadline import Deadline
+from minimesh.dataplane.deadline import Deadline, Expected
 from minimesh.dataplane.exchange import Exchange
 from minimesh.dataplane.grpc import grpc_status_of, trailers_only
 from minimesh.dataplane.http1 import Request, local_reply_headers
@@ -62,10 +62,13 @@ class Call:
     """One request through the steps. Made per request, so a plain class (see `Exchange`).
 
     `forward` is routing's decision (None for a server sidecar handing the request to its
-    app); `cors` holds the CORS headers the response will carry; `loop` hands deadlines
-    their loop without asking for it."""
+    app); `expected` the time its upstream requests are told they have; `cors` holds the
+    CORS headers the response will carry; `loop` hands deadlines their loop without asking
+    for it."""
 
-    __slots__ = ("cors", "debug_headers", "exchange", "forward", "loop", "request", "responder", "snapshot", "view")
+    __slots__ = (
+        "cors", "debug_headers", "exchange", "expected", "forward", "loop", "request", "responder", "snapshot", "view",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -85,6 +88,7 @@ class Call:
         self.loop = loop
         self.debug_headers = debug_headers
         self.forward: Forward | None = None
+        self.expected: Expected | None = None
         self.cors: HeaderList = []
 
     def deadline(self, delay: float) -> Deadline:

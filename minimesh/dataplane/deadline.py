@@ -1,4 +1,5 @@
-"""`Deadline`: `asyncio.timeout` for the request path (route and per-try timeouts)."""
+"""`Deadline`: `asyncio.timeout` for the request path (route and per-try timeouts); and
+`Expected`, the time each upstream request is told it has within them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import asyncio
 from types import TracebackType
 from typing import Any
 
+from minimesh.dataplane.grpc import format_grpc_timeout
+from minimesh.routing.headers import HeaderList
+
 ENTERED, EXPIRING, EXPIRED, EXITED = range(4)
+EXPECTED_TIMEOUT = b"x-envoy-expected-rq-timeout-ms"
+GRPC_TIMEOUT = b"grpc-timeout"
 
 
 class Deadline:
@@ -14,11 +20,12 @@ class Deadline:
     the task; out of the block that cancellation comes as TimeoutError), but handed the loop
     rather than asking for it and for the task: on Python 3.11 each ask is a `getpid()`."""
 
-    __slots__ = ("_cancelling", "_handle", "_loop", "_state", "_task", "when")
+    __slots__ = ("_cancelling", "_handle", "_loop", "_state", "_task", "started", "when")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
         self._loop = loop
-        self.when = loop.time() + delay
+        self.started = loop.time()
+        self.when = self.started + delay
         self._state = ENTERED
         self._task: asyncio.Task[Any] | None = None
         self._handle: asyncio.Handle | None = None
@@ -26,6 +33,10 @@ class Deadline:
 
     def expired(self) -> bool:
         return self._state in (EXPIRING, EXPIRED)
+
+    def elapsed_ms(self) -> int:
+        """Whole milliseconds since the deadline was set, as Envoy's router counts them."""
+        return int((self._loop.time() - self.started) * 1000)
 
     async def __aenter__(self) -> Deadline:
         task = asyncio.current_task(self._loop)
@@ -63,3 +74,53 @@ class Deadline:
     def __repr__(self) -> str:
         state = ("entered", "expiring", "expired", "exited")[self._state]
         return f"<Deadline when={self.when:.3f} {state}>"
+
+
+class Expected:
+    """The time an upstream request is told it has, as Envoy's router tells it on each try
+    (`setTimeoutHeaders`; Istio leaves Envoy's headers on): the per-try timeout when shorter
+    than the route's, else the route's, never more than what is left of the route's, in
+    `x-envoy-expected-rq-timeout-ms`, and in `grpc-timeout` too on a gRPC request (Istio
+    gives its routes `max_grpc_timeout`). Made per request with a timeout, so a plain class."""
+
+    __slots__ = ("grpc", "per_try_ms", "timeout_ms")
+
+    def __init__(self, timeout_ms: int, per_try_ms: int, grpc: bool) -> None:
+        self.timeout_ms = timeout_ms
+        self.per_try_ms = per_try_ms
+        self.grpc = grpc
+
+    @classmethod
+    def of(cls, timeout: float | None, per_try_timeout: float | None, grpc: bool) -> Expected | None:
+        """The route's timeout and per-try timeout in whole milliseconds (a per-try timeout
+        no shorter than the route's is none, as in Envoy's `finalTimeout`); None when
+        neither is set, and the request goes on with the headers it came with."""
+        timeout_ms = round(timeout * 1000) if timeout else 0
+        per_try_ms = round(per_try_timeout * 1000) if per_try_timeout else 0
+        if timeout_ms and per_try_ms >= timeout_ms:
+            per_try_ms = 0
+        return cls(timeout_ms, per_try_ms, grpc) if timeout_ms or per_try_ms else None
+
+    @property
+    def names(self) -> tuple[bytes, ...]:
+        """The request headers it replaces."""
+        return (EXPECTED_TIMEOUT, GRPC_TIMEOUT) if self.grpc else (EXPECTED_TIMEOUT,)
+
+    def ms(self, elapsed_ms: int) -> int:
+        """What a try sent `elapsed_ms` into the route's timeout is told (1 once none is left:
+        0 would mean no timeout)."""
+        expected = self.per_try_ms or self.timeout_ms
+        if self.timeout_ms:
+            expected = 1 if elapsed_ms >= self.timeout_ms else min(expected, self.timeout_ms - elapsed_ms)
+        return expected
+
+    def fields(self, elapsed_ms: int) -> HeaderList:
+        ms = self.ms(elapsed_ms)
+        fields = [(EXPECTED_TIMEOUT, b"%d" % ms)]
+        if self.grpc:
+            fields.append((GRPC_TIMEOUT, format_grpc_timeout(ms)))
+        return fields
+
+    def lines(self, elapsed_ms: int) -> bytes:
+        """`fields` as HTTP/1.1 header lines."""
+        return b"".join(b"%s: %s\r\n" % field for field in self.fields(elapsed_ms))

@@ -113,15 +113,6 @@ def grpc_route_timeout(route_timeout: float | None, header: bytes | None) -> flo
     return requested or None
 
 
-def upstream_grpc_timeout(timeout: float | None, per_try_timeout: float | None) -> bytes | None:
-    """The `grpc-timeout` Envoy sends upstream with a gRPC request (`setTimeoutHeaders`): the
-    per-try timeout when shorter than the request's, else the request's; None when neither
-    is set (the client's header then goes on as it came)."""
-    expected = per_try_timeout if per_try_timeout and (not timeout or per_try_timeout < timeout) else timeout
-    ms = round(expected * 1000) if expected else 0
-    return format_grpc_timeout(ms) if ms else None
-
-
 class MessageCounter:
     """Counts the length-prefixed messages of one direction of a gRPC stream, fed in chunks
     split anywhere; a message counts from its first byte, as Envoy's `Grpc::FrameInspector`

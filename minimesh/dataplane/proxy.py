@@ -21,7 +21,7 @@ from minimesh.dataplane.attempts import attempts
 from minimesh.dataplane.call import Call, Responding
 from minimesh.dataplane.cors import cors_step
 from minimesh.dataplane.current import Current
-from minimesh.dataplane.deadline import Deadline
+from minimesh.dataplane.deadline import Deadline, Expected
 from minimesh.dataplane.exchange import (
     HTTP_VERSIONS,
     Exchange,
@@ -32,7 +32,7 @@ from minimesh.dataplane.exchange import (
     request_id,
 )
 from minimesh.dataplane.fault import Faults, fault_step, fires
-from minimesh.dataplane.grpc import grpc_route_timeout, is_grpc, upstream_grpc_timeout
+from minimesh.dataplane.grpc import grpc_route_timeout, is_grpc
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, Request, UpstreamResponse
 from minimesh.dataplane.http2 import Stream
 from minimesh.dataplane.mirror import Mirrors
@@ -195,7 +195,7 @@ class Proxy:
             name=outcome.cluster, host=host, short=host, namespace="", subset=None, port=port,
             endpoints=(Endpoint(None, host, port),),
         )  # fmt: skip
-        timeout = _grpc_timeout(call, None, None) if call.exchange.grpc else None
+        timeout = _timeouts(call, None, None)
         await self._forward_to(call, cluster, NO_RETRY, timeout)
 
     def inbound_cluster(
@@ -240,9 +240,7 @@ class Proxy:
             return
         if route.fault is not None and await fault_step(call, self.faults, outcome):
             return
-        timeout = route.timeout
-        if call.exchange.grpc:
-            timeout = _grpc_timeout(call, timeout, route.retry.per_try_timeout)
+        timeout = _timeouts(call, route.timeout, route.retry.per_try_timeout)
         await self._forward_to(call, outcome.cluster, route.retry, timeout)
 
     async def _forward_to(self, call: Call, cluster: Cluster, retry: RetryDecider, timeout: float | None) -> None:
@@ -407,16 +405,18 @@ def kept_body(call: Call, retry: RetryDecider, mirrored: bool) -> tuple[Body | b
     return source, None, NO_RETRY
 
 
-def _grpc_timeout(call: Call, route_timeout: float | None, per_try_timeout: float | None) -> float | None:
-    """The timeout of a gRPC request forwarded on an outbound route (Istio gives each one
-    `max_grpc_timeout`, the passthrough route too): its `grpc-timeout` within the route's
-    timeout. The upstream is told the time it has in `grpc-timeout`, as Envoy tells it."""
+def _timeouts(call: Call, route_timeout: float | None, per_try_timeout: float | None) -> float | None:
+    """The timeout of a request forwarded on an outbound route: the route's, and a gRPC
+    request's `grpc-timeout` within it (Istio gives each route `max_grpc_timeout`, the
+    passthrough route too). The time its upstream requests are told they have
+    (`call.expected`) replaces what the client said of it."""
     request = call.request
-    timeout = grpc_route_timeout(route_timeout, request.header(b"grpc-timeout"))
-    told = upstream_grpc_timeout(timeout, per_try_timeout)
-    if told is not None:
-        request.headers = [header for header in request.headers if header[0] != b"grpc-timeout"]
-        request.headers.append((b"grpc-timeout", told))
+    grpc = call.exchange.grpc
+    timeout = grpc_route_timeout(route_timeout, request.header(b"grpc-timeout")) if grpc else route_timeout
+    expected = call.expected = Expected.of(timeout, per_try_timeout, grpc)
+    if expected is not None:
+        names = expected.names
+        request.headers = [header for header in request.headers if header[0] not in names]
     return timeout
 
 

@@ -11,6 +11,7 @@ from collections.abc import Awaitable
 from hpack import NeverIndexedHeaderTuple
 
 from minimesh.dataplane.call import Call
+from minimesh.dataplane.deadline import Deadline, Expected
 from minimesh.dataplane.grpc import MessageCounter, grpc_status_header, is_grpc
 from minimesh.dataplane.http1 import (
     DATE,
@@ -43,16 +44,24 @@ reason (its router's `streamResetReasonToResponseFlag`)."""
 
 class Head:
     """The request head every attempt sends, in its upstream's protocol: HTTP/1.1 `parts` and
-    `framing`, or HTTP/2 `fields` (`speaks_http2`). Each attempt adds its count.
-    (A plain class: made per request.)"""
+    `framing`, or HTTP/2 `fields` (`speaks_http2`). Each attempt adds its count, and the
+    time it is told it has (`expected`). (A plain class: made per request.)"""
 
-    __slots__ = ("fields", "framing", "head_request", "parts")
+    __slots__ = ("expected", "fields", "framing", "head_request", "parts")
 
-    def __init__(self, parts: list[bytes], framing: bytes, fields: HeaderList | None, head_request: bool) -> None:
+    def __init__(
+        self,
+        parts: list[bytes],
+        framing: bytes,
+        fields: HeaderList | None,
+        head_request: bool,
+        expected: Expected | None,
+    ) -> None:
         self.parts = parts
         self.framing = framing
         self.fields = fields
         self.head_request = head_request
+        self.expected = expected
 
     def send(
         self,
@@ -62,15 +71,25 @@ class Head:
         body: Body | bytes,
         attempt: int,
         replay: Replay | None = None,
+        deadline: Deadline | None = None,
     ) -> Awaitable[UpstreamResponse]:
-        """Send it to `endpoint` as try number `attempt` (0: a mirror's copy, no count);
-        `replay` gives `body` again should a reused HTTP/1.1 connection prove closed."""
+        """Send it to `endpoint` as try number `attempt` (0: a mirror's copy, no count), a
+        retry told what is left of the route's `deadline`; `replay` gives `body` again should
+        a reused HTTP/1.1 connection prove closed."""
+        expected = self.expected
+        elapsed = deadline.elapsed_ms() if deadline is not None and attempt > 1 else 0
         fields = self.fields
         if fields is not None:
-            if attempt:
-                fields = [*fields, (b"x-envoy-attempt-count", b"%d" % attempt)]
+            if attempt or expected is not None:
+                fields = [*fields]
+                if attempt:
+                    fields.append((b"x-envoy-attempt-count", b"%d" % attempt))
+                if expected is not None:
+                    fields += expected.fields(elapsed)
             return upstreams.send_h2(cluster, endpoint, fields, body)
         count = b"x-envoy-attempt-count: %d\r\n" % attempt if attempt else b""
+        if expected is not None:
+            count += expected.lines(elapsed)
         head = b"".join([*self.parts, count, self.framing])
         return upstreams.send(
             cluster,
@@ -87,10 +106,10 @@ class Head:
         if self.fields is not None:
             fields = list(self.fields)
             fields[AUTHORITY_FIELD] = (b":authority", _shadow(fields[AUTHORITY_FIELD][1]))
-            return Head([], b"", fields, self.head_request)
+            return Head([], b"", fields, self.head_request, self.expected)
         parts = list(self.parts)
         parts[AUTHORITY_AT] = _shadow(parts[AUTHORITY_AT])
-        return Head(parts, self.framing, None, self.head_request)
+        return Head(parts, self.framing, None, self.head_request, self.expected)
 
     def __repr__(self) -> str:
         return f"<Head {'HTTP/2' if self.fields is not None else 'HTTP/1.1'}>"
@@ -105,8 +124,9 @@ def head_for(call: Call, cluster: Cluster, ops: RequestOps, path: str, authority
     """The request head for `cluster`, in the protocol it is sent in."""
     request = call.request
     if speaks_http2(cluster, request):
-        return Head([], b"", request_fields(call, ops, path, authority, body), False)
-    return Head(request_head(call, ops, path, authority), framing(body, request), None, request.method == b"HEAD")
+        return Head([], b"", request_fields(call, ops, path, authority, body), False, call.expected)
+    head = request_head(call, ops, path, authority)
+    return Head(head, framing(body, request), None, request.method == b"HEAD", call.expected)
 
 
 def request_head(call: Call, ops: RequestOps, path: str, authority: str) -> list[bytes]:

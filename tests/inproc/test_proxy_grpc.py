@@ -164,6 +164,35 @@ async def test_without_the_condition_a_grpc_unavailable_reply_is_passed_on() -> 
     assert mesh.last().flag_text == "-"
 
 
+async def test_a_retry_is_told_in_grpc_timeout_what_is_left_of_the_callers_deadline() -> None:
+    # The client's 5 s (Istio's max_grpc_timeout lets it set the route timeout) goes to the
+    # first try whole; the retry, sent at least 0.4 s in, is told no more than what is left.
+    yaml = service("web", "app") + gateway_http(
+        '- route: [{destination: {host: web}}]\n  retries: {attempts: 1, retryOn: "unavailable"}'
+    )
+    app = Backend("app")
+    app.replies.extend(
+        [
+            Reply(headers={"content-type": "application/grpc", "grpc-status": "14"}, body=b"", delay=0.4),
+            Reply(headers={"content-type": "application/grpc", "grpc-status": "0"}, body=FRAME),
+        ]
+    )
+    async with running_mesh(yaml, {"app": app}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            answer = await client.answer(
+                client.request("POST", "/demo.Echo/Say", {**GRPC, "grpc-timeout": "5S"}, FRAME)
+            )
+        finally:
+            await client.close()
+    assert (answer.headers["grpc-status"], [s.attempt for s in app.seen]) == ("0", [1, 2])
+    first, retry = app.seen
+    assert (first.all("grpc-timeout"), first.all("x-envoy-expected-rq-timeout-ms")) == (["5000m"], ["5000"])
+    [left] = retry.all("x-envoy-expected-rq-timeout-ms")
+    assert 0 < int(left) <= 4600
+    assert retry.all("grpc-timeout") == [f"{left}m"]
+
+
 TIMEOUTS = """
 - match: [{uri: {prefix: /demo.Echo/Bounded}}]
   timeout: 0.2s
@@ -187,6 +216,7 @@ async def test_grpc_timeout_sets_the_route_timeout_and_a_timeout_is_unavailable(
     assert elapsed >= 0.2
     assert trailers_only(answer) == (200, "application/grpc", "14", "upstream request timeout", b"")
     assert app.seen[0].all("grpc-timeout") == ["200m"]
+    assert app.seen[0].all("x-envoy-expected-rq-timeout-ms") == ["200"]
     assert mesh.last().flag_text == "UT"
     assert '"POST /demo.Echo/Say HTTP/2" 200 UT' in text_line(mesh.last())
 

@@ -31,6 +31,7 @@ async def test_route_timeout_is_504_UT() -> None:
         assert answer.headers["content-type"] == "text/plain"
         assert mesh.last().flag_text == "UT"
         assert mesh.last().upstream_host == f"127.0.0.1:{app.port}"
+        assert app.seen[0].all("x-envoy-expected-rq-timeout-ms") == ["200"]
 
 
 async def test_the_route_timeout_covers_the_body_too() -> None:
@@ -78,6 +79,25 @@ async def test_per_try_timeout_retries_a_slow_attempt() -> None:
         assert [s.attempt for s in app.seen] == [1, 2]
         assert mesh.last().flag_text == "-"
         assert mesh.last().attempts == 2
+
+
+async def test_each_try_is_told_what_is_left_of_the_route_timeout() -> None:
+    # Envoy's setTimeoutHeaders: the first try is told the per-try timeout; the retry, sent
+    # at least 0.4 s in, no more than what is left of the route's 5 s. A client's own value
+    # is replaced; a route with no timeout tells nothing.
+    app = Backend("app")
+    app.replies.extend([Reply(status=503, delay=0.4), Reply(status=200)])
+    policy = ("timeout: 5s", "retries: {attempts: 1, perTryTimeout: 4.8s, retryOn: 5xx}")
+    async with running_mesh(APP + web_route(*policy), {"app": app}) as mesh:
+        answer = await mesh.get("/", headers={"x-envoy-expected-rq-timeout-ms": "99"})
+    assert (answer.status, [s.attempt for s in app.seen]) == (200, [1, 2])
+    told = [s.all("x-envoy-expected-rq-timeout-ms") for s in app.seen]
+    assert told[0] == ["4800"]
+    assert len(told[1]) == 1 and 0 < int(told[1][0]) <= 4600
+    untimed = Backend("app")
+    async with running_mesh(APP + web_route(), {"app": untimed}) as mesh:
+        await mesh.get("/")
+    assert "x-envoy-expected-rq-timeout-ms" not in untimed.seen[0].headers
 
 
 async def test_per_try_timeouts_exhaust_the_retries_UT_URX() -> None:

@@ -1,7 +1,7 @@
 """The gRPC rules of the proxy: Envoy's HTTP → gRPC status mapping, which requests are gRPC,
 `grpc-message` encoding, the trailers-only headers, `grpc-timeout` read, capped by the
-route timeout and written upstream as Envoy's router does, and messages counted however a
-stream is split."""
+route timeout and written upstream on each try as Envoy's router does (with
+`x-envoy-expected-rq-timeout-ms`), and messages counted however a stream is split."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minimesh.config.model import GRPC_CODES
+from minimesh.dataplane.deadline import Expected
 from minimesh.dataplane.grpc import (
     MessageCounter,
     format_grpc_timeout,
@@ -23,7 +24,6 @@ from minimesh.dataplane.grpc import (
     is_grpc,
     response_grpc_status,
     trailers_only,
-    upstream_grpc_timeout,
 )
 
 
@@ -163,19 +163,33 @@ def test_a_grpc_request_gets_its_grpc_timeout_capped_by_the_route_timeout(
 
 
 @pytest.mark.parametrize(
-    ("timeout", "per_try", "told"),
+    ("timeout", "per_try", "elapsed", "told"),
     [
-        (None, None, None),
-        (0.25, None, b"250m"),
-        (2.0, 0.5, b"500m"),
-        (0.5, 2.0, b"500m"),
-        (0.5, 0.5, b"500m"),
-        (None, 0.3, b"300m"),
-        (0.0001, None, None),
+        (0.25, None, 0, 250),
+        (2.0, 0.5, 0, 500),
+        (0.5, 2.0, 0, 500),
+        (0.5, 0.5, 0, 500),
+        (None, 0.3, 0, 300),
+        (None, 0.3, 5000, 300),
+        (2.0, 0.5, 1800, 200),
+        (2.0, None, 700, 1300),
+        (2.0, 0.5, 2000, 1),
+        (2.0, 0.5, 9000, 1),
     ],
 )
-def test_the_upstream_is_told_the_time_it_has(timeout: float | None, per_try: float | None, told: bytes | None) -> None:
-    assert upstream_grpc_timeout(timeout, per_try) == told
+def test_each_try_is_told_the_time_it_has(
+    timeout: float | None, per_try: float | None, elapsed: int, told: int
+) -> None:
+    grpc = Expected.of(timeout, per_try, grpc=True)
+    plain = Expected.of(timeout, per_try, grpc=False)
+    assert grpc is not None and plain is not None
+    assert grpc.fields(elapsed) == [(b"x-envoy-expected-rq-timeout-ms", b"%d" % told), (b"grpc-timeout", b"%dm" % told)]
+    assert plain.lines(elapsed) == b"x-envoy-expected-rq-timeout-ms: %d\r\n" % told
+
+
+@pytest.mark.parametrize(("timeout", "per_try"), [(None, None), (0.0, None), (0.0001, None), (None, 0.0)])
+def test_no_timeout_tells_the_upstream_nothing(timeout: float | None, per_try: float | None) -> None:
+    assert Expected.of(timeout, per_try, grpc=True) is None
 
 
 def framed(messages: list[tuple[int, bytes]]) -> bytes:
