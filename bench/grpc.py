@@ -9,10 +9,12 @@ trailers `grpc-status: 0`) over HTTP/2 cleartext: the proxies are measured, not 
 gRPC server. Each way is first checked with a real grpcio call (minimesh/grpc:local).
 Closed loop: requests/s, medians of ROUNDS rounds with the ways side by side, ratios the
 median of per-round ratios. Open loop: OPEN_RATE calls/s, P90 from h2load's per-request log
-(from each request's actual send), added over direct, per hop. Last, the h2 library's own
-work per call is timed in this process on the proxies' core (bench/h2codec.py) and set
-beside the time a whole call may take at the target. Merges into bench/results.json under
-"grpc"; prints a table.
+(from each request's actual send), added over direct, per hop. Between the two, py-spy
+samples the daemon's native stacks during one more one-hop run: the h2 library's share of
+its CPU, and so the most one hop could reach were the rest of the proxy free. Last, the h2
+library's own work per call is timed in this process on the proxies' core
+(bench/h2codec.py) and set beside the time a whole call may take at the target. Merges into
+bench/results.json under "grpc"; prints a table.
 
 h2load runs on the host inside the client container's network namespace (nsenter), so that
 container's capture applies to it, and addresses the servers by IP (the host's resolver does
@@ -29,6 +31,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ from docker import TAG, Daemon, bounded, docker, ensure_images, record, say
 from h2codec import MESSAGE as REQUEST
 from h2codec import METHOD, codec_us_per_call
 from procs import Pinning, ensure_h2load
+from profiling import py_spy
 from tcp import NETWORK, TOOLS, median_ratio, run
 
 GRPC_IMAGE = "minimesh/grpc:local"
@@ -50,6 +54,10 @@ CONNECTIONS, STREAMS = 16, 8
 """h2load -c and -m in the closed loop: 128 calls in flight."""
 SECONDS, WARMUP, ROUNDS = 5, 1, 3
 OPEN_RATE, OPEN_CLIENTS, OPEN_SECONDS = 500, 5, 6
+PROFILE_SECONDS, PROFILE_RATE = 4, 250
+H2_LIBRARY = re.compile(r"[(/](h2|hpack|hyperframe)/\w+\.py:")
+"""A frame in the h2 library's modules (h2 and the HPACK and frame codecs it uses), as py-spy
+names it: `receive_data (h2/connection.py:1501)`."""
 TARGETS = {"one_hop_vs_nginx": 0.4, "added_p90_ms_per_hop": 0.3}
 
 MESH = """\
@@ -274,6 +282,45 @@ def mesh_protocol(daemon: Daemon) -> str:
     return "not seen in the metrics"
 
 
+def h2_share(daemon: Daemon, h2load: H2load, way: Way, pinning: Pinning, out: Path) -> dict[str, Any] | str:
+    """The h2 library's share of the daemon's CPU while `way` runs at saturation, from py-spy's
+    native stacks (which see into minimesh's compiled modules): each sample of the event-loop
+    thread is charged to its innermost Python or compiled frame. Or what went wrong."""
+    binary = py_spy()
+    if binary is None:
+        return "py-spy not found: .venv/bin/pip install py-spy"
+    load = threading.Thread(target=h2load.closed, args=(way,))
+    load.start()
+    try:
+        time.sleep(WARMUP + 0.5)
+        cmd = [binary, "record", "--pid", str(daemon.process.pid), "--native", "--function", "--format", "raw",
+               "--duration", str(PROFILE_SECONDS), "--rate", str(PROFILE_RATE), "--output", str(out)]  # fmt: skip
+        done = subprocess.run(pinning.load_cmd(cmd), capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        load.join()
+    if done.returncode != 0 or not out.exists():
+        return f"py-spy failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-300:]}"
+    counts: collections.Counter[str] = collections.Counter()
+    for line in out.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if count.isdigit() and any(frame.startswith("<module>") for frame in frames):
+            counts[_charged(frames)] += int(count)
+    samples = sum(counts.values())
+    if not samples:
+        return "py-spy took no sample of the event loop"
+    return {"h2_share": round(counts["h2"] / samples, 3), "samples": samples}
+
+
+def _charged(frames: list[str]) -> str:
+    """What a sample's time is charged to: the innermost frame that is Python code or a
+    compiled minimesh function (C below them is theirs); the event loop's own C otherwise."""
+    for frame in reversed(frames):
+        if ".py:" in frame or "CPyDef_" in frame:
+            return "h2" if H2_LIBRARY.search(frame) else "rest"
+    return "loop"
+
+
 def bench(workdir: Path, pinning: Pinning) -> dict[str, Any]:
     docker("network", "create", "--label", f"minimesh.bench={TAG}", NETWORK)
     names = start(pinning)
@@ -292,6 +339,7 @@ def bench(workdir: Path, pinning: Pinning) -> dict[str, Any]:
     errors: dict[str, str] = {}
     rounds: list[dict[str, Any]] = []
     latency: dict[str, Any] = {}
+    profile: dict[str, Any] | str = "sidecar_one_hop not measured"
     try:
         daemon.wait(lambda: daemon.captured() >= 2, 30, "the mesh client and server to be captured")
         for way in ways:
@@ -310,6 +358,10 @@ def bench(workdir: Path, pinning: Pinning) -> dict[str, Any]:
                 else:
                     row[way.name] = {"rps": rps}
             rounds.append(row)
+        one_hop = next((way for way in live if way.name == "sidecar_one_hop" and way.name not in errors), None)
+        if one_hop is not None:
+            say(f"==> py-spy --native on the daemon for {PROFILE_SECONDS} s of sidecar_one_hop at saturation")
+            profile = h2_share(daemon, h2load, one_hop, pinning, workdir / "h2load" / "one-hop-stacks.txt")
         say(f"==> open loop: {OPEN_RATE} calls/s for {OPEN_SECONDS} s each")
         for way in (w for w in live if w.name not in errors):
             measured = h2load.open(way)
@@ -317,7 +369,7 @@ def bench(workdir: Path, pinning: Pinning) -> dict[str, Any]:
         path = mesh_protocol(daemon)
     finally:
         daemon.stop()
-    return summary(rounds, errors, latency) | {"mesh_path": path, "pinning": pinning.describe()}
+    return summary(rounds, errors, latency) | {"mesh_path": path, "pinning": pinning.describe(), "profile": profile}
 
 
 def summary(rounds: list[dict[str, Any]], errors: dict[str, str], latency: dict[str, Any]) -> dict[str, Any]:
@@ -385,6 +437,14 @@ def report(data: dict[str, Any]) -> str:
         budget = 1e6 / (TARGETS["one_hop_vs_nginx"] * nginx)
         lines.append(f"  the h2 library's own work per proxied call: {codec:.0f} us, {codec / budget:.0%} of the "
                      f"{budget:.0f} us a whole call may take at {TARGETS['one_hop_vs_nginx']}x nginx")  # fmt: skip
+    profile, one = data.get("profile"), (found or {}).get("one_hop_vs_nginx")
+    if isinstance(profile, dict) and one:
+        share = profile["h2_share"]
+        lines.append(f"  the h2 library's share of the daemon's CPU at saturation: {share:.0%} "
+                     f"({profile['samples']} py-spy samples); were the rest free, one hop would reach "
+                     f"{one / share:.2f}x nginx at most")  # fmt: skip
+    elif isinstance(profile, str):
+        lines.append(f"  the h2 library's share of the daemon's CPU: not measured: {profile}")
     if data.get("mesh_path"):
         lines.append(f"  the sidecars carried the calls as: {data['mesh_path']}")
     if data.get("error"):
