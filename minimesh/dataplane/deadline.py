@@ -7,12 +7,11 @@ import asyncio
 from types import TracebackType
 from typing import Any
 
-from minimesh.dataplane.grpc import format_grpc_timeout
+from minimesh.dataplane.grpc import GRPC_TIMEOUT, format_grpc_timeout
 from minimesh.routing.headers import HeaderList
 
 ENTERED, EXPIRING, EXPIRED, EXITED = range(4)
 EXPECTED_TIMEOUT = b"x-envoy-expected-rq-timeout-ms"
-GRPC_TIMEOUT = b"grpc-timeout"
 
 
 class Deadline:
@@ -35,7 +34,8 @@ class Deadline:
         return self._state in (EXPIRING, EXPIRED)
 
     def elapsed_ms(self) -> int:
-        """Whole milliseconds since the deadline was set, as Envoy's router counts them."""
+        """Whole milliseconds since the deadline was set (Envoy's router counts a retry's in
+        whole milliseconds too, from the end of the request rather than its head)."""
         return int((self._loop.time() - self.started) * 1000)
 
     async def __aenter__(self) -> Deadline:
@@ -92,13 +92,10 @@ class Expected:
 
     @classmethod
     def of(cls, timeout: float | None, per_try_timeout: float | None, grpc: bool) -> Expected | None:
-        """The route's timeout and per-try timeout in whole milliseconds (a per-try timeout
-        no shorter than the route's is none, as in Envoy's `finalTimeout`); None when
-        neither is set, and the request goes on with the headers it came with."""
+        """The route's timeout and per-try timeout in whole milliseconds; None when neither
+        is set, and the request goes on with the headers it came with."""
         timeout_ms = round(timeout * 1000) if timeout else 0
         per_try_ms = round(per_try_timeout * 1000) if per_try_timeout else 0
-        if timeout_ms and per_try_ms >= timeout_ms:
-            per_try_ms = 0
         return cls(timeout_ms, per_try_ms, grpc) if timeout_ms or per_try_ms else None
 
     @property
@@ -108,7 +105,8 @@ class Expected:
 
     def ms(self, elapsed_ms: int) -> int:
         """What a try sent `elapsed_ms` into the route's timeout is told (1 once none is left:
-        0 would mean no timeout)."""
+        0 would mean no timeout). A per-try timeout no shorter than the route's comes to the
+        route's, as Envoy's `finalTimeout` makes it."""
         expected = self.per_try_ms or self.timeout_ms
         if self.timeout_ms:
             expected = 1 if elapsed_ms >= self.timeout_ms else min(expected, self.timeout_ms - elapsed_ms)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from minimesh.routing.headers import HeaderList
 
 GRPC_CONTENT_TYPE = b"application/grpc"
+GRPC_TIMEOUT = b"grpc-timeout"
 HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
 """Envoy's `Grpc::Utility::httpToGrpcStatus` (INTERNAL, UNAUTHENTICATED, PERMISSION_DENIED,
 UNIMPLEMENTED, UNAVAILABLE); any other status is UNKNOWN."""

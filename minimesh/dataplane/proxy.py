@@ -32,7 +32,7 @@ from minimesh.dataplane.exchange import (
     request_id,
 )
 from minimesh.dataplane.fault import Faults, fault_step, fires
-from minimesh.dataplane.grpc import grpc_route_timeout, is_grpc
+from minimesh.dataplane.grpc import GRPC_TIMEOUT, grpc_route_timeout, is_grpc
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, Request, UpstreamResponse
 from minimesh.dataplane.http2 import Stream
 from minimesh.dataplane.mirror import Mirrors
@@ -412,7 +412,7 @@ def _timeouts(call: Call, route_timeout: float | None, per_try_timeout: float | 
     (`call.expected`) replaces what the client said of it."""
     request = call.request
     grpc = call.exchange.grpc
-    timeout = grpc_route_timeout(route_timeout, request.header(b"grpc-timeout")) if grpc else route_timeout
+    timeout = grpc_route_timeout(route_timeout, request.header(GRPC_TIMEOUT)) if grpc else route_timeout
     expected = call.expected = Expected.of(timeout, per_try_timeout, grpc)
     if expected is not None:
         names = expected.names

@@ -77,7 +77,7 @@ class Head:
         retry told what is left of the route's `deadline`; `replay` gives `body` again should
         a reused HTTP/1.1 connection prove closed."""
         expected = self.expected
-        elapsed = deadline.elapsed_ms() if deadline is not None and attempt > 1 else 0
+        elapsed = deadline.elapsed_ms() if expected is not None and deadline is not None and attempt > 1 else 0
         fields = self.fields
         if fields is not None:
             if attempt or expected is not None:
@@ -87,10 +87,10 @@ class Head:
                 if expected is not None:
                     fields += expected.fields(elapsed)
             return upstreams.send_h2(cluster, endpoint, fields, body)
-        count = b"x-envoy-attempt-count: %d\r\n" % attempt if attempt else b""
+        per_try = b"x-envoy-attempt-count: %d\r\n" % attempt if attempt else b""
         if expected is not None:
-            count += expected.lines(elapsed)
-        head = b"".join([*self.parts, count, self.framing])
+            per_try += expected.lines(elapsed)
+        head = b"".join([*self.parts, per_try, self.framing])
         return upstreams.send(
             cluster,
             endpoint,

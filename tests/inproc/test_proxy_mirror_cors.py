@@ -10,7 +10,8 @@ APPS = service("web", "app") + "---" + service("shadow", "copy")
 
 async def test_mirror_gets_a_copy_with_a_shadow_host_and_its_answer_is_dropped() -> None:
     app, copy = Backend("app"), Backend("copy", Reply(status=500, body=b"mirror answer"))
-    async with running_mesh(APPS + web_route("mirror: {host: shadow}"), {"app": app, "copy": copy}) as mesh:
+    policy = ("mirror: {host: shadow}", "timeout: 3s")
+    async with running_mesh(APPS + web_route(*policy), {"app": app, "copy": copy}) as mesh:
         answer = await mesh.request("POST", "/orders?id=1", data=b'{"n": 1}', headers={"Host": "shop.example.com:80"})
         assert (answer.status, answer.body) == (200, b"app")
         await until(lambda: copy.seen, "the mirrored copy")
@@ -18,6 +19,9 @@ async def test_mirror_gets_a_copy_with_a_shadow_host_and_its_answer_is_dropped()
         assert seen.headers["host"] == "shop.example.com-shadow:80"
         assert (seen.method, seen.path, seen.body) == ("POST", "/orders?id=1", b'{"n": 1}')
         assert seen.headers["x-request-id"] == app.seen[0].headers["x-request-id"]
+        assert (
+            seen.all("x-envoy-expected-rq-timeout-ms") == app.seen[0].all("x-envoy-expected-rq-timeout-ms") == ["3000"]
+        )
         assert app.seen[0].headers["host"] == "shop.example.com:80"
         assert mesh.last().flag_text == "-"
 
