@@ -115,6 +115,8 @@ class HostState:
 
     `waiters` are requests queued for a connection to this endpoint (the pending queue);
     each gets an idle connection handed over, or None: a connection slot to fill itself.
+    `stream_waiters` are requests queued for a stream on its HTTP/2 connections, woken to try
+    again when one ends or a connection goes.
     """
 
     __slots__ = (
@@ -127,6 +129,7 @@ class HostState:
         "idle",
         "in_flight",
         "port",
+        "stream_waiters",
         "successes",
         "times_ejected",
         "waiters",
@@ -137,6 +140,7 @@ class HostState:
         self.port = port
         self.idle: list[UpstreamConnection] = []
         self.waiters: collections.deque[asyncio.Future[UpstreamConnection | None]] = collections.deque()
+        self.stream_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.connections = 0
         self.in_flight = 0
         self.consecutive_5xx = 0
@@ -191,6 +195,17 @@ class Attempt:
 Dial = Callable[[str, int], Awaitable[socket.socket]]
 """Makes a connected socket to an endpoint; the default dials from the daemon's own namespace."""
 P = TypeVar("P", bound=asyncio.Protocol)
+T = TypeVar("T")
+
+
+def wake_first(queue: collections.deque[asyncio.Future[T]], value: T) -> bool:
+    """Hand `value` to the first request still waiting in `queue`; False when none is."""
+    while queue:
+        waiter = queue.popleft()
+        if not waiter.done():
+            waiter.set_result(value)
+            return True
+    return False
 
 
 async def connect(
@@ -224,35 +239,18 @@ class KeepAlive:
     async def connection(
         self, cluster: Cluster, endpoint: Endpoint, tls: ssl.SSLContext | None, server_name: str | None
     ) -> UpstreamConnection:
-        """An idle keep-alive connection to `endpoint`, a new one within `maxConnections`, or
-        a wait in the pending queue (bounded by `http1MaxPendingRequests`, else 503 UO).
-
-        As in Envoy, an endpoint with no connection at all may always open one, even past
-        `maxConnections`, so one busy endpoint never starves another."""
+        """An idle keep-alive connection to `endpoint`, a new one within `maxConnections`
+        (`may_open`), or a wait in the pending queue (bounded by `http1MaxPendingRequests`,
+        else 503 UO)."""
         pool = cluster.policy.connection_pool
         state = self.state
         host = state.host(endpoint)
         conn = self.idle_connection(host)
         if conn is not None:
             return conn
-        if state.connections < (pool.max_connections or UNLIMITED) or host.connections == 0:
+        if state.may_open(host, pool):
             return await self._open(host, pool, tls, server_name)
-        if state.pending >= (pool.http1_max_pending_requests or UNLIMITED):
-            state.overflows += 1
-            raise UpstreamFailure(OVERFLOW, endpoint)
-        waiter: asyncio.Future[UpstreamConnection | None] = asyncio.get_running_loop().create_future()
-        host.waiters.append(waiter)
-        state.pending += 1
-        try:
-            handed = await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._handed_back(host, pool, waiter.result())
-            elif waiter in host.waiters:
-                host.waiters.remove(waiter)
-            raise
-        finally:
-            state.pending -= 1
+        handed = await state.queue(host.waiters, pool, endpoint, lambda conn: self._handed_back(host, pool, conn))
         if handed is None:
             return await self._open(host, pool, tls, server_name, slot_reserved=True)
         return handed
@@ -308,12 +306,8 @@ class KeepAlive:
         if limit and conn.requests >= limit:
             conn.close()
             return
-        while host.waiters:
-            waiter = host.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return
-        host.idle.append(conn)
+        if not wake_first(host.waiters, conn):
+            host.idle.append(conn)
 
     def _lost(self, host: HostState, conn: UpstreamConnection) -> None:
         if conn in host.idle:
@@ -331,18 +325,20 @@ class KeepAlive:
         so nothing that arrives meanwhile can push the cluster past `maxConnections`."""
         state = self.state
         for waiting in (host, *state.hosts.values()):
-            while waiting.waiters:
-                waiter = waiting.waiters.popleft()
-                if not waiter.done():
-                    state.connections += 1
-                    waiter.set_result(None)
-                    return
+            if wake_first(waiting.waiters, None):
+                state.connections += 1
+                return
 
     def close(self) -> None:
         for host in self.state.hosts.values():
             for conn in list(host.idle):
                 conn.close()
             host.idle.clear()
+
+
+def _wake(host: HostState) -> None:
+    """A stream ended or a connection went: the first request waiting for a stream on `host` tries again."""
+    wake_first(host.stream_waiters, None)
 
 
 class Multiplexed:
@@ -355,12 +351,11 @@ class Multiplexed:
     a burst shares one. They count in the cluster's and the endpoint's connections like
     HTTP/1.1 ones."""
 
-    __slots__ = ("by_host", "queued", "state")
+    __slots__ = ("by_host", "state")
 
     def __init__(self, state: ClusterState) -> None:
         self.state = state
         self.by_host: dict[tuple[str, int], list[Http2Upstream]] = {}
-        self.queued: dict[tuple[str, int], collections.deque[asyncio.Future[None]]] = {}
 
     async def connection(
         self, cluster: Cluster, endpoint: Endpoint, tls: ssl.SSLContext | None, server_name: str | None
@@ -370,8 +365,7 @@ class Multiplexed:
         pool = cluster.policy.connection_pool
         state = self.state
         host = state.host(endpoint)
-        key = (host.address, host.port)
-        conns = self.by_host.setdefault(key, [])
+        conns = self.by_host.setdefault((host.address, host.port), [])
         limit = pool.max_concurrent_streams or UNLIMITED
         tries = 0
         while tries < OPEN_TRIES:
@@ -379,8 +373,8 @@ class Multiplexed:
                 if conn.takes(limit):
                     return conn
             joining = next((c for c in conns if not c.ready.done() and len(c.streams) + c.waiting < limit), None)
-            if joining is None and state.connections >= (pool.max_connections or UNLIMITED) and host.connections > 0:
-                await self._queue(key, pool, endpoint)
+            if joining is None and not state.may_open(host, pool):
+                await state.queue(host.stream_waiters, pool, endpoint, lambda _: _wake(host))
                 continue
             tries += 1
             conn = joining or self._open(host, pool, conns, tls, server_name)
@@ -398,37 +392,6 @@ class Multiplexed:
         state.overflows += 1
         raise UpstreamFailure(OVERFLOW, endpoint)
 
-    async def _queue(self, key: tuple[str, int], pool: m.ConnectionPool, endpoint: Endpoint) -> None:
-        """Wait in the endpoint's pending queue until a stream ends or a connection goes; `UO`
-        when the cluster's queue is full. Woken and then cancelled, the wake passes on."""
-        state = self.state
-        if state.pending >= (pool.http1_max_pending_requests or UNLIMITED):
-            state.overflows += 1
-            raise UpstreamFailure(OVERFLOW, endpoint)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue = self.queued.setdefault(key, collections.deque())
-        queue.append(waiter)
-        state.pending += 1
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._wake(key)
-            elif waiter in queue:
-                queue.remove(waiter)
-            raise
-        finally:
-            state.pending -= 1
-
-    def _wake(self, key: tuple[str, int]) -> None:
-        """A stream ended or a connection went: the first request waiting for `key` tries again."""
-        queue = self.queued.get(key)
-        while queue:
-            waiter = queue.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
     def _open(
         self,
         host: HostState,
@@ -441,15 +404,14 @@ class Multiplexed:
         state = self.state
         state.connections += 1
         host.connections += 1
-        key = (host.address, host.port)
 
         def lost(conn: Http2Upstream) -> None:
             if conn in conns:
                 conns.remove(conn)
                 state.h1.closed(host)
-                self._wake(key)
+                _wake(host)
 
-        conn = Http2Upstream(lost, pool.max_requests_per_connection or 0, lambda: self._wake(key))
+        conn = Http2Upstream(lost, pool.max_requests_per_connection or 0, lambda: _wake(host))
         conns.append(conn)
         conn.opening = asyncio.get_running_loop().create_task(self._connect(conn, host, pool, tls, server_name))
         return conn
@@ -606,6 +568,39 @@ class ClusterState:
         state.ejected_until = self.clock() + min(detection.base_ejection_time * state.times_ejected, MAX_EJECTION_TIME)
 
     # ---- circuit breaking
+
+    def may_open(self, host: HostState, pool: m.ConnectionPool) -> bool:
+        """Whether a new connection to `host` is within `maxConnections`. As in Envoy, an
+        endpoint with no connection at all may always open one, so one busy endpoint never
+        starves another."""
+        return self.connections < (pool.max_connections or UNLIMITED) or host.connections == 0
+
+    async def queue(
+        self,
+        waiters: collections.deque[asyncio.Future[T]],
+        pool: m.ConnectionPool,
+        endpoint: Endpoint,
+        pass_on: Callable[[T], None],
+    ) -> T:
+        """Wait in `waiters`, one of the cluster's pending queues (together bounded by
+        `http1MaxPendingRequests`, which Istio applies to HTTP/2 too; past it 503 `UO`), for
+        what a `wake_first` hands over. Woken and then cancelled, it gives that to `pass_on`."""
+        if self.pending >= (pool.http1_max_pending_requests or UNLIMITED):
+            self.overflows += 1
+            raise UpstreamFailure(OVERFLOW, endpoint)
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        self.pending += 1
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                pass_on(waiter.result())
+            elif waiter in waiters:
+                waiters.remove(waiter)
+            raise
+        finally:
+            self.pending -= 1
 
     def admit(self, pool: m.ConnectionPool) -> None:
         """Count a request against `http2MaxRequests`, or raise overflow (503 UO)."""
