@@ -42,7 +42,7 @@ from docker import TAG, Daemon, bounded, docker, ensure_images, record, say
 from h2codec import MESSAGE as REQUEST
 from h2codec import METHOD, codec_us_per_call
 from procs import Pinning, ensure_h2load
-from profiling import py_spy
+from profiling import py_spy, spy, stacks
 from tcp import NETWORK, TOOLS, median_ratio, run
 
 GRPC_IMAGE = "minimesh/grpc:local"
@@ -54,7 +54,7 @@ CONNECTIONS, STREAMS = 16, 8
 """h2load -c and -m in the closed loop: 128 calls in flight."""
 SECONDS, WARMUP, ROUNDS = 5, 1, 3
 OPEN_RATE, OPEN_CLIENTS, OPEN_SECONDS = 500, 5, 6
-PROFILE_SECONDS, PROFILE_RATE = 3, 250
+PROFILE_SECONDS = 3
 """py-spy samples 3 s from 1.5 s into one closed-loop run of 6 s (the rest is attaching)."""
 H2_LIBRARY = re.compile(r"[(/](h2|hpack|hyperframe)/\w+\.py:")
 """A frame in the h2 library's modules (h2 and the HPACK and frame codecs it uses), as py-spy
@@ -295,23 +295,17 @@ def h2_share(daemon: Daemon, h2load: H2load, way: Way, pinning: Pinning, out: Pa
     load.start()
     try:
         time.sleep(WARMUP + 0.5)
-        cmd = [binary, "record", "--pid", str(daemon.process.pid), "--native", "--function", "--format", "raw",
-               "--duration", str(PROFILE_SECONDS), "--rate", str(PROFILE_RATE), "--output", str(out)]  # fmt: skip
-        done = subprocess.run(pinning.load_cmd(cmd), capture_output=True, text=True, timeout=60, check=False)
-    except subprocess.TimeoutExpired:
-        return "py-spy did not finish within 60 s"
+        problem = spy(binary, daemon.process.pid, PROFILE_SECONDS, out, pinning, "--native")
     finally:
         load.join()
     if not loaded or isinstance(loaded[0], str):
         return f"the load failed: {loaded[0] if loaded else 'h2load raised'}"
-    if done.returncode != 0 or not out.exists():
-        return f"py-spy failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-300:]}"
+    if problem is not None:
+        return problem
     counts: collections.Counter[str] = collections.Counter()
-    for line in out.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
-        if count.isdigit() and any(frame.startswith("<module>") for frame in frames):
-            counts[_charged(frames)] += int(count)
+    for frames, count in stacks(out):
+        if any(frame.startswith("<module>") for frame in frames):
+            counts[_charged(frames)] += count
     samples = counts.total()
     if not samples:
         return "py-spy took no sample of the event loop"

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,7 @@ def record(pid: int, url: str, load: Load, pinning: Pinning, seconds: float, out
     try:
         time.sleep(1.0)
         before, started = thread_ticks(pid), time.monotonic()
-        cmd = [binary, "record", "--pid", str(pid), "--duration", f"{seconds:g}", "--rate", str(RATE),
-               "--format", "raw", "--function", "--subprocesses", "--output", str(out)]  # fmt: skip
-        done = subprocess.run(pinning.load_cmd(cmd), capture_output=True, text=True, timeout=seconds + 30, check=False)
+        problem = spy(binary, pid, seconds, out, pinning, "--subprocesses")
         after, elapsed = thread_ticks(pid), time.monotonic() - started
         perf = perf_split(pid, pinning, logs) if native else "perf not installed (apt-get install linux-perf)"
     except BaseException:
@@ -67,8 +66,8 @@ def record(pid: int, url: str, load: Load, pinning: Pinning, seconds: float, out
         for task, cores in moved.items():
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(task, cores)
-    if done.returncode != 0 or not out.exists():
-        raise RuntimeError(f"py-spy failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
+    if problem is not None:
+        raise RuntimeError(problem)
     text = (logs / "wrk-profile.log").read_text(errors="replace")
     found = re.search(r"Requests/sec:\s*([\d.]+)", text)
     ticks = os.sysconf("SC_CLK_TCK") * elapsed
@@ -82,6 +81,28 @@ def record(pid: int, url: str, load: Load, pinning: Pinning, seconds: float, out
         "stacks": str(out),
         "native": perf,
     }
+
+
+def spy(binary: str, pid: int, seconds: float, out: Path, pinning: Pinning, *options: str) -> str | None:
+    """py-spy's collapsed stacks of `pid` (`stacks` reads them) for `seconds` into `out`,
+    py-spy itself on the load core; None, or why there are none."""
+    cmd = [binary, "record", "--pid", str(pid), "--duration", f"{seconds:g}", "--rate", str(RATE),
+           "--format", "raw", "--function", *options, "--output", str(out)]  # fmt: skip
+    try:
+        done = subprocess.run(pinning.load_cmd(cmd), capture_output=True, text=True, timeout=seconds + 30, check=False)
+    except subprocess.TimeoutExpired:
+        return f"py-spy did not finish within {seconds + 30:g} s"
+    if done.returncode != 0 or not out.exists():
+        return f"py-spy failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}"
+    return None
+
+
+def stacks(collapsed: Path) -> Iterator[tuple[list[str], int]]:
+    """Each stack py-spy sampled (outermost frame first) and how many times."""
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            yield stack.split(";"), int(count)
 
 
 def _move(root: int, core: int) -> dict[int, set[int]]:
@@ -151,12 +172,8 @@ def summarise(collapsed: Path, top: int = 15) -> dict[str, Any]:
     others: collections.Counter[str] = collections.Counter()
     samples = 0
     asyncio_loop = False
-    for line in collapsed.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [_short(frame) for frame in stack.split(";") if not frame.startswith(("process ", "thread "))]
+    for stack, count in stacks(collapsed):
+        frames = [_short(frame) for frame in stack if not frame.startswith(("process ", "thread "))]
         if not frames:
             continue
         if not frames[0].startswith("<module>"):
