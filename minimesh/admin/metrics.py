@@ -21,17 +21,11 @@ LE = (*[str(bound) for bound in BUCKETS], "+Inf")
 UNKNOWN = "unknown"
 CLUSTER_ID = "Kubernetes"
 """Istio's default cluster id, what `source_cluster`/`destination_cluster` say in one cluster."""
-GATEWAY_PEER = {
-    "workload": "istio-ingressgateway",
-    "workload_namespace": "istio-system",
-    "principal": UNKNOWN,
-    "app": "istio-ingressgateway",
-    "version": UNKNOWN,
-    "canonical_service": "istio-ingressgateway",
-    "canonical_revision": "latest",
-    "cluster": CLUSTER_ID,
-}
-NO_PEER = dict.fromkeys(GATEWAY_PEER, UNKNOWN)
+NO_PEER = dict.fromkeys(
+    ("workload", "workload_namespace", "principal", "app", "version", "canonical_service", "canonical_revision",
+     "cluster"),
+    UNKNOWN,
+)  # fmt: skip
 MESH_SUFFIX = ".svc.cluster.local"
 
 STATUS_CLASSES = tuple(f"upstream_rq_{n}xx" for n in range(6))
@@ -40,10 +34,8 @@ STATUS_CLASSES = tuple(f"upstream_rq_{n}xx" for n in range(6))
 Labels = tuple[tuple[str, str], ...]
 
 
-def peer(workload: Workload | None, *, gateway: bool = False) -> dict[str, str]:
+def peer(workload: Workload | None) -> dict[str, str]:
     """A side of a request as Istio's peer metadata describes it (without mTLS: no principal)."""
-    if gateway:
-        return GATEWAY_PEER
     if workload is None:
         return NO_PEER
     labels = workload.label_map
@@ -71,6 +63,7 @@ def service_parts(host: str) -> tuple[str, str]:
 
 def labels_of(
     listener: Listener,
+    source: Workload | None,
     destination: Workload | None,
     service: str,
     status: int,
@@ -83,22 +76,23 @@ def labels_of(
     """The labels of `istio_requests_total` and friends for one kind of request, or of the
     `istio_tcp_*` families for a TCP connection (`tcp`: no response code). A gRPC request
     (`grpc`) reports its protocol as `grpc` and `grpc_status` as `grpc_response_status`. A server
-    sidecar (inbound) reports as `destination`; its caller is unknown, as in Istio without
-    peer metadata, while the calling sidecar reports the same request as `source`."""
+    sidecar (inbound) reports as `destination`, and the calling proxy as `source`; `source` is
+    None for a caller not known (outside the mesh, or a TCP connection, which carries no peer
+    metadata without mTLS, as in Istio)."""
     inbound = listener.kind is ListenerKind.INBOUND
-    source = peer(None if inbound else listener.workload, gateway=listener.kind is ListenerKind.GATEWAY)
+    caller = peer(source)
     target = peer(destination)
     name, namespace = service_parts(service) if service else (UNKNOWN, UNKNOWN)
     labels = (
         ("reporter", "destination" if inbound else "source"),
-        ("source_workload", source["workload"]),
-        ("source_canonical_service", source["canonical_service"]),
-        ("source_canonical_revision", source["canonical_revision"]),
-        ("source_workload_namespace", source["workload_namespace"]),
-        ("source_principal", source["principal"]),
-        ("source_app", source["app"]),
-        ("source_version", source["version"]),
-        ("source_cluster", source["cluster"]),
+        ("source_workload", caller["workload"]),
+        ("source_canonical_service", caller["canonical_service"]),
+        ("source_canonical_revision", caller["canonical_revision"]),
+        ("source_workload_namespace", caller["workload_namespace"]),
+        ("source_principal", caller["principal"]),
+        ("source_app", caller["app"]),
+        ("source_version", caller["version"]),
+        ("source_cluster", caller["cluster"]),
         ("destination_workload", target["workload"]),
         ("destination_workload_namespace", target["workload_namespace"]),
         ("destination_principal", target["principal"]),
@@ -208,9 +202,9 @@ HISTOGRAMS = (
     ("istio_response_bytes", "response_bytes", "Sizes of response bodies, in bytes."),
 )
 
-Key = tuple[int, int, str, int, str, bool, int | None]
-"""A label set's lookup key: the listener and destination workload by identity (hashing them
-by value costs more than the rest of the bookkeeping), service, status, flags, and whether
+Key = tuple[int, int, int, str, int, str, bool, int | None]
+"""A label set's lookup key: the listener, source and destination workloads by identity (hashing
+them by value costs more than the rest of the bookkeeping), service, status, flags, and whether
 the request is gRPC with the gRPC status it got."""
 KEYS_KEPT = 4096
 """Keys remembered before the lookup table starts over (reloads make new listeners and workloads)."""
@@ -220,8 +214,8 @@ class Metrics:
     """Istio's request metrics and per-cluster upstream counters, aggregated as requests end."""
 
     def __init__(self) -> None:
-        self._by_key: dict[Key, tuple[Listener, Workload | None, Series]] = {}
-        """Each entry keeps its listener and workload alive, so their ids are not reused meanwhile."""
+        self._by_key: dict[Key, tuple[Listener, Workload | None, Workload | None, Series]] = {}
+        """Each entry keeps its listener and workloads alive, so their ids are not reused meanwhile."""
         self._by_labels: dict[str, Series] = {}
         self._tcp: dict[str, TcpSeries] = {}
         self._messages: dict[str, list[int]] = {}
@@ -239,17 +233,19 @@ class Metrics:
         destination = exchange.destination
         workload = destination.workload if destination is not None else None
         listener = exchange.listener
+        source = exchange.source
         service = exchange.destination_service or exchange.authority
         flags = exchange.flag_text
         grpc = exchange.grpc
         grpc_status = response_grpc_status(exchange.grpc_status, exchange.status) if grpc else None
-        key = (id(listener), id(workload), service, exchange.status, flags, grpc, grpc_status)
+        key = (id(listener), id(source), id(workload), service, exchange.status, flags, grpc, grpc_status)
         entry = self._by_key.get(key)
         if entry is None:
             if len(self._by_key) >= KEYS_KEPT:
                 self._by_key.clear()
             labels = labels_of(
                 listener,
+                source,
                 workload,
                 split_authority(service)[0],
                 exchange.status,
@@ -260,9 +256,9 @@ class Metrics:
             series = self._series(render_labels(labels))
             if grpc:
                 series.peer = render_labels(labels[:PEER_LABELS])
-            self._by_key[key] = (listener, workload, series)
+            self._by_key[key] = (listener, source, workload, series)
         else:
-            series = entry[2]
+            series = entry[3]
         series.requests += 1
         if grpc:
             self._count_messages(series.peer, exchange)
@@ -297,7 +293,7 @@ class Metrics:
         destination = exchange.destination
         workload = destination.workload if destination is not None else None
         service = exchange.destination_service or (exchange.sni or exchange.upstream_host.rpartition(":")[0])
-        labels = labels_of(exchange.listener, workload, service, 0, exchange.flag_text, tcp=True)
+        labels = labels_of(exchange.listener, exchange.source, workload, service, 0, exchange.flag_text, tcp=True)
         text = render_labels(labels)
         series = self._tcp.get(text)
         if series is None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from minimesh.dataplane.exchange import Exchange, ListenerKind
+from minimesh.dataplane.exchange import Exchange
 
 log = logging.getLogger("minimesh")
 
@@ -78,9 +78,9 @@ def response_code_details(exchange: Exchange) -> str:
 
 
 def source_workload(exchange: Exchange) -> str | None:
-    """Who sent the request: the listener's own workload; unknown at a server sidecar."""
-    listener = exchange.listener
-    return None if listener.kind is ListenerKind.INBOUND else listener.name
+    """Who sent the request (`Exchange.source`); None when not known."""
+    source = exchange.source
+    return None if source is None else source.name
 
 
 def downstream_local(exchange: Exchange) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from minimesh.dataplane.grpc import MessageCounter
 from minimesh.dataplane.upstream import Dial
-from minimesh.registry.model import Workload
+from minimesh.registry.model import INGRESS_GATEWAY, Workload
 from minimesh.routing.snapshot import Endpoint
 
 FLAG_ORDER = (
@@ -50,6 +50,22 @@ class Listener:
     workload: Workload | None = None
     address: str = ""
     dial: Dial | None = field(default=None, compare=False, repr=False)
+    source: Workload | None = field(init=False, compare=False, repr=False)
+    """Who sends the requests it serves, as far as it knows: its workload, or the ingress
+    gateway; None at a server sidecar, where a request names its caller (`Exchange.source`)."""
+    caller_id: bytes | None = field(init=False, compare=False, repr=False)
+    """The peer id its proxy sends to a server sidecar (`source.peer_id`); None at a server
+    sidecar, which forwards to its own app."""
+
+    def __post_init__(self) -> None:
+        kind = self.kind
+        source = self.workload
+        if kind is ListenerKind.GATEWAY:
+            source = INGRESS_GATEWAY
+        elif kind is ListenerKind.INBOUND:
+            source = None
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "caller_id", source.peer_id if source is not None else None)
 
     @property
     def name(self) -> str:
@@ -71,7 +87,7 @@ class Exchange:
         "destination_service", "details", "downstream", "duration", "flags", "forwarded_for", "grpc", "grpc_status",
         "listener", "method",
         "original", "path", "protocol", "request_id", "request_messages", "response_messages", "route", "sni",
-        "started", "status", "tcp", "upstream_host", "upstream_time", "user_agent",
+        "source", "started", "status", "tcp", "upstream_host", "upstream_time", "user_agent",
     )  # fmt: skip
 
     def __init__(
@@ -89,6 +105,9 @@ class Exchange:
         forwarded_for: str = "",
     ) -> None:
         self.listener = listener
+        self.source = listener.source
+        """Who sent it: the listener's own source, or at a server sidecar the workload that
+        the request's peer id names (None: a caller outside the mesh, or one not known)."""
         self.method = method
         self.path = path
         self.authority = authority

@@ -52,7 +52,7 @@ from minimesh.dataplane.upstream import (
     speaks_http2,
 )
 from minimesh.registry.model import Workload
-from minimesh.routing.headers import NO_REQUEST_OPS, NO_RESPONSE_OPS, RequestOps
+from minimesh.routing.headers import NO_REQUEST_OPS, NO_RESPONSE_OPS, PEER_ID, RequestOps
 from minimesh.routing.match import decide
 from minimesh.routing.pick import set_cookie
 from minimesh.routing.request import RequestView
@@ -143,6 +143,7 @@ class Proxy:
             if request.upgrade is not None and not _upgrade_allowed(call):
                 return
             if listener.kind == "inbound" and original is not None and listener.workload is not None:
+                exchange.source = snapshot.peers.get(raw.get(PEER_ID, b""))
                 cluster = self.inbound_cluster(listener.workload, original[1], listener.dial, snapshot)
                 await self._forward_to(call, cluster, NO_RETRY, None)
                 return

@@ -25,7 +25,7 @@ from minimesh.dataplane.http1 import (
 )
 from minimesh.dataplane.replay import Replay
 from minimesh.dataplane.upstream import Upstreams, speaks_http2
-from minimesh.routing.headers import HeaderList, RequestOps, ResponseOps
+from minimesh.routing.headers import PEER_ID, HeaderList, RequestOps, ResponseOps
 from minimesh.routing.snapshot import Cluster, Endpoint
 
 WHOLE_LIMIT = 1 << 16
@@ -44,10 +44,11 @@ reason (its router's `streamResetReasonToResponseFlag`)."""
 
 class Head:
     """The request head every attempt sends, in its upstream's protocol: HTTP/1.1 `parts` and
-    `framing`, or HTTP/2 `fields` (`speaks_http2`). Each attempt adds its count, and the
-    time it is told it has (`expected`). (A plain class: made per request.)"""
+    `framing`, or HTTP/2 `fields` (`speaks_http2`). Each attempt adds its count, the time it
+    is told it has (`expected`), and, to an endpoint behind a server sidecar, the peer id of
+    the proxy sending it (`caller`). (A plain class: made per request.)"""
 
-    __slots__ = ("expected", "fields", "framing", "head_request", "parts")
+    __slots__ = ("caller", "expected", "fields", "framing", "head_request", "parts")
 
     def __init__(
         self,
@@ -56,12 +57,14 @@ class Head:
         fields: HeaderList | None,
         head_request: bool,
         expected: Expected | None,
+        caller: bytes | None,
     ) -> None:
         self.parts = parts
         self.framing = framing
         self.fields = fields
         self.head_request = head_request
         self.expected = expected
+        self.caller = caller
 
     def send(
         self,
@@ -78,18 +81,25 @@ class Head:
         a reused HTTP/1.1 connection prove closed."""
         expected = self.expected
         elapsed = deadline.elapsed_ms() if expected is not None and deadline is not None and attempt > 1 else 0
+        caller = self.caller
+        if caller is not None and (endpoint.workload is None or not endpoint.workload.captured):
+            caller = None
         fields = self.fields
         if fields is not None:
-            if attempt or expected is not None:
+            if attempt or expected is not None or caller is not None:
                 fields = [*fields]
                 if attempt:
                     fields.append((b"x-envoy-attempt-count", b"%d" % attempt))
                 if expected is not None:
                     fields += expected.fields(elapsed)
+                if caller is not None:
+                    fields.append((PEER_ID, caller))
             return upstreams.send_h2(cluster, endpoint, fields, body)
         per_try = b"x-envoy-attempt-count: %d\r\n" % attempt if attempt else b""
         if expected is not None:
             per_try += expected.lines(elapsed)
+        if caller is not None:
+            per_try += b"%b: %b\r\n" % (PEER_ID, caller)
         head = b"".join([*self.parts, per_try, self.framing])
         return upstreams.send(
             cluster,
@@ -106,10 +116,10 @@ class Head:
         if self.fields is not None:
             fields = list(self.fields)
             fields[AUTHORITY_FIELD] = (b":authority", _shadow(fields[AUTHORITY_FIELD][1]))
-            return Head([], b"", fields, self.head_request, self.expected)
+            return Head([], b"", fields, self.head_request, self.expected, self.caller)
         parts = list(self.parts)
         parts[AUTHORITY_AT] = _shadow(parts[AUTHORITY_AT])
-        return Head(parts, self.framing, None, self.head_request, self.expected)
+        return Head(parts, self.framing, None, self.head_request, self.expected, self.caller)
 
     def __repr__(self) -> str:
         return f"<Head {'HTTP/2' if self.fields is not None else 'HTTP/1.1'}>"
@@ -123,10 +133,11 @@ def _shadow(authority: bytes) -> bytes:
 def head_for(call: Call, cluster: Cluster, ops: RequestOps, path: str, authority: str, body: Body | bytes) -> Head:
     """The request head for `cluster`, in the protocol it is sent in."""
     request = call.request
+    caller = call.exchange.listener.caller_id
     if speaks_http2(cluster, request):
-        return Head([], b"", request_fields(call, ops, path, authority, body), False, call.expected)
+        return Head([], b"", request_fields(call, ops, path, authority, body), False, call.expected, caller)
     head = request_head(call, ops, path, authority)
-    return Head(head, framing(body, request), None, request.method == b"HEAD", call.expected)
+    return Head(head, framing(body, request), None, request.method == b"HEAD", call.expected, caller)
 
 
 def request_head(call: Call, ops: RequestOps, path: str, authority: str) -> list[bytes]:

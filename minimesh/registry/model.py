@@ -1,5 +1,6 @@
 """The registry's records: a `Workload` is one container or WorkloadEntry in the mesh (or a
-placeholder for a service deciding offline does not know), and its `Origin`.
+placeholder for a service deciding offline does not know), and its `Origin`; the ingress
+gateway is one too, as the peer it is to the sidecars it calls (`INGRESS_GATEWAY`).
 
 Pure data: discovery (Docker labels, WorkloadEntry documents) produces these, and
 routing.compile turns them into endpoints of services.
@@ -42,9 +43,18 @@ class Workload:
     origin: Origin = Origin.WORKLOAD_ENTRY
     label_map: Mapping[str, str] = field(init=False, repr=False, compare=False)
     """`labels` as a mapping, made once: sidecar routing reads it on every request."""
+    captured: bool = field(init=False, repr=False, compare=False)
+    """A container the mesh captures: its inbound traffic passes through a server sidecar."""
+    peer_id: bytes = field(init=False, repr=False, compare=False)
+    """How its proxy names itself to a server sidecar, as Istio's `x-envoy-peer-metadata-id`:
+    `sidecar~IP~NAME.NAMESPACE~NAMESPACE.svc.cluster.local` (`router~...` for a gateway)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_map", dict(self.labels))
+        object.__setattr__(self, "captured", self.inject and bool(self.netns) and self.origin is Origin.CONTAINER)
+        kind = "router" if self.label_map.get("istio") == "ingressgateway" else "sidecar"
+        peer_id = f"{kind}~{self.address}~{self.name}.{self.namespace}~{self.namespace}.svc.cluster.local"
+        object.__setattr__(self, "peer_id", peer_id.encode())
 
     @property
     def identity(self) -> str:
@@ -56,3 +66,9 @@ class Workload:
 
     def __str__(self) -> str:
         return f"{self.name}.{self.namespace}"
+
+
+INGRESS_GATEWAY = Workload(
+    "istio-ingressgateway", "127.0.0.1", "istio-system", (("app", "istio-ingressgateway"), ("istio", "ingressgateway"))
+)
+"""The built-in ingress gateway as a peer: what Istio's metrics and peer ids say of it."""

@@ -22,7 +22,7 @@ from minimesh.config.labels import (
     port_protocol,
 )
 from minimesh.config.names import CLUSTER_DOMAIN, MESH, fqdn, gateway_ref, host_covers, is_ip, resource_ref, specificity
-from minimesh.registry.model import Workload
+from minimesh.registry.model import INGRESS_GATEWAY, Workload
 from minimesh.registry.static import from_workload_entry
 from minimesh.routing.request import RequestView
 from minimesh.routing.retry import RetryPolicy
@@ -752,6 +752,7 @@ def compile_snapshot(mesh: m.Mesh, workloads: Iterable[Workload], *, generation:
             p.number for svc in services.values() for p in svc.ports if p.protocol in SNIFFED_PROTOCOLS
         ),
         inbound_protocols=MappingProxyType(_inbound_protocols(services)),
+        peers=MappingProxyType({w.peer_id: w for w in (*registered, INGRESS_GATEWAY)}),
     )
 
 

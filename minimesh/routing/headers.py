@@ -15,9 +15,14 @@ HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"upgrade", b"trailer"}
 )
 """Headers of one connection, never passed on: the proxy frames each message itself."""
+PEER_ID = b"x-envoy-peer-metadata-id"
+"""Istio's metadata exchange: the calling proxy's peer id (`Workload.peer_id`), sent to a
+server sidecar only, which reads it and passes it on no further."""
+PEER_METADATA = b"x-envoy-peer-metadata"
+"""Istio's encoded peer metadata beside `PEER_ID`: minimesh sends none and passes none on."""
 REWRITTEN_REQUEST_HEADERS = frozenset(
     {b"host", b"content-length", b"x-request-id", b"x-envoy-attempt-count", b"expect", b"x-forwarded-for",
-     b"x-forwarded-proto"}
+     b"x-forwarded-proto", PEER_ID, PEER_METADATA}
 )  # fmt: skip
 """Request headers the proxy writes itself; the client's copies are not passed on."""
 

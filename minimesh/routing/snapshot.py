@@ -865,6 +865,9 @@ class Snapshot:
     address there is sniffed (HTTP goes through `http[]` by its Host header)."""
     inbound_protocols: Mapping[tuple[str, int], str] = field(repr=False)
     """(workload name, port it listens on) → that port's protocol, for its inbound sidecar."""
+    peers: Mapping[bytes, Workload] = field(default_factory=dict, repr=False)
+    """Peer id (`Workload.peer_id`) → the workload, the ingress gateway among them: whom a
+    server sidecar reports as the caller of a request that names its sidecar."""
     scoped: Mapping[str, Snapshot] = field(default_factory=dict, repr=False)
     """The snapshots of scoped overlays, compiled and swapped in with this one: a request with
     `x-minimesh-test: SCOPE` is routed by `scoped[SCOPE]`."""

@@ -55,7 +55,13 @@ def test_both_sidecars_report_a_call_as_istio_does(mesh: Mesh, bookinfo: Compose
         if labels.get("destination_service") == details and labels.get("response_code") == "200"
     }
     productpage, details_workload = bookinfo.container("productpage"), bookinfo.container("details")
-    assert calls == {("source", productpage, details_workload), ("destination", "unknown", details_workload)}
+    assert calls == {("source", productpage, details_workload), ("destination", productpage, details_workload)}
+    callers = {
+        labels["source_workload"]
+        for labels in series
+        if labels.get("reporter") == "destination" and labels.get("destination_workload") == productpage
+    }
+    assert callers == {"istio-ingressgateway"}
 
 
 def test_all_v1_sends_every_request_to_reviews_v1(mesh: Mesh, bookinfo: Compose) -> None:

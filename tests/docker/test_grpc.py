@@ -231,13 +231,15 @@ def test_metrics_count_grpc_calls_with_their_grpc_status(mesh: Mesh, frontend: s
             "frontend OK (source)": sum(
                 n for k, n in delta.items() if k[:2] == ("source", "frontend") and k[3:] == GRPC_OK
             ),
-            "served OK (destination)": sum(n for k, n in delta.items() if k[0] == "destination" and k[3:] == GRPC_OK),
+            "frontend served OK (destination)": sum(
+                n for k, n in delta.items() if k[:2] == ("destination", "frontend") and k[3:] == GRPC_OK
+            ),
             "batch aborted (source)": sum(
                 n for k, n in delta.items() if k[:2] == ("source", "batch") and k[3:] == ("grpc", "200", "14")
             ),
         }
 
-    expected = {"frontend OK (source)": 7, "served OK (destination)": 7, "batch aborted (source)": 4}
+    expected = {"frontend OK (source)": 7, "frontend served OK (destination)": 7, "batch aborted (source)": 4}
     eventually("istio_requests_total counting 7 OK calls and 4 aborted ones (grpc_response_status 0 and 14)",
                lambda: json.dumps(moved()), json.dumps(expected).__eq__, timeout=30)  # fmt: skip
 

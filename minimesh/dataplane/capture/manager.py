@@ -114,7 +114,7 @@ class NetnsCapture:
 
     @staticmethod
     def wanted(workloads: Iterable[Workload]) -> dict[str, Workload]:
-        return {w.netns: w for w in workloads if w.inject and w.netns and w.origin == "container"}
+        return {w.netns: w for w in workloads if w.captured and w.netns}
 
     async def reconcile(self, workloads: Iterable[Workload]) -> None:
         """Capture the containers that joined, release those that left, follow label changes."""
