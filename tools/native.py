@@ -29,6 +29,7 @@ HOT_PATH = (
     "minimesh/dataplane/exchange.py",
     "minimesh/dataplane/fault.py",
     "minimesh/dataplane/grpc.py",
+    "minimesh/dataplane/grpc_web.py",
     "minimesh/dataplane/http1.py",
     "minimesh/dataplane/http2.py",
     "minimesh/dataplane/http2_upstream.py",

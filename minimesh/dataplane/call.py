@@ -13,6 +13,7 @@ from typing import Protocol
 from minimesh.dataplane.deadline import Deadline, Expected
 from minimesh.dataplane.exchange import Exchange
 from minimesh.dataplane.grpc import grpc_status_of, trailers_only
+from minimesh.dataplane.grpc_web import GrpcWeb
 from minimesh.dataplane.http1 import Request, local_reply_headers
 from minimesh.dataplane.http2 import VERSION as HTTP2
 from minimesh.dataplane.upstream import LocalReply
@@ -63,11 +64,12 @@ class Call:
 
     `forward` is routing's decision (None for a server sidecar handing the request to its
     app); `expected` the time its upstream requests are told they have; `cors` holds the
-    CORS headers the response will carry; `loop` hands deadlines their loop without asking
-    for it."""
+    CORS headers the response will carry; `grpc_web` translates a gRPC-Web request sent to
+    a `grpc-web` port; `loop` hands deadlines their loop without asking for it."""
 
     __slots__ = (
-        "cors", "debug_headers", "exchange", "expected", "forward", "loop", "request", "responder", "snapshot", "view",
+        "cors", "debug_headers", "exchange", "expected", "forward", "grpc_web", "loop", "request", "responder",
+        "snapshot", "view",
     )  # fmt: skip
 
     def __init__(
@@ -90,6 +92,7 @@ class Call:
         self.forward: Forward | None = None
         self.expected: Expected | None = None
         self.cors: HeaderList = []
+        self.grpc_web: GrpcWeb | None = None
 
     def deadline(self, delay: float) -> Deadline:
         return Deadline(self.loop, delay)
@@ -98,7 +101,8 @@ class Call:
         """Answer locally; `ops` are the response header operations of the rule that made the
         reply (a redirect's or direct response's own `headers.response`). A gRPC request gets
         Envoy's trailers-only response: HTTP 200, the status as `grpc-status`, the body text
-        as `grpc-message` (over HTTP/1.1, `content-length: 0` frames it, as Envoy's codec does)."""
+        as `grpc-message` (over HTTP/1.1, `content-length: 0` frames it, as Envoy's codec does);
+        a gRPC-Web one keeps its HTTP status, as Envoy's `grpc_web` filter leaves it."""
         exchange = self.exchange
         if reply.flag:
             exchange.flags.append(reply.flag)
@@ -108,6 +112,13 @@ class Call:
             headers += ops.add
         if self.debug_headers and exchange.route:
             headers.append((b"x-minimesh-route", exchange.route.encode()))
+        length = None if self.request.version == HTTP2 else 0
+        grpc_web = self.grpc_web
+        if grpc_web is not None:
+            exchange.grpc_status = reply.grpc_status if reply.grpc_status is not None else grpc_status_of(reply.status)
+            headers = local_reply_headers(b"", grpc_web.reply_headers(exchange.grpc_status, reply.body, headers))
+            self.responder.send_whole(reply.status, headers, length, b"")
+            return
         if not exchange.grpc:
             self.responder.reply(reply.status, reply.body, headers)
             return
@@ -115,7 +126,7 @@ class Call:
             reply.grpc_status if reply.grpc_status is not None else grpc_status_of(reply.status)
         )
         headers = local_reply_headers(b"", trailers_only(code, reply.body, headers))
-        self.responder.send_whole(200, headers, None if self.request.version == HTTP2 else 0, b"")
+        self.responder.send_whole(200, headers, length, b"")
 
     def __repr__(self) -> str:
         return (

@@ -2,8 +2,8 @@
 
 Every listener hands its parsed HTTP requests to `Proxy.handle`, which reads the snapshot
 once, decides, and dispatches on the outcome. Forwarding runs the steps in the order of
-Istio's filter chain and Envoy's router, each in its own module over one `Call`: CORS
-(`cors`), fault (`fault`), the body kept for retries and mirrors (`replay`), mirror
+Istio's filter chain and Envoy's router, each in its own module over one `Call`: gRPC-Web
+(`grpc_web`), CORS (`cors`), fault (`fault`), the body kept for retries and mirrors (`replay`), mirror
 (`mirror`), admission (`http2MaxRequests`), route timeout, attempts (`attempts`), and the
 response (`respond`).
 """
@@ -33,6 +33,7 @@ from minimesh.dataplane.exchange import (
 )
 from minimesh.dataplane.fault import Faults, fault_step, fires
 from minimesh.dataplane.grpc import GRPC_TIMEOUT, grpc_route_timeout, is_grpc
+from minimesh.dataplane.grpc_web import BAD_BASE64, GRPC_WEB, GrpcWeb, decode_text
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, Request, UpstreamResponse
 from minimesh.dataplane.http2 import Stream
 from minimesh.dataplane.mirror import Mirrors
@@ -145,7 +146,8 @@ class Proxy:
             if listener.kind == "inbound" and original is not None and listener.workload is not None:
                 exchange.source = snapshot.peers.get(raw.get(PEER_ID, b""))
                 cluster = self.inbound_cluster(listener.workload, original[1], listener.dial, snapshot)
-                await self._forward_to(call, cluster, NO_RETRY, None)
+                if await _grpc_web(call, cluster):
+                    await self._forward_to(call, cluster, NO_RETRY, None)
                 return
             outcome = decide(snapshot, view, self.rng)
             exchange.route = getattr(outcome, "route_ref", "")
@@ -236,6 +238,8 @@ class Proxy:
         call.forward = outcome
         exchange = call.exchange
         exchange.cluster, exchange.destination_service = outcome.cluster.name, outcome.cluster.host
+        if not await _grpc_web(call, outcome.cluster):
+            return
         cors = route.cors_headers
         if cors is not None and cors_step(call, cors):
             return
@@ -419,6 +423,43 @@ def _timeouts(call: Call, route_timeout: float | None, per_try_timeout: float | 
         names = expected.names
         request.headers = [header for header in request.headers if header[0] not in names]
     return timeout
+
+
+async def _grpc_web(call: Call, cluster: Cluster) -> bool:
+    """A gRPC-Web request to a `grpc-web` port goes on as gRPC from here, as Envoy's filter
+    (ahead of CORS and faults in Istio's chain) passes it on: its headers made gRPC's, a
+    `-text` body decoded whole (gRPC-Web has no client streaming). False when it was answered
+    instead: 400 for a body that is not base64, nothing for a client gone."""
+    request = call.request
+    if cluster.protocol != GRPC_WEB:
+        return True
+    grpc_web = GrpcWeb.of(request.header(b"content-type"), request.header(b"accept"))
+    if grpc_web is None:
+        return True
+    call.grpc_web = grpc_web
+    exchange = call.exchange
+    exchange.grpc = True
+    request.headers = grpc_web.upstream_headers(request.headers)
+    if not grpc_web.text_request:
+        return True
+    source = request.body
+    chunks = []
+    try:
+        while chunk := await source.read():
+            chunks.append(chunk)
+    except ConnectionResetError:
+        exchange.flags.append("DC")
+        return False
+    decoded, details = decode_text(b"".join(chunks))
+    if decoded is None:
+        exchange.details = details
+        call.reply(LocalReply(400, BAD_BASE64, ""))
+        return False
+    body = request.body = Body(loop=call.loop)
+    body.feed(decoded)
+    body.finish()
+    body.received = source.received
+    return True
 
 
 def _upgrade_allowed(call: Call) -> bool:

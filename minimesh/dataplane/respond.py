@@ -1,7 +1,8 @@
 """The wire ends of forwarding: the request head sent upstream (rewritten path and Host,
 header operations, Envoy's own headers, framing), as HTTP/1.1 bytes or HTTP/2 fields, and
 the upstream's response passed back (header operations, CORS, affinity cookie, streaming,
-trailers, a gRPC response's messages counted), or a tunnel after a 101.
+trailers, a gRPC response's messages counted, a gRPC-Web client's answered as gRPC-Web), or
+a tunnel after a 101.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from hpack import NeverIndexedHeaderTuple
 
 from minimesh.dataplane.call import Call
 from minimesh.dataplane.deadline import Deadline, Expected
-from minimesh.dataplane.grpc import MessageCounter, grpc_status_header, is_grpc
+from minimesh.dataplane.grpc import MessageCounter, grpc_status_header, grpc_status_of, is_grpc
+from minimesh.dataplane.grpc_web import MESSAGE_LIMIT, Frames, GrpcWeb, is_grpc_response
 from minimesh.dataplane.http1 import (
     DATE,
     Body,
@@ -23,6 +25,7 @@ from minimesh.dataplane.http1 import (
     UpstreamResponse,
     first_header,
 )
+from minimesh.dataplane.http2 import VERSION as HTTP2
 from minimesh.dataplane.replay import Replay
 from minimesh.dataplane.upstream import Upstreams, speaks_http2
 from minimesh.routing.headers import PEER_ID, HeaderList, RequestOps, ResponseOps
@@ -238,13 +241,16 @@ async def respond(call: Call, response: UpstreamResponse, ops: ResponseOps, cook
     if exchange.upstream_time is not None:
         headers.append((b"x-envoy-upstream-service-time", b"%d" % int(exchange.upstream_time * 1000)))
     headers += call.cors
+    if call.debug_headers and exchange.route:
+        headers.append((b"x-minimesh-route", exchange.route.encode()))
+    if call.grpc_web is not None:
+        await _respond_grpc_web(call, response, headers, call.grpc_web)
+        return
     messages = None
     if exchange.grpc:
         exchange.grpc_status = grpc_status_header(response.header(b"grpc-status"))
         if response.status == 200 and is_grpc(response.header(b"content-type")):
             messages = exchange.response_messages = MessageCounter()
-    if call.debug_headers and exchange.route:
-        headers.append((b"x-minimesh-route", exchange.route.encode()))
     body = response.body
     if body.complete and body.error is None and body.buffered <= WHOLE_LIMIT and response.trailers is None:
         whole = body.take()
@@ -255,6 +261,18 @@ async def respond(call: Call, response: UpstreamResponse, ops: ResponseOps, cook
             await responder.drain()
         return
     responder.send_head(response.status, headers, response.length, reason_phrase=response.reason)
+    if await _relay(call, response, messages, None):
+        _end(call, response)
+
+
+async def _relay(
+    call: Call, response: UpstreamResponse, messages: MessageCounter | None, frames: Frames | None
+) -> bool:
+    """Pass the response body on as it comes, its gRPC `messages` counted and, for a gRPC-Web
+    client that asked for text, its `frames` re-encoded; False when the upstream went away
+    before its end, the client's response then cut short as Envoy's is."""
+    responder = call.responder
+    body = response.body
     responder.set_producer(response.conn.transport)
     try:
         while True:
@@ -263,18 +281,26 @@ async def respond(call: Call, response: UpstreamResponse, ops: ResponseOps, cook
                 break
             if messages is not None:
                 messages.feed(chunk)
+            if frames is not None:
+                chunk = frames.feed(chunk)
             responder.send(chunk)
             await responder.drain()
     except UpstreamClosed as error:
-        exchange.flags.append(LATE_RESET_FLAGS[error.reason])
-        exchange.details = f"upstream_reset_after_response_started{{{error.reason}}}"
-        responder.abort()
-        return
+        _cut_short(call, error)
+        return False
     finally:
         responder.set_producer(None)
         if not body.complete:
             response.conn.close()
-    _end(call, response)
+    return True
+
+
+def _cut_short(call: Call, error: UpstreamClosed) -> None:
+    """The upstream went away after its response head: the client's response is reset, with
+    Envoy's flag and details."""
+    call.exchange.flags.append(LATE_RESET_FLAGS[error.reason])
+    call.exchange.details = f"upstream_reset_after_response_started{{{error.reason}}}"
+    call.responder.abort()
 
 
 def _end(call: Call, response: UpstreamResponse) -> None:
@@ -286,10 +312,69 @@ def _end(call: Call, response: UpstreamResponse) -> None:
         responder.end()
         return
     if call.exchange.grpc:
-        status = grpc_status_header(first_header(trailers, b"grpc-status"))
-        if status is not None:
-            call.exchange.grpc_status = status
+        _trailer_status(call, trailers)
     responder.end(trailers)
+
+
+def _trailer_status(call: Call, trailers: HeaderList) -> None:
+    """A `grpc-status` among the trailers is the call's."""
+    status = grpc_status_header(first_header(trailers, b"grpc-status"))
+    if status is not None:
+        call.exchange.grpc_status = status
+
+
+async def _respond_grpc_web(call: Call, response: UpstreamResponse, headers: HeaderList, grpc_web: GrpcWeb) -> None:
+    """The upstream's response to a gRPC-Web client, as Envoy's `grpc_web` filter gives it: a
+    gRPC one with gRPC-Web's content-type, its frames passed on (base64 for a text client)
+    and its trailers as the last frame; any other told in `grpc-status` (its HTTP status
+    mapped) and `grpc-message` (its body, up to MESSAGE_LIMIT), with no body."""
+    exchange = call.exchange
+    responder = call.responder
+    body = response.body
+    length = None if call.request.version == HTTP2 else 0
+    content_type = response.header(b"content-type")
+    grpc_status = response.header(b"grpc-status")
+    exchange.grpc_status = grpc_status_header(grpc_status)
+    ended = body.complete and body.received == 0 and response.trailers is None
+    if not is_grpc_response(response.status, content_type, grpc_status, ended):
+        text = await _message_of(call, response)
+        if text is None:
+            return
+        exchange.grpc_status = grpc_status_of(response.status)
+        headers = grpc_web.reply_headers(exchange.grpc_status, text, headers)
+        responder.send_whole(response.status, headers, length, b"", reason_phrase=response.reason)
+        return
+    headers = [header for header in headers if header[0] not in (b"content-type", b"content-length")]
+    headers.append((b"content-type", grpc_web.content_type))
+    if ended:
+        responder.send_whole(response.status, headers, length, b"", reason_phrase=response.reason)
+        return
+    messages = exchange.response_messages = MessageCounter() if is_grpc(content_type) else None
+    responder.send_head(response.status, headers, None, reason_phrase=response.reason)
+    if not await _relay(call, response, messages, grpc_web.encoder()):
+        return
+    if response.trailers:
+        _trailer_status(call, response.trailers)
+        responder.send(grpc_web.trailer_frame(response.trailers))
+    responder.end()
+
+
+async def _message_of(call: Call, response: UpstreamResponse) -> bytes | None:
+    """The first MESSAGE_LIMIT bytes of a response body read to its end; None when the
+    upstream went away first (the client's response is then reset, as for any)."""
+    body = response.body
+    kept = b""
+    try:
+        while chunk := await body.read():
+            if len(kept) < MESSAGE_LIMIT:
+                kept += chunk[: MESSAGE_LIMIT - len(kept)]
+    except UpstreamClosed as error:
+        _cut_short(call, error)
+        return None
+    finally:
+        if not body.complete:
+            response.conn.close()
+    return kept
 
 
 async def tunnel(call: Call, response: UpstreamResponse) -> None:

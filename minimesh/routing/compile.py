@@ -55,7 +55,7 @@ from minimesh.routing.snapshot import (
 
 ROOT_NAMESPACE = "istio-system"
 
-HTTP_SERVER_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
+HTTP_SERVER_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
 SNIFFED_PROTOCOLS = frozenset({*HTTP_PROTOCOLS, DETECTED})
 TLS_SERVER_PROTOCOLS = frozenset({"HTTPS"})
 

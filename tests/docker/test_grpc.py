@@ -12,6 +12,7 @@ upstream timeout's 504 both UNAVAILABLE), with the reply's body text as grpc-mes
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -280,3 +281,58 @@ def test_curl_http2_prior_knowledge_through_the_gateway(mesh: Mesh) -> None:
     )  # fmt: skip
     assert done.stdout.endswith("\n2 200"), f"curl --http2-prior-knowledge: {done.stdout[-300:]!r} {done.stderr!r}"
     assert "Reviews served by:" in done.stdout, "the page came from productpage through the mesh"
+
+
+# ---------------------------------------------------------------- gRPC-Web
+
+
+def web_frames(body: bytes) -> list[tuple[int, bytes]]:
+    """A gRPC-Web body as (flag, payload) per frame."""
+    out = []
+    while body:
+        length = int.from_bytes(body[1:5], "big")
+        out.append((body[0], body[5 : 5 + length]))
+        body = body[5 + length :]
+    return out
+
+
+SAY_WEB = """
+import base64, urllib.request
+message = b'{"name":"sidecar"}'
+frame = bytes(1) + len(message).to_bytes(4, "big") + message
+headers = {"content-type": "application/grpc-web+proto", "x-grpc-web": "1"}
+request = urllib.request.Request("http://greeter-web:50051/greeter.Greeter/Greet", data=frame, headers=headers)
+with urllib.request.urlopen(request, timeout=30) as response:
+    print(response.status, response.headers["content-type"], base64.b64encode(response.read()).decode())
+"""
+"""A gRPC-Web call from Python's urllib (HTTP/1.1), as a browser's grpc-web client makes it."""
+
+
+def test_grpc_web_through_the_gateway_and_through_a_sidecar(mesh: Mesh, bookinfo: Compose, frontend: str) -> None:
+    """The greeter on a `grpc-web` port: curl on the host through the gateway, and urllib in
+    the captured `frontend`, both speak gRPC-Web over HTTP/1.1 to a grpcio server that speaks
+    only gRPC; each gets the reply frame, then the trailers as the last frame."""
+    mesh.write(greeter_mesh())
+    web = bookinfo.container("greeter-web")
+    serving(web, {"web": 1})
+    wait_captured(web, mesh.log.read_text)
+    message = b'{"name":"gateway"}'
+    done = subprocess.run(
+        ["curl", "-sS", "--data-binary", "@-", "-H", "content-type: application/grpc-web+proto",
+         "-H", "x-grpc-web: 1", "-o", "-", mesh.url("/greeter.Greeter/Greet")],
+        input=b"\0" + len(message).to_bytes(4, "big") + message, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert len(web_frames(done.stdout)) == 2, f"curl: {done.stdout!r} {done.stderr!r}"
+    (reply, trailer) = web_frames(done.stdout)
+    assert (reply[0], json.loads(reply[1])["message"], json.loads(reply[1])["version"]) == (0, "hello gateway", "web")
+    assert trailer[0] == 0x80 and b"grpc-status:0\r\n" in trailer[1], f"trailer frame: {trailer!r}"
+
+    said = subprocess.run(["docker", "exec", frontend, "python", "-c", SAY_WEB], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert said.returncode == 0, said.stderr[-2000:]
+    status, content_type, encoded = said.stdout.split()
+    (reply, trailer) = web_frames(base64.b64decode(encoded))
+    assert (status, content_type, json.loads(reply[1])["message"]) == (
+        "200", "application/grpc-web+proto", "hello sidecar",
+    )  # fmt: skip
+    assert b"grpc-status:0\r\n" in trailer[1]

@@ -1,0 +1,223 @@
+"""gRPC-Web on a `grpc-web` port, as Envoy's `grpc_web` filter that Istio installs there: a
+browser-style client (HTTP/1.1, `application/grpc-web+proto` or `-text`) reaches a real
+`grpcio` server, which speaks only gRPC; replies come back as gRPC-Web frames with the
+trailers as the last one, errors as `grpc-status` headers, local replies keep their status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+
+from minimesh.dataplane.grpc_web import Frames, GrpcWeb, decode_text
+from tests.inproc.h2upstream import H2Backend, H2Reply
+from tests.inproc.upstreams import PATIENCE, Mesh, gateway_http, running_mesh, service
+
+ROUTE = "- route: [{destination: {host: web}}]"
+WEB = service("web", "app", protocol="grpc-web") + gateway_http(ROUTE)
+PROTO = {"content-type": "application/grpc-web+proto", "x-grpc-web": "1"}
+TEXT = {"content-type": "application/grpc-web-text", "accept": "application/grpc-web-text", "x-grpc-web": "1"}
+
+
+def frame(message: bytes, flag: int = 0) -> bytes:
+    return bytes([flag]) + len(message).to_bytes(4, "big") + message
+
+
+def frames(body: bytes) -> list[tuple[int, bytes]]:
+    """A gRPC-Web body as (flag, payload) per frame; it must hold whole frames only."""
+    out = []
+    while body:
+        length = int.from_bytes(body[1:5], "big")
+        out.append((body[0], body[5 : 5 + length]))
+        body = body[5 + length :]
+    return out
+
+
+def decoded(text: bytes) -> bytes:
+    """A `-text` body: base64 segments, each padded, one after another."""
+    out = b""
+    while text:
+        out += base64.b64decode(text[:4])
+        text = text[4:]
+    return out
+
+
+@asynccontextmanager
+async def greeter(gate: asyncio.Event | None = None) -> AsyncIterator[Mesh]:
+    """A grpcio server behind the `grpc-web` port, with the gateway in front: `Say` answers
+    `hello X` (or fails NOT_FOUND for `nobody`), `Count` streams three replies, the last ones
+    only once `gate` is set."""
+
+    async def say(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if request == b"nobody":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such person")
+        await context.send_initial_metadata((("x-served", "yes"),))
+        context.set_trailing_metadata((("x-done", "1"),))
+        return b"hello " + request
+
+    async def count(request: bytes, context: grpc.aio.ServicerContext) -> Any:
+        yield b"1"
+        if gate is not None:
+            await gate.wait()
+        yield b"2"
+        yield b"3"
+
+    server = grpc.aio.server()
+    handlers = {
+        "Say": grpc.unary_unary_rpc_method_handler(say),
+        "Count": grpc.unary_stream_rpc_method_handler(count),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Greeter", handlers),))
+    app = H2Backend("app")
+    app.port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with running_mesh(WEB, {"app": app}) as mesh:
+            yield mesh
+    finally:
+        await server.stop(None)
+
+
+async def test_a_unary_call_in_proto_and_in_text() -> None:
+    async with greeter() as mesh:
+        proto = await mesh.request("POST", "/demo.Greeter/Say", headers=PROTO, data=frame(b"web"))
+        text = await mesh.request("POST", "/demo.Greeter/Say", headers=TEXT, data=base64.b64encode(frame(b"text")))
+        exchanges = mesh.exchanges
+    assert (proto.status, proto.headers["content-type"], proto.headers["x-served"]) == (
+        200, "application/grpc-web+proto", "yes",
+    )  # fmt: skip
+    assert "grpc-status" not in proto.headers, "the status comes in the trailer frame"
+    (message, trailer) = frames(proto.body)
+    assert message == (0, b"hello web")
+    assert trailer[0] == 0x80
+    assert sorted(trailer[1].decode().split("\r\n")) == ["", "grpc-message:", "grpc-status:0", "x-done:1"]
+    assert text.headers["content-type"] == "application/grpc-web-text+proto"
+    assert frames(decoded(text.body))[0] == (0, b"hello text")
+    assert [(e.grpc, e.grpc_status, e.status) for e in exchanges] == [(True, 0, 200)] * 2
+
+
+async def test_a_server_stream_comes_frame_by_frame() -> None:
+    """The second reply is held until the client has read the first: a proxy that waited for
+    the whole response would never pass the first on."""
+    gate = asyncio.Event()
+    async with greeter(gate) as mesh:
+        url = mesh.gateway_url + "/demo.Greeter/Count"
+        async with mesh.session.post(url, headers=PROTO, data=frame(b"go")) as response:
+            first = await asyncio.wait_for(response.content.readexactly(6), PATIENCE)
+            gate.set()
+            rest = await response.read()
+    assert frames(first) == [(0, b"1")]
+    assert frames(rest)[:2] == [(0, b"2"), (0, b"3")]
+    assert frames(rest)[2][0] == 0x80 and b"grpc-status:0" in frames(rest)[2][1]
+
+
+async def test_an_error_status_arrives_in_the_headers() -> None:
+    """grpcio answers a failed unary call trailers-only: the status goes out as headers."""
+    async with greeter() as mesh:
+        answer = await mesh.request("POST", "/demo.Greeter/Say", headers=PROTO, data=frame(b"nobody"))
+    assert (answer.status, answer.headers["grpc-status"], answer.headers["grpc-message"], answer.body) == (
+        200, "5", "no such person", b"",
+    )  # fmt: skip
+    assert answer.headers["content-type"] == "application/grpc-web+proto"
+    assert mesh.exchanges[0].grpc_status == 5
+
+
+async def test_a_local_reply_keeps_its_http_status() -> None:
+    """No endpoint: Envoy's 503 text becomes `grpc-message`, UNAVAILABLE its `grpc-status`."""
+    async with running_mesh(service("web", protocol="grpc-web") + gateway_http(ROUTE)) as mesh:
+        answer = await mesh.request("POST", "/demo.Greeter/Say", headers=PROTO, data=frame(b"web"))
+    assert (answer.status, answer.headers["grpc-status"], answer.headers["grpc-message"], answer.body) == (
+        503, "14", "no healthy upstream", b"",
+    )  # fmt: skip
+    assert (answer.headers["content-type"], answer.headers["content-length"]) == ("application/grpc-web+proto", "0")
+    assert (mesh.exchanges[0].flag_text, mesh.exchanges[0].grpc_status) == ("UH", 14)
+
+
+async def test_a_text_body_that_is_not_base64_is_refused() -> None:
+    async with greeter() as mesh:
+        bad_size = await mesh.request("POST", "/demo.Greeter/Say", headers=TEXT, data=b"abcde")
+        bad_data = await mesh.request("POST", "/demo.Greeter/Say", headers=TEXT, data=b"ab!=")
+    for answer in (bad_size, bad_data):
+        assert (answer.status, answer.headers["grpc-status"]) == (400, "13")
+        assert answer.headers["grpc-message"] == "Bad gRPC-web request, invalid base64 data."
+    assert [e.details for e in mesh.exchanges] == [
+        "grpc_base_64_decode_failed_bad_size", "grpc_base_64_decode_failed",
+    ]  # fmt: skip
+
+
+async def test_an_upstream_answer_that_is_not_grpc_becomes_grpc_message() -> None:
+    not_found = H2Reply(status=404, headers=(("content-type", "text/plain"),), body=b"not here")
+    app = await H2Backend("app", not_found).start()
+    async with running_mesh(WEB, {"app": app}) as mesh:
+        answer = await mesh.request("POST", "/demo.Greeter/Say", headers=PROTO, data=frame(b"web"))
+    await app.close()
+    assert (answer.status, answer.headers["grpc-status"], answer.headers["grpc-message"], answer.body) == (
+        404, "12", "not here", b"",
+    )  # fmt: skip
+    seen = app.seen[0]
+    assert (seen.headers["content-type"], seen.headers["te"], seen.headers["grpc-accept-encoding"]) == (
+        "application/grpc", "trailers", "identity",
+    )  # fmt: skip
+    assert seen.body == frame(b"web")
+
+
+async def test_other_requests_to_the_port_pass_untouched() -> None:
+    """The filter takes gRPC-Web content-types only."""
+    app = await H2Backend("app", H2Reply(body=b"plain")).start()
+    async with running_mesh(WEB, {"app": app}) as mesh:
+        answer = await mesh.request("POST", "/x", headers={"content-type": "application/json"}, data=b"{}")
+    await app.close()
+    assert (answer.status, answer.body, "grpc-status" in answer.headers) == (200, b"plain", False)
+    assert app.seen[0].headers["content-type"] == "application/json"
+    assert mesh.exchanges[0].grpc is False
+
+
+def test_text_frames_are_encoded_whole_however_the_body_is_split() -> None:
+    body = frame(b"first") + frame(b"") + frame(b"third message")
+    for cut in range(len(body) + 1):
+        encoder = Frames()
+        text = encoder.feed(body[:cut]) + encoder.feed(body[cut:])
+        assert frames(decoded(text)) == [(0, b"first"), (0, b""), (0, b"third message")], cut
+
+
+def test_which_requests_are_grpc_web() -> None:
+    assert GrpcWeb.of(b"application/grpc-web", None) is not None
+    assert GrpcWeb.of(b"application/grpc", None) is None
+    assert GrpcWeb.of(None, None) is None
+    text = GrpcWeb.of(b"application/grpc-web-text+proto", b"application/grpc-web-text+proto")
+    assert text is not None and (text.text_request, text.text_response) == (True, True)
+    assert decode_text(b"aGk=") == (b"hi", "")
+
+
+GRPC_WEB_SERVER = """
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: web-gateway}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 8081, name: grpc-web, protocol: GRPC-WEB}, hosts: [web.example]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [web.example]
+  gateways: [web-gateway]
+  http: [{route: [{destination: {host: web}}]}]
+"""
+
+
+async def test_a_gateway_server_of_protocol_grpc_web_serves_http() -> None:
+    """Istio serves a `GRPC-WEB` server as HTTP, as it does `HTTP`, `HTTP2` and `GRPC` ones."""
+    async with greeter() as mesh:
+        mesh.reload(service("web", "app", protocol="grpc-web") + GRPC_WEB_SERVER)
+        answer = await mesh.request(
+            "POST", "/demo.Greeter/Say", headers={**PROTO, "Host": "web.example"}, data=frame(b"server")
+        )
+    assert (answer.status, frames(answer.body)[0]) == (200, (0, b"hello server"))
