@@ -30,6 +30,7 @@ import yaml
 from tests.conftest import BOOKINFO, ROOT
 from tests.docker.conftest import COMPOSE_FILE, Compose, Mesh, merge_variant, wait_captured
 from tests.docker.test_protocols import eventually
+from tests.inproc.test_proxy_grpc_web import frames
 
 GRPC = ROOT / "examples" / "grpc"
 VARIANTS = GRPC / "variants"
@@ -286,16 +287,6 @@ def test_curl_http2_prior_knowledge_through_the_gateway(mesh: Mesh) -> None:
 # ---------------------------------------------------------------- gRPC-Web
 
 
-def web_frames(body: bytes) -> list[tuple[int, bytes]]:
-    """A gRPC-Web body as (flag, payload) per frame."""
-    out = []
-    while body:
-        length = int.from_bytes(body[1:5], "big")
-        out.append((body[0], body[5 : 5 + length]))
-        body = body[5 + length :]
-    return out
-
-
 SAY_WEB = """
 import base64, urllib.request
 message = b'{"name":"sidecar"}'
@@ -322,8 +313,8 @@ def test_grpc_web_through_the_gateway_and_through_a_sidecar(mesh: Mesh, bookinfo
          "-H", "x-grpc-web: 1", "-o", "-", mesh.url("/greeter.Greeter/Greet")],
         input=b"\0" + len(message).to_bytes(4, "big") + message, capture_output=True, timeout=60, check=False,
     )  # fmt: skip
-    assert len(web_frames(done.stdout)) == 2, f"curl: {done.stdout!r} {done.stderr!r}"
-    (reply, trailer) = web_frames(done.stdout)
+    assert len(frames(done.stdout)) == 2, f"curl: {done.stdout!r} {done.stderr!r}"
+    (reply, trailer) = frames(done.stdout)
     assert (reply[0], json.loads(reply[1])["message"], json.loads(reply[1])["version"]) == (0, "hello gateway", "web")
     assert trailer[0] == 0x80 and b"grpc-status:0\r\n" in trailer[1], f"trailer frame: {trailer!r}"
 
@@ -331,7 +322,7 @@ def test_grpc_web_through_the_gateway_and_through_a_sidecar(mesh: Mesh, bookinfo
                           timeout=60, check=False)  # fmt: skip
     assert said.returncode == 0, said.stderr[-2000:]
     status, content_type, encoded = said.stdout.split()
-    (reply, trailer) = web_frames(base64.b64decode(encoded))
+    (reply, trailer) = frames(base64.b64decode(encoded))
     assert (status, content_type, json.loads(reply[1])["message"]) == (
         "200", "application/grpc-web+proto", "hello sidecar",
     )  # fmt: skip

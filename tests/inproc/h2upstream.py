@@ -2,16 +2,18 @@
 it records every request with the connection it came on, answers as its `reply` script says
 (status, headers, body sent within the proxy's windows, trailers), and can reset a stream
 (RST_STREAM REFUSED_STREAM or another code), send GOAWAY after a given stream, hold answers
-until released, or limit its concurrent streams.
+until released, or limit its concurrent streams. `grpcio_app` serves a real grpcio server in
+its place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
+import grpc
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -227,3 +229,18 @@ class H2Backend:
 
     def __repr__(self) -> str:
         return f"<H2Backend {self.name} :{self.port} seen={len(self.seen)} connections={len(self.connections)}>"
+
+
+@contextlib.asynccontextmanager
+async def grpcio_app(service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> AsyncIterator[H2Backend]:
+    """A real grpcio server on 127.0.0.1 with `handlers` for `service`'s methods, standing as
+    the backend `app` a mesh routes to (only its port is used)."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    app = H2Backend("app")
+    app.port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield app
+    finally:
+        await server.stop(None)

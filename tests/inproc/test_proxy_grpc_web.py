@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from minimesh.dataplane.grpc_web import Frames, GrpcWeb, decode_text
-from tests.inproc.h2upstream import H2Backend, H2Reply
+from tests.inproc.h2upstream import H2Backend, H2Reply, grpcio_app
 from tests.inproc.upstreams import PATIENCE, Mesh, gateway_http, running_mesh, service
 
 ROUTE = "- route: [{destination: {host: web}}]"
@@ -67,20 +67,12 @@ async def greeter(gate: asyncio.Event | None = None) -> AsyncIterator[Mesh]:
         yield b"2"
         yield b"3"
 
-    server = grpc.aio.server()
     handlers = {
         "Say": grpc.unary_unary_rpc_method_handler(say),
         "Count": grpc.unary_stream_rpc_method_handler(count),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Greeter", handlers),))
-    app = H2Backend("app")
-    app.port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with running_mesh(WEB, {"app": app}) as mesh:
-            yield mesh
-    finally:
-        await server.stop(None)
+    async with grpcio_app("demo.Greeter", handlers) as app, running_mesh(WEB, {"app": app}) as mesh:
+        yield mesh
 
 
 async def test_a_unary_call_in_proto_and_in_text() -> None:

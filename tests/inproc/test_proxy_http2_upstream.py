@@ -20,7 +20,7 @@ from minimesh.dataplane.http2 import STREAM_WINDOW
 from minimesh.dataplane.listeners import Serving
 from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import Upstreams
-from tests.inproc.h2upstream import H2Backend, H2Reply
+from tests.inproc.h2upstream import H2Backend, H2Reply, grpcio_app
 from tests.inproc.test_proxy_tcp import Target, tcp_service
 from tests.inproc.upstreams import (
     PATIENCE,
@@ -506,30 +506,23 @@ async def test_grpcio_unary_and_bidirectional_calls_through_the_gateway(policy: 
         async for request in requests:
             yield b"echo " + request
 
-    server = grpc.aio.server()
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Chat": grpc.stream_stream_rpc_method_handler(chat),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pkg.Svc", handlers),))
-    app = H2Backend("app")
-    app.port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with running_mesh(GRPC_APP + web_route(*filter(None, [policy])), {"app": app}) as mesh:
-            host, port = mesh.gateway.address
-            async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
-                assert await channel.unary_unary("/pkg.Svc/Unary")(b"mesh", timeout=PATIENCE) == b"hello mesh"
-                call = channel.stream_stream("/pkg.Svc/Chat")(timeout=PATIENCE)
-                for word in (b"one", b"two", b"three"):
-                    await call.write(word)
-                    assert await call.read() == b"echo " + word, "each reply before the next message"
-                await call.done_writing()
-                assert await call.code() == grpc.StatusCode.OK
-                with pytest.raises(grpc.aio.AioRpcError) as failed:
-                    await channel.unary_unary("/pkg.Svc/Unary")(b"fail", timeout=PATIENCE)
-            assert (failed.value.code(), failed.value.details()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "no room")
-            assert [e.grpc_status for e in mesh.exchanges] == [0, 0, 8]
-            assert {e.protocol for e in mesh.exchanges} == {"HTTP/2"}
-    finally:
-        await server.stop(None)
+    mesh_yaml = GRPC_APP + web_route(*filter(None, [policy]))
+    async with grpcio_app("pkg.Svc", handlers) as app, running_mesh(mesh_yaml, {"app": app}) as mesh:
+        host, port = mesh.gateway.address
+        async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+            assert await channel.unary_unary("/pkg.Svc/Unary")(b"mesh", timeout=PATIENCE) == b"hello mesh"
+            call = channel.stream_stream("/pkg.Svc/Chat")(timeout=PATIENCE)
+            for word in (b"one", b"two", b"three"):
+                await call.write(word)
+                assert await call.read() == b"echo " + word, "each reply before the next message"
+            await call.done_writing()
+            assert await call.code() == grpc.StatusCode.OK
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await channel.unary_unary("/pkg.Svc/Unary")(b"fail", timeout=PATIENCE)
+        assert (failed.value.code(), failed.value.details()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "no room")
+        assert [e.grpc_status for e in mesh.exchanges] == [0, 0, 8]
+        assert {e.protocol for e in mesh.exchanges} == {"HTTP/2"}
