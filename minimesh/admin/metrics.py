@@ -77,8 +77,7 @@ def labels_of(
     `istio_tcp_*` families for a TCP connection (`tcp`: no response code). A gRPC request
     (`grpc`) reports its protocol as `grpc` and `grpc_status` as `grpc_response_status`. A server
     sidecar (inbound) reports as `destination`, and the calling proxy as `source`; `source` is
-    None for a caller not known (outside the mesh, or a TCP connection, which carries no peer
-    metadata without mTLS, as in Istio)."""
+    None for a caller not known (outside the mesh)."""
     inbound = listener.kind is ListenerKind.INBOUND
     caller = peer(source)
     target = peer(destination)

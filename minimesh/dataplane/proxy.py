@@ -100,6 +100,11 @@ class Proxy:
         self.observers = observers
         self.openers = openers
         """Told of each TCP connection once it is routed (`observers` are told when it closes)."""
+        self.tcp_callers: dict[tuple[int, str, int], Workload] = {}
+        """(local port, address, port) of each open TCP connection a sidecar made to a captured
+        workload → the workload that made it: that workload's server sidecar, in this same
+        daemon, knows its caller by the connection's source port, as Istio's knows it from
+        the peer metadata mTLS carries."""
         self.debug_headers = debug_headers
         self._loop: asyncio.AbstractEventLoop | None = None
 

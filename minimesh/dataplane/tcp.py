@@ -8,6 +8,7 @@ One `Relay` per connection; it is logged and counted like a request, in Envoy's 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ from minimesh.config.names import MESH
 from minimesh.dataplane.exchange import Exchange, Listener, ListenerKind
 from minimesh.dataplane.proxy import Proxy
 from minimesh.dataplane.upstream import CONNECT_TIMEOUT, UNLIMITED, ClusterState
+from minimesh.registry.model import Workload
 from minimesh.routing.connection import decide_connection, service_at
 from minimesh.routing.snapshot import BlackHole, Cluster, Connect, ConnectionFacts, Endpoint, PassThrough
 
@@ -99,7 +101,9 @@ class Relay:
     """One proxied connection: its downstream pipe, the upstream pipe once connected, the
     exchange the access log and metrics read, and the task that connects it."""
 
-    __slots__ = ("activity", "closed", "done", "down", "early", "exchange", "on_close", "task", "timer", "up")
+    __slots__ = (
+        "activity", "caller_key", "closed", "done", "down", "early", "exchange", "on_close", "task", "timer", "up",
+    )  # fmt: skip
 
     def __init__(self, exchange: Exchange, on_close: Callable[[Relay], None]) -> None:
         self.exchange = exchange
@@ -113,6 +117,8 @@ class Relay:
         self.timer: asyncio.TimerHandle | None = None
         self.done: asyncio.Future[None] | None = None
         """Set once connected; the connecting task then waits on it, owning the upstream slot."""
+        self.caller_key: tuple[int, str, int] | None = None
+        """Its key in `Proxy.tcp_callers` while it is open, for a connection to a captured workload."""
 
     def close(self) -> None:
         """Either side ended, the connection idled out, or the listener stops: close both
@@ -174,6 +180,9 @@ class TcpProxy:
         exchange = relay.exchange
         address, port = original
         if listener.kind is ListenerKind.INBOUND and listener.workload is not None:
+            source_port = exchange.downstream.rpartition(":")[2]
+            if source_port.isdigit():
+                exchange.source = self.proxy.tcp_callers.get((int(source_port), address, port))
             cluster = self.proxy.inbound_cluster(listener.workload, port, listener.dial)
             await self._to_cluster(relay, cluster, original)
             return
@@ -250,6 +259,9 @@ class TcpProxy:
                     if dial is not None:
                         sock = await dial(endpoint.address, endpoint.port)
                         await loop.create_connection(lambda: pipe, sock=sock)
+                    elif exchange.source is not None and endpoint.workload is not None and endpoint.workload.captured:
+                        sock = await self._from_caller(relay, exchange.source, endpoint)
+                        await loop.create_connection(lambda: pipe, sock=sock)
                     else:
                         await loop.create_connection(lambda: pipe, endpoint.address, endpoint.port)
             except (TimeoutError, OSError):
@@ -280,6 +292,22 @@ class TcpProxy:
                 host.connections -= 1
                 host.in_flight -= 1
 
+    async def _from_caller(self, relay: Relay, caller: Workload, endpoint: Endpoint) -> socket.socket:
+        """A socket connected to `endpoint`, named in `Proxy.tcp_callers` as `caller`'s before it
+        connects, so the server sidecar that accepts it finds the entry there."""
+        family = socket.AF_INET6 if ":" in endpoint.address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(("", 0))
+            relay.caller_key = (sock.getsockname()[1], endpoint.address, endpoint.port)
+            self.proxy.tcp_callers[relay.caller_key] = caller
+            await asyncio.get_running_loop().sock_connect(sock, (endpoint.address, endpoint.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     def _idle(self, relay: Relay, seen: int) -> None:
         """No byte either way for IDLE_TIMEOUT: the connection is closed, as Envoy's idle timeout does."""
         if relay.activity == seen:
@@ -293,6 +321,8 @@ class TcpProxy:
 
     def _closed(self, relay: Relay) -> None:
         self.relays.discard(relay)
+        if relay.caller_key is not None:
+            self.proxy.tcp_callers.pop(relay.caller_key, None)
         exchange = relay.exchange
         exchange.duration = time.monotonic() - exchange.began
         for observer in self.proxy.observers:

@@ -196,7 +196,8 @@ def tcp_echo_split(v1: int, v2: int) -> str:
 
 
 def tcp_counters(mesh: Mesh, source: str) -> Counter[tuple[str, str]]:
-    """istio_tcp_* for tcp-echo summed by (metric, reporter); the source side only for `source`'s connections."""
+    """istio_tcp_* for tcp-echo from `source`, summed by (metric, reporter): the server sidecar
+    names the calling workload too, as Istio's does (from mTLS peer metadata)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{mesh.admin}/metrics", timeout=5) as response:
         text = response.read().decode()
     totals: Counter[tuple[str, str]] = Counter()
@@ -207,7 +208,7 @@ def tcp_counters(mesh: Mesh, source: str) -> Counter[tuple[str, str]]:
         labels = dict(re.findall(r'(\w+)="([^"]*)"', found.group(2)))
         if labels.get("destination_service") != TCP_ECHO:
             continue
-        if labels.get("reporter") == "source" and labels.get("source_workload") != source:
+        if labels.get("source_workload") != source:
             continue
         totals[(found.group(1), labels.get("reporter", ""))] += int(float(found.group(3)))
     return totals

@@ -1,6 +1,7 @@
-"""Istio's HTTP metadata exchange between the calling proxy and the server sidecar: the
-server sidecar reports who called (`reporter="destination"` metrics, the access log), the
-app never sees the peer id, and only an endpoint behind a server sidecar is sent one.
+"""Istio's metadata exchange between the calling proxy and the server sidecar: the server
+sidecar reports who called (`reporter="destination"` metrics, the access log). Over HTTP
+the app never sees the peer id, and only an endpoint behind a server sidecar is sent one; a
+TCP connection is known by its source port.
 
 Both proxies are real listeners on loopback addresses; the server sidecar's capture
 (`SO_ORIGINAL_DST`) is stood in for by `Target`, as in test_proxy_tcp.
@@ -28,7 +29,7 @@ from minimesh.dataplane.upstream import Upstreams
 from minimesh.registry.model import Origin, Workload
 from minimesh.routing.compile import compile_snapshot
 from tests.inproc.h2upstream import H2Backend
-from tests.inproc.test_proxy_tcp import Target
+from tests.inproc.test_proxy_tcp import LineServer, Target, ask
 from tests.inproc.upstreams import GATEWAY, PATIENCE, Backend, RawClient
 
 SERVER_ADDRESS = "127.0.0.2"
@@ -169,3 +170,43 @@ async def test_an_endpoint_without_a_server_sidecar_is_sent_no_peer_id() -> None
         await app.close()
     assert [name for seen in app.seen for name in seen.headers if name in PEER_HEADERS] == []
     assert len(app.seen) == 1
+
+
+async def test_the_server_sidecar_knows_a_tcp_caller_by_its_source_port() -> None:
+    """`sleep-1`'s sidecar relays a connection to a captured TCP port; the server sidecar of
+    `echo-1`, in the same proxy, reports `sleep-1` as its source, and forgets the connection
+    once it closes. A client reaching the server sidecar without a sidecar stays unknown."""
+    app = await LineServer(b"one ").start()
+    echo = container("echo-1", SERVER_ADDRESS, ServicePortSpec(app.port, "tcp"))
+    snapshot = compile_snapshot(load_layers([]).mesh, (SLEEP, echo), generation=1)
+    exchanges: list[Exchange] = []
+    metrics = Metrics()
+    proxy = Proxy(Current(snapshot), Upstreams(), observers=(exchanges.append, metrics))
+    target = Target((SERVER_ADDRESS, app.port))
+    outbound = Serving(
+        proxy, Listener(ListenerKind.SIDECAR, 15001, workload=SLEEP), transparent=True, original_of=target
+    )
+    inbound = Serving(proxy, Listener(ListenerKind.INBOUND, 15006, workload=echo), transparent=True, original_of=target)
+    await outbound.start("127.0.0.1", 0)
+    await inbound.start(SERVER_ADDRESS, app.port)
+    try:
+        for entry in (outbound, inbound):
+            reader, writer = await asyncio.open_connection(*entry.address)
+            assert await ask(reader, writer, b"hi\n") == b"one hi\n"
+            writer.close()
+        async with asyncio.timeout(PATIENCE):
+            while len(exchanges) < 3:
+                await asyncio.sleep(0.01)
+        callers = dict(proxy.tcp_callers)
+    finally:
+        await outbound.stop()
+        await inbound.stop()
+        await proxy.close()
+        await app.close()
+    reported = sorted(e.source.name if e.source else "-" for e in exchanges if e.listener.kind is ListenerKind.INBOUND)
+    assert reported == ["-", "sleep-1"]
+    assert callers == {}
+    opened = [
+        line for line in metrics.prometheus().splitlines() if line.startswith("istio_tcp_connections_opened_total")
+    ]
+    assert any('reporter="destination",source_workload="sleep-1"' in line for line in opened), opened
