@@ -34,7 +34,9 @@ the `minimesh.port` label), each with its canonical spelling."""
 DETECTED = "AUTO"
 """The protocol of a port that declares none: sniffed from the client's first bytes, as Istio
 does for an unnamed port (its `UnsupportedProtocol`)."""
-HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
+GRPC_WEB = "GRPC-WEB"
+"""The protocol whose requests Istio's `grpc_web` filter translates (a `grpc-web` port or server)."""
+HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", GRPC_WEB})
 TLS_PROTOCOLS = frozenset({"HTTPS", "TLS"})
 OPAQUE_PROTOCOLS = frozenset({"TCP", "UDP", "MONGO", "MYSQL", "REDIS"})
 """Protocols minimesh proxies as bytes: `mongo`, `mysql` and `redis` are TCP to Istio too."""

@@ -112,19 +112,17 @@ class Call:
             headers += ops.add
         if self.debug_headers and exchange.route:
             headers.append((b"x-minimesh-route", exchange.route.encode()))
-        length = None if self.request.version == HTTP2 else 0
-        grpc_web = self.grpc_web
-        if grpc_web is not None:
-            exchange.grpc_status = reply.grpc_status if reply.grpc_status is not None else grpc_status_of(reply.status)
-            headers = local_reply_headers(b"", grpc_web.reply_headers(exchange.grpc_status, reply.body, headers))
-            self.responder.send_whole(reply.status, headers, length, b"")
-            return
         if not exchange.grpc:
             self.responder.reply(reply.status, reply.body, headers)
             return
         code = exchange.grpc_status = (
             reply.grpc_status if reply.grpc_status is not None else grpc_status_of(reply.status)
         )
+        length = None if self.request.version == HTTP2 else 0
+        if self.grpc_web is not None:
+            headers = local_reply_headers(b"", self.grpc_web.reply_headers(code, reply.body, headers))
+            self.responder.send_whole(reply.status, headers, length, b"")
+            return
         headers = local_reply_headers(b"", trailers_only(code, reply.body, headers))
         self.responder.send_whole(200, headers, length, b"")
 

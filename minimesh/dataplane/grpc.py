@@ -58,12 +58,12 @@ def grpc_message(text: bytes) -> bytes:
     return b"".join(bytes((byte,)) if byte in _PLAIN else b"%%%02X" % byte for byte in text)
 
 
-def trailers_only(status: int, body: bytes, headers: HeaderList) -> HeaderList:
+def trailers_only(status: int, body: bytes, headers: HeaderList, content_type: bytes = GRPC_CONTENT_TYPE) -> HeaderList:
     """A local reply's headers as Envoy answers a gRPC request: `content-type:
-    application/grpc`, `grpc-status` (`status`, unless `headers` set one) and the body text
-    as `grpc-message`, after `headers`; the body itself is not sent (the HTTP status is 200)."""
-    out = [header for header in headers if header[0] not in (b"content-type", b"grpc-message")]
-    out.append((b"content-type", GRPC_CONTENT_TYPE))
+    application/grpc` (or gRPC-Web's), `grpc-status` (`status`, unless `headers` set one) and
+    the body text as `grpc-message`, after `headers`; the body itself is not sent."""
+    out = [header for header in headers if header[0] not in (b"content-type", b"content-length", b"grpc-message")]
+    out.append((b"content-type", content_type))
     if not any(name == b"grpc-status" for name, _ in out):
         out.append((b"grpc-status", b"%d" % status))
     if body:

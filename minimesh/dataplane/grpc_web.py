@@ -9,11 +9,9 @@ from __future__ import annotations
 import base64
 import binascii
 
-from minimesh.dataplane.grpc import GRPC_CONTENT_TYPE, PREFIX, grpc_message, is_grpc
+from minimesh.dataplane.grpc import GRPC_CONTENT_TYPE, PREFIX, is_grpc, trailers_only
 from minimesh.routing.headers import HeaderList
 
-GRPC_WEB = "GRPC-WEB"
-"""The port protocol (`grpc-web`) whose requests are translated."""
 CONTENT_TYPES = {
     b"application/grpc-web": False,
     b"application/grpc-web+proto": False,
@@ -68,14 +66,18 @@ class GrpcWeb:
         return out
 
     def reply_headers(self, grpc_status: int, body: bytes, headers: HeaderList) -> HeaderList:
-        """The headers of a response that is not gRPC (a local reply, or an upstream's): its
-        body told as `grpc-message` and `grpc_status` as `grpc-status`; it has no body."""
-        out = [h for h in headers if h[0] not in (b"content-type", b"content-length", b"grpc-status", b"grpc-message")]
-        out.append((b"content-type", self.content_type))
-        out.append((b"grpc-status", b"%d" % grpc_status))
-        if body:
-            out.append((b"grpc-message", grpc_message(body[:MESSAGE_LIMIT])))
-        return out
+        """The headers of a response that is not gRPC (a local reply, or an upstream's), which
+        goes out without its body: the body's start as `grpc-message`, `grpc_status` as
+        `grpc-status`. One that has no body only changes its content-type, as Envoy's filter
+        transforms a response from its body."""
+        if not body:
+            out = [header for header in headers if header[0] not in (b"content-type", b"content-length")]
+            return [*out, (b"content-type", self.content_type)]
+        return trailers_only(grpc_status, body[:MESSAGE_LIMIT], headers, self.content_type)
+
+    def grpc_headers(self, headers: HeaderList) -> HeaderList:
+        """A gRPC response's headers for the gRPC-Web client: its content-type, no length."""
+        return self.reply_headers(0, b"", headers)
 
     def encoder(self) -> Frames | None:
         """What re-encodes the response's frames, for a client that asked for text."""
@@ -91,12 +93,10 @@ class GrpcWeb:
         return f"<GrpcWeb text_request={self.text_request} text_response={self.text_response}>"
 
 
-def is_grpc_response(status: int, content_type: bytes | None, grpc_status: bytes | None, ended: bool) -> bool:
-    """A response the filter passes on as frames rather than as a `grpc-message`: a gRPC one
-    (trailers-only with `grpc-status`, or 200 with a gRPC content-type), or a 200 already in
-    gRPC-Web's proto encoding (Envoy's `isGrpcResponseHeaders`, `isProtoEncodedGrpcWebResponseHeaders`)."""
-    if ended:
-        return grpc_status is not None
+def is_grpc_response(status: int, content_type: bytes | None) -> bool:
+    """A response with a body the filter passes on as frames rather than as a `grpc-message`:
+    200 with a gRPC content-type, or already in gRPC-Web's proto encoding (Envoy's
+    `isGrpcResponseHeaders`, `isProtoEncodedGrpcWebResponseHeaders`)."""
     if status != 200:
         return False
     base = (content_type or b"").partition(b";")[0].strip().lower()
@@ -121,10 +121,11 @@ class Frames:
     __slots__ = ("_held",)
 
     def __init__(self) -> None:
-        self._held = b""
+        self._held = bytearray()
 
     def feed(self, data: bytes) -> bytes:
-        held = self._held + data
+        held = self._held
+        held += data
         at = 0
         out = []
         while len(held) - at >= PREFIX:
@@ -133,7 +134,7 @@ class Frames:
                 break
             out.append(base64.b64encode(held[at:end]))
             at = end
-        self._held = held[at:]
+        del held[:at]
         return b"".join(out)
 
     def __repr__(self) -> str:

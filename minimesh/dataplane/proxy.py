@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from minimesh.config.labels import DETECTED
+from minimesh.config.labels import DETECTED, GRPC_WEB
 from minimesh.dataplane.attempts import attempts
 from minimesh.dataplane.call import Call, Responding
 from minimesh.dataplane.cors import cors_step
@@ -33,7 +33,7 @@ from minimesh.dataplane.exchange import (
 )
 from minimesh.dataplane.fault import Faults, fault_step, fires
 from minimesh.dataplane.grpc import GRPC_TIMEOUT, grpc_route_timeout, is_grpc
-from minimesh.dataplane.grpc_web import BAD_BASE64, GRPC_WEB, GrpcWeb, decode_text
+from minimesh.dataplane.grpc_web import BAD_BASE64, GrpcWeb, decode_text
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, Request, UpstreamResponse
 from minimesh.dataplane.http2 import Stream
 from minimesh.dataplane.mirror import Mirrors
@@ -146,12 +146,13 @@ class Proxy:
             loop = self._loop = asyncio.get_running_loop()
         call = Call(request, responder, exchange, view, snapshot, loop, self.debug_headers)
         try:
+            if listener.kind == "inbound":
+                exchange.source = snapshot.peers.get(raw.get(PEER_ID, b""))
             if request.upgrade is not None and not _upgrade_allowed(call):
                 return
             if listener.kind == "inbound" and original is not None and listener.workload is not None:
-                exchange.source = snapshot.peers.get(raw.get(PEER_ID, b""))
                 cluster = self.inbound_cluster(listener.workload, original[1], listener.dial, snapshot)
-                if await _grpc_web(call, cluster):
+                if cluster.protocol != GRPC_WEB or await _grpc_web(call):
                     await self._forward_to(call, cluster, NO_RETRY, None)
                 return
             outcome = decide(snapshot, view, self.rng)
@@ -243,7 +244,7 @@ class Proxy:
         call.forward = outcome
         exchange = call.exchange
         exchange.cluster, exchange.destination_service = outcome.cluster.name, outcome.cluster.host
-        if not await _grpc_web(call, outcome.cluster):
+        if outcome.grpc_web and not await _grpc_web(call):
             return
         cors = route.cors_headers
         if cors is not None and cors_step(call, cors):
@@ -430,14 +431,13 @@ def _timeouts(call: Call, route_timeout: float | None, per_try_timeout: float | 
     return timeout
 
 
-async def _grpc_web(call: Call, cluster: Cluster) -> bool:
-    """A gRPC-Web request to a `grpc-web` port goes on as gRPC from here, as Envoy's filter
-    (ahead of CORS and faults in Istio's chain) passes it on: its headers made gRPC's, a
-    `-text` body decoded whole (gRPC-Web has no client streaming). False when it was answered
-    instead: 400 for a body that is not base64, nothing for a client gone."""
+async def _grpc_web(call: Call) -> bool:
+    """At a listener with Envoy's `grpc_web` filter (`Forward.grpc_web`, or a server sidecar's
+    `grpc-web` port), a gRPC-Web request goes on as gRPC from here, as the filter (ahead of
+    CORS and faults in Istio's chain) passes it on: its headers made gRPC's, a `-text` body
+    decoded whole (gRPC-Web has no client streaming). False when it was answered instead:
+    400 for a body that is not base64, nothing for a client gone."""
     request = call.request
-    if cluster.protocol != GRPC_WEB:
-        return True
     grpc_web = GrpcWeb.of(request.header(b"content-type"), request.header(b"accept"))
     if grpc_web is None:
         return True

@@ -85,7 +85,7 @@ class Head:
         expected = self.expected
         elapsed = deadline.elapsed_ms() if expected is not None and deadline is not None and attempt > 1 else 0
         caller = self.caller
-        if caller is not None and (endpoint.workload is None or not endpoint.workload.captured):
+        if caller is not None and endpoint.address not in upstreams.sidecars:
             caller = None
         fields = self.fields
         if fields is not None:
@@ -324,19 +324,22 @@ def _trailer_status(call: Call, trailers: HeaderList) -> None:
 
 
 async def _respond_grpc_web(call: Call, response: UpstreamResponse, headers: HeaderList, grpc_web: GrpcWeb) -> None:
-    """The upstream's response to a gRPC-Web client, as Envoy's `grpc_web` filter gives it: a
-    gRPC one with gRPC-Web's content-type, its frames passed on (base64 for a text client)
-    and its trailers as the last frame; any other told in `grpc-status` (its HTTP status
-    mapped) and `grpc-message` (its body, up to MESSAGE_LIMIT), with no body."""
+    """The upstream's response to a gRPC-Web client, as Envoy's `grpc_web` filter gives it,
+    always with gRPC-Web's content-type: a gRPC one with its frames passed on (base64 for a
+    text client) and its trailers as the last frame; any other with a body told in
+    `grpc-status` (its HTTP status mapped) and `grpc-message` (the body's start), with no body;
+    one of headers alone (trailers-only) as it came."""
     exchange = call.exchange
     responder = call.responder
     body = response.body
     length = None if call.request.version == HTTP2 else 0
     content_type = response.header(b"content-type")
-    grpc_status = response.header(b"grpc-status")
-    exchange.grpc_status = grpc_status_header(grpc_status)
-    ended = body.complete and body.received == 0 and response.trailers is None
-    if not is_grpc_response(response.status, content_type, grpc_status, ended):
+    exchange.grpc_status = grpc_status_header(response.header(b"grpc-status"))
+    if body.complete and body.received == 0 and response.trailers is None:
+        headers = grpc_web.grpc_headers(headers)
+        responder.send_whole(response.status, headers, length, b"", reason_phrase=response.reason)
+        return
+    if not is_grpc_response(response.status, content_type):
         text = await _message_of(call, response)
         if text is None:
             return
@@ -344,11 +347,7 @@ async def _respond_grpc_web(call: Call, response: UpstreamResponse, headers: Hea
         headers = grpc_web.reply_headers(exchange.grpc_status, text, headers)
         responder.send_whole(response.status, headers, length, b"", reason_phrase=response.reason)
         return
-    headers = [header for header in headers if header[0] not in (b"content-type", b"content-length")]
-    headers.append((b"content-type", grpc_web.content_type))
-    if ended:
-        responder.send_whole(response.status, headers, length, b"", reason_phrase=response.reason)
-        return
+    headers = grpc_web.grpc_headers(headers)
     messages = exchange.response_messages = MessageCounter() if is_grpc(content_type) else None
     responder.send_head(response.status, headers, None, reason_phrase=response.reason)
     if not await _relay(call, response, messages, grpc_web.encoder()):

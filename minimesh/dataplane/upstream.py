@@ -643,6 +643,9 @@ class Upstreams:
         self.clock = clock
         self.clusters: dict[str, ClusterState] = {}
         self._tls = tls
+        self.sidecars: set[str] = set()
+        """The addresses of the endpoints a server sidecar of this daemon serves now (captured
+        containers): the only ones a calling proxy names itself to."""
 
     def state(self, cluster: Cluster, dial: Dial | None = None) -> ClusterState:
         """The state of `cluster`; `dial` (for a new one) says how its connections are made."""

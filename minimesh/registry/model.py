@@ -43,15 +43,12 @@ class Workload:
     origin: Origin = Origin.WORKLOAD_ENTRY
     label_map: Mapping[str, str] = field(init=False, repr=False, compare=False)
     """`labels` as a mapping, made once: sidecar routing reads it on every request."""
-    captured: bool = field(init=False, repr=False, compare=False)
-    """A container the mesh captures: its inbound traffic passes through a server sidecar."""
     peer_id: bytes = field(init=False, repr=False, compare=False)
     """How its proxy names itself to a server sidecar, as Istio's `x-envoy-peer-metadata-id`:
     `sidecar~IP~NAME.NAMESPACE~NAMESPACE.svc.cluster.local` (`router~...` for a gateway)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_map", dict(self.labels))
-        object.__setattr__(self, "captured", self.inject and bool(self.netns) and self.origin is Origin.CONTAINER)
         kind = "router" if self.label_map.get("istio") == "ingressgateway" else "sidecar"
         peer_id = f"{kind}~{self.address}~{self.name}.{self.namespace}~{self.namespace}.svc.cluster.local"
         object.__setattr__(self, "peer_id", peer_id.encode())

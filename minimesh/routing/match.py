@@ -10,6 +10,7 @@ import random
 
 from minimesh.config import model as m
 from minimesh.config.durations import format_duration
+from minimesh.config.labels import GRPC_WEB
 from minimesh.config.names import MESH, host_covers, specificity
 from minimesh.routing.pick import RingHash, choose_weighted, hash_key, request_cookie
 from minimesh.routing.request import DEFAULT_PORTS, RequestView, split_authority
@@ -211,7 +212,10 @@ def _at_gateway(snapshot: Snapshot, request: RequestView, rng: random.Random, st
             steps.append(TraceStep(vs.ref, "match", f"bound to {binding.gateway}, host {binding.domain}"))
         hit = _first_rule(vs.routes, facts, steps)
         if hit is not None:
-            return _act(hit[0], hit[1], facts, rng)
+            outcome = _act(hit[0], hit[1], facts, rng)
+            if isinstance(outcome, Forward):
+                outcome.grpc_web = binding.server.port.protocol == GRPC_WEB
+            return outcome
     return NoRoute(f"no rule matches at {name} for host {host}")
 
 

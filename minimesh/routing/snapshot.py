@@ -13,7 +13,7 @@ from typing import Literal
 
 from minimesh.config import model as m
 from minimesh.config.durations import format_duration
-from minimesh.config.labels import DETECTED
+from minimesh.config.labels import DETECTED, GRPC_WEB
 from minimesh.config.names import host_covers
 from minimesh.errors import Location
 from minimesh.registry.model import Workload
@@ -666,7 +666,7 @@ class Forward:
     """Send the request upstream to `target.cluster` under `route`. Made per request, so a
     plain class (see `Facts`)."""
 
-    __slots__ = ("draw", "port", "prefix", "route", "route_ref", "target")
+    __slots__ = ("draw", "grpc_web", "port", "prefix", "route", "route_ref", "target")
 
     def __init__(
         self,
@@ -683,6 +683,9 @@ class Forward:
         self.port = port
         self.draw = draw
         self.prefix = prefix
+        self.grpc_web = target.cluster.protocol == GRPC_WEB
+        """Whether the listener translates gRPC-Web, as Istio installs its `grpc_web` filter:
+        at a sidecar for a `grpc-web` service port, at a gateway for a `GRPC-WEB` server."""
 
     @property
     def cluster(self) -> Cluster:

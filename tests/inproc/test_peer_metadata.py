@@ -38,11 +38,11 @@ PEER_HEADERS = ("x-envoy-peer-metadata-id", "x-envoy-peer-metadata")
 FORGED = b"x-envoy-peer-metadata-id: sidecar~10.9.9.9~mallory.default~default.svc.cluster.local\r\n"
 
 
-def container(name: str, address: str, *ports: ServicePortSpec, captured: bool = True) -> Workload:
+def container(name: str, address: str, *ports: ServicePortSpec) -> Workload:
     app, _, _ = name.partition("-")
     return Workload(
         name, address, labels=(("app", app), ("version", "v1")), service=app, service_ports=ports,
-        netns=f"/proc/{name}/ns/net" if captured else None, origin=Origin.CONTAINER,
+        netns=f"/proc/{name}/ns/net", origin=Origin.CONTAINER,
     )  # fmt: skip
 
 
@@ -86,9 +86,10 @@ async def chain(
     app: Backend | H2Backend, protocol: str, first: ListenerKind, *, captured: bool
 ) -> AsyncIterator[Chain]:
     """`ratings-1` serves `protocol` on the app's port behind its server sidecar (`captured`),
-    or is reached straight on the app's address (not captured)."""
+    or is reached straight on the app's address: a container meant for capture whose capture
+    has not happened (failed, or `--capture explicit`), so no server sidecar serves it."""
     address = SERVER_ADDRESS if captured else "127.0.0.1"
-    ratings = container("ratings-1", address, ServicePortSpec(app.port, protocol), captured=captured)
+    ratings = container("ratings-1", address, ServicePortSpec(app.port, protocol))
     route = ROUTE.replace("PORT", str(app.port))
     documents, problems = parse_text(GATEWAY + "---" + route, "mesh.yaml")
     assert problems == []
@@ -96,6 +97,8 @@ async def chain(
     exchanges: list[Exchange] = []
     metrics = Metrics()
     proxy = Proxy(Current(snapshot), Upstreams(), observers=(exchanges.append, metrics))
+    if captured:
+        proxy.upstreams.sidecars.add(SERVER_ADDRESS)
     if first is ListenerKind.GATEWAY:
         listener = Listener(ListenerKind.GATEWAY, 8080, gateways=snapshot.ingress_gateways)
     else:
@@ -123,8 +126,8 @@ async def chain(
     ("first", "caller"), [(ListenerKind.SIDECAR, "sleep-1"), (ListenerKind.GATEWAY, "istio-ingressgateway")]
 )
 async def test_the_server_sidecar_reports_the_calling_workload(protocol: str, first: ListenerKind, caller: str) -> None:
-    """Each hop is HTTP/1.1 or HTTP/2 as `protocol` says; the client forges a peer id, which the
-    first proxy drops: the server sidecar reports the proxy that sent the request."""
+    """Each hop is HTTP/1.1 or HTTP/2 as `protocol` says. Whatever peer id the client sends,
+    the server sidecar reports the proxy that sent the request, and the app sees none."""
     app = await (H2Backend("app") if protocol == "grpc" else Backend("app")).start()
     try:
         async with chain(app, protocol, first, captured=True) as found:
@@ -156,7 +159,8 @@ async def test_the_server_sidecar_reports_the_calling_workload(protocol: str, fi
 
 async def test_an_endpoint_without_a_server_sidecar_is_sent_no_peer_id() -> None:
     """Sent only where a server sidecar takes it off (Istio's option for out-of-mesh
-    destinations): an app reached directly sees neither its proxy's peer id nor a forged one."""
+    destinations): an app whose capture has not happened, reached directly, sees neither its
+    caller's peer id nor a forged one."""
     app = await Backend("app").start()
     try:
         async with chain(app, "http", ListenerKind.SIDECAR, captured=False) as found:
@@ -182,6 +186,7 @@ async def test_the_server_sidecar_knows_a_tcp_caller_by_its_source_port() -> Non
     exchanges: list[Exchange] = []
     metrics = Metrics()
     proxy = Proxy(Current(snapshot), Upstreams(), observers=(exchanges.append, metrics))
+    proxy.upstreams.sidecars.add(SERVER_ADDRESS)
     target = Target((SERVER_ADDRESS, app.port))
     outbound = Serving(
         proxy, Listener(ListenerKind.SIDECAR, 15001, workload=SLEEP), transparent=True, original_of=target

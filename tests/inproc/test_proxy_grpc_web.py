@@ -1,7 +1,8 @@
-"""gRPC-Web on a `grpc-web` port, as Envoy's `grpc_web` filter that Istio installs there: a
-browser-style client (HTTP/1.1, `application/grpc-web+proto` or `-text`) reaches a real
-`grpcio` server, which speaks only gRPC; replies come back as gRPC-Web frames with the
-trailers as the last one, errors as `grpc-status` headers, local replies keep their status.
+"""gRPC-Web as Envoy's `grpc_web` filter, where Istio installs it: a sidecar calling a
+`grpc-web` service port, and a gateway's `GRPC-WEB` server. A browser-style client (HTTP/1.1,
+`application/grpc-web+proto` or `-text`) reaches a real `grpcio` server, which speaks only
+gRPC; replies come back as gRPC-Web frames with the trailers as the last one, errors as
+`grpc-status` headers, local replies keep their status.
 """
 
 from __future__ import annotations
@@ -16,12 +17,19 @@ import grpc
 
 from minimesh.dataplane.grpc_web import Frames, GrpcWeb, decode_text
 from tests.inproc.h2upstream import H2Backend, H2Reply, grpcio_app
-from tests.inproc.upstreams import PATIENCE, Mesh, gateway_http, running_mesh, service
+from tests.inproc.upstreams import PATIENCE, Answer, Mesh, running_mesh, service
 
-ROUTE = "- route: [{destination: {host: web}}]"
-WEB = service("web", "app", protocol="grpc-web") + gateway_http(ROUTE)
+WEB = service("web", "app", protocol="grpc-web")
+URL = "http://web:9080"
+"""The service as the sidecar's client (HTTP_PROXY) names it: the sidecar's outbound listener
+for a `grpc-web` port translates."""
 PROTO = {"content-type": "application/grpc-web+proto", "x-grpc-web": "1"}
 TEXT = {"content-type": "application/grpc-web-text", "accept": "application/grpc-web-text", "x-grpc-web": "1"}
+
+
+async def call(mesh: Mesh, method: str, headers: dict[str, str], data: bytes) -> Answer:
+    """A gRPC-Web call to the `web` service through the sidecar."""
+    return await mesh.via_sidecar("POST", f"{URL}/demo.Greeter/{method}", headers=headers, data=data)
 
 
 def frame(message: bytes, flag: int = 0) -> bytes:
@@ -77,8 +85,8 @@ async def greeter(gate: asyncio.Event | None = None) -> AsyncIterator[Mesh]:
 
 async def test_a_unary_call_in_proto_and_in_text() -> None:
     async with greeter() as mesh:
-        proto = await mesh.request("POST", "/demo.Greeter/Say", headers=PROTO, data=frame(b"web"))
-        text = await mesh.request("POST", "/demo.Greeter/Say", headers=TEXT, data=base64.b64encode(frame(b"text")))
+        proto = await call(mesh, "Say", PROTO, frame(b"web"))
+        text = await call(mesh, "Say", TEXT, base64.b64encode(frame(b"text")))
         exchanges = mesh.exchanges
     assert (proto.status, proto.headers["content-type"], proto.headers["x-served"]) == (
         200, "application/grpc-web+proto", "yes",
@@ -90,6 +98,7 @@ async def test_a_unary_call_in_proto_and_in_text() -> None:
     assert sorted(trailer[1].decode().split("\r\n")) == ["", "grpc-message:", "grpc-status:0", "x-done:1"]
     assert text.headers["content-type"] == "application/grpc-web-text+proto"
     assert frames(decoded(text.body))[0] == (0, b"hello text")
+    assert frames(decoded(text.body))[1][0] == 0x80, "the trailer frame, in base64 too"
     assert [(e.grpc, e.grpc_status, e.status) for e in exchanges] == [(True, 0, 200)] * 2
 
 
@@ -98,8 +107,8 @@ async def test_a_server_stream_comes_frame_by_frame() -> None:
     the whole response would never pass the first on."""
     gate = asyncio.Event()
     async with greeter(gate) as mesh:
-        url = mesh.gateway_url + "/demo.Greeter/Count"
-        async with mesh.session.post(url, headers=PROTO, data=frame(b"go")) as response:
+        url = f"{URL}/demo.Greeter/Count"
+        async with mesh.session.post(url, headers=PROTO, data=frame(b"go"), proxy=mesh.sidecar_url) as response:
             first = await asyncio.wait_for(response.content.readexactly(6), PATIENCE)
             gate.set()
             rest = await response.read()
@@ -111,7 +120,7 @@ async def test_a_server_stream_comes_frame_by_frame() -> None:
 async def test_an_error_status_arrives_in_the_headers() -> None:
     """grpcio answers a failed unary call trailers-only: the status goes out as headers."""
     async with greeter() as mesh:
-        answer = await mesh.request("POST", "/demo.Greeter/Say", headers=PROTO, data=frame(b"nobody"))
+        answer = await call(mesh, "Say", PROTO, frame(b"nobody"))
     assert (answer.status, answer.headers["grpc-status"], answer.headers["grpc-message"], answer.body) == (
         200, "5", "no such person", b"",
     )  # fmt: skip
@@ -121,8 +130,8 @@ async def test_an_error_status_arrives_in_the_headers() -> None:
 
 async def test_a_local_reply_keeps_its_http_status() -> None:
     """No endpoint: Envoy's 503 text becomes `grpc-message`, UNAVAILABLE its `grpc-status`."""
-    async with running_mesh(service("web", protocol="grpc-web") + gateway_http(ROUTE)) as mesh:
-        answer = await mesh.request("POST", "/demo.Greeter/Say", headers=PROTO, data=frame(b"web"))
+    async with running_mesh(service("web", protocol="grpc-web")) as mesh:
+        answer = await call(mesh, "Say", PROTO, frame(b"web"))
     assert (answer.status, answer.headers["grpc-status"], answer.headers["grpc-message"], answer.body) == (
         503, "14", "no healthy upstream", b"",
     )  # fmt: skip
@@ -132,8 +141,8 @@ async def test_a_local_reply_keeps_its_http_status() -> None:
 
 async def test_a_text_body_that_is_not_base64_is_refused() -> None:
     async with greeter() as mesh:
-        bad_size = await mesh.request("POST", "/demo.Greeter/Say", headers=TEXT, data=b"abcde")
-        bad_data = await mesh.request("POST", "/demo.Greeter/Say", headers=TEXT, data=b"ab!=")
+        bad_size = await call(mesh, "Say", TEXT, b"abcde")
+        bad_data = await call(mesh, "Say", TEXT, b"ab!=")
     for answer in (bad_size, bad_data):
         assert (answer.status, answer.headers["grpc-status"]) == (400, "13")
         assert answer.headers["grpc-message"] == "Bad gRPC-web request, invalid base64 data."
@@ -146,7 +155,7 @@ async def test_an_upstream_answer_that_is_not_grpc_becomes_grpc_message() -> Non
     not_found = H2Reply(status=404, headers=(("content-type", "text/plain"),), body=b"not here")
     app = await H2Backend("app", not_found).start()
     async with running_mesh(WEB, {"app": app}) as mesh:
-        answer = await mesh.request("POST", "/demo.Greeter/Say", headers=PROTO, data=frame(b"web"))
+        answer = await call(mesh, "Say", PROTO, frame(b"web"))
     await app.close()
     assert (answer.status, answer.headers["grpc-status"], answer.headers["grpc-message"], answer.body) == (
         404, "12", "not here", b"",
@@ -162,7 +171,7 @@ async def test_other_requests_to_the_port_pass_untouched() -> None:
     """The filter takes gRPC-Web content-types only."""
     app = await H2Backend("app", H2Reply(body=b"plain")).start()
     async with running_mesh(WEB, {"app": app}) as mesh:
-        answer = await mesh.request("POST", "/x", headers={"content-type": "application/json"}, data=b"{}")
+        answer = await mesh.via_sidecar("POST", f"{URL}/x", headers={"content-type": "application/json"}, data=b"{}")
     await app.close()
     assert (answer.status, answer.body, "grpc-status" in answer.headers) == (200, b"plain", False)
     assert app.seen[0].headers["content-type"] == "application/json"
@@ -186,14 +195,14 @@ def test_which_requests_are_grpc_web() -> None:
     assert decode_text(b"aGk=") == (b"hi", "")
 
 
-GRPC_WEB_SERVER = """
+GATEWAY_SERVER = """
 ---
 apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: {name: web-gateway}
 spec:
   selector: {istio: ingressgateway}
-  servers: [{port: {number: 8081, name: grpc-web, protocol: GRPC-WEB}, hosts: [web.example]}]
+  servers: [{port: {number: 8081, name: web, protocol: PROTOCOL}, hosts: [web.example]}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -205,11 +214,33 @@ spec:
 """
 
 
-async def test_a_gateway_server_of_protocol_grpc_web_serves_http() -> None:
-    """Istio serves a `GRPC-WEB` server as HTTP, as it does `HTTP`, `HTTP2` and `GRPC` ones."""
-    async with greeter() as mesh:
-        mesh.reload(service("web", "app", protocol="grpc-web") + GRPC_WEB_SERVER)
-        answer = await mesh.request(
-            "POST", "/demo.Greeter/Say", headers={**PROTO, "Host": "web.example"}, data=frame(b"server")
-        )
-    assert (answer.status, frames(answer.body)[0]) == (200, (0, b"hello server"))
+async def test_a_gateway_translates_on_a_grpc_web_server_and_not_on_an_http_one() -> None:
+    """Istio's gateway has the filter when its server is `GRPC-WEB`, whatever the destination
+    (here a plain `grpc` port); on an `HTTP` server it passes a gRPC-Web request on as it came,
+    for the server sidecar of a `grpc-web` port to translate."""
+    handlers = {"Say": grpc.unary_unary_rpc_method_handler(lambda request, context: b"hello " + request)}
+    async with grpcio_app("demo.Greeter", handlers) as app, running_mesh(
+        service("web", "app", protocol="grpc") + GATEWAY_SERVER.replace("PROTOCOL", "GRPC-WEB"), {"app": app}
+    ) as mesh:  # fmt: skip
+        headers = {**PROTO, "Host": "web.example"}
+        answer = await mesh.request("POST", "/demo.Greeter/Say", headers=headers, data=frame(b"gateway"))
+    assert (answer.status, frames(answer.body)[0]) == (200, (0, b"hello gateway"))
+    backend = await H2Backend("app", H2Reply(body=b"as sent")).start()
+    async with running_mesh(WEB + GATEWAY_SERVER.replace("PROTOCOL", "HTTP"), {"app": backend}) as mesh:
+        answer = await mesh.request("POST", "/demo.Greeter/Say", headers=headers, data=frame(b"on"))
+    await backend.close()
+    assert (answer.status, answer.body) == (200, b"as sent")
+    assert backend.seen[0].headers["content-type"] == "application/grpc-web+proto"
+
+
+async def test_a_response_of_headers_alone_only_changes_its_content_type() -> None:
+    """Envoy's filter transforms a response that is not gRPC from its body: with none, the
+    status and headers pass as they came, with gRPC-Web's content-type and no `grpc-status`."""
+    app = await H2Backend("app", H2Reply(status=503, headers=(("x-why", "busy"),), body=b"")).start()
+    async with running_mesh(WEB, {"app": app}) as mesh:
+        answer = await call(mesh, "Say", PROTO, frame(b"web"))
+    await app.close()
+    assert (answer.status, answer.headers["x-why"], answer.headers["content-type"], answer.body) == (
+        503, "busy", "application/grpc-web+proto", b"",
+    )  # fmt: skip
+    assert "grpc-status" not in answer.headers

@@ -114,7 +114,7 @@ class NetnsCapture:
 
     @staticmethod
     def wanted(workloads: Iterable[Workload]) -> dict[str, Workload]:
-        return {w.netns: w for w in workloads if w.captured and w.netns}
+        return {w.netns: w for w in workloads if w.inject and w.netns and w.origin == "container"}
 
     async def reconcile(self, workloads: Iterable[Workload]) -> None:
         """Capture the containers that joined, release those that left, follow label changes."""
@@ -155,10 +155,14 @@ class NetnsCapture:
             return
         self.failed.pop(path, None)
         self.captured[path] = Captured(workload, namespace, outbound, inbound, ports)
+        self.proxy.upstreams.sidecars.add(workload.address)
         log.info("minimesh: capturing %s: outbound → %d, inbound ports %s → %d", workload.name, OUTBOUND_PORT,
                  ",".join(map(str, ports)) or "none", INBOUND_PORT)  # fmt: skip
 
     async def _update(self, current: Captured, workload: Workload) -> None:
+        sidecars = self.proxy.upstreams.sidecars
+        sidecars.discard(current.workload.address)
+        sidecars.add(workload.address)
         current.workload = workload
         current.outbound.listener = replace(current.outbound.listener, workload=workload)
         current.inbound.listener = replace(current.inbound.listener, workload=workload)
@@ -168,6 +172,7 @@ class NetnsCapture:
             current.ports = ports
 
     async def _release(self, captured: Captured) -> None:
+        self.proxy.upstreams.sidecars.discard(captured.workload.address)
         await asyncio.gather(captured.outbound.stop(), captured.inbound.stop())
         captured.namespace.stop()
         self.proxy.forget_workload(captured.workload)
