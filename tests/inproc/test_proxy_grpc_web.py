@@ -13,8 +13,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import grpc
+import pytest
+from h2.errors import ErrorCodes
 
+from minimesh.dataplane.accesslog import response_code_details
 from minimesh.dataplane.grpc_web import Frames, GrpcWeb, decode_text
 from tests.inproc.h2upstream import H2Backend, H2Reply, grpcio_app
 from tests.inproc.upstreams import PATIENCE, Answer, Mesh, running_mesh, service
@@ -244,3 +248,24 @@ async def test_a_response_of_headers_alone_only_changes_its_content_type() -> No
         503, "busy", "application/grpc-web+proto", b"",
     )  # fmt: skip
     assert "grpc-status" not in answer.headers
+
+
+async def test_an_upstream_reset_mid_response_cuts_the_client_short() -> None:
+    """After the head, a reset cannot become a status: the client's response is cut (no final
+    chunk, so no trailer frame), flagged `UR` as Envoy's router flags it."""
+    reply = H2Reply(
+        headers=(("content-type", "application/grpc"),),
+        body=frame(b"partial"),
+        reset=ErrorCodes.INTERNAL_ERROR,
+        reset_after_head=True,
+    )
+    app = await H2Backend("app", reply).start()
+    async with running_mesh(WEB, {"app": app}) as mesh:
+        url = f"{URL}/demo.Greeter/Say"
+        async with mesh.session.post(url, headers=PROTO, data=frame(b"x"), proxy=mesh.sidecar_url) as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+    await app.close()
+    cut = next(e for e in mesh.exchanges if e.flag_text == "UR")
+    assert response_code_details(cut) == "upstream_reset_after_response_started{remote_reset}"
