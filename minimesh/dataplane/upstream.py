@@ -1,4 +1,5 @@
-"""Upstream clusters at run time: keep-alive pools, circuit-breaker limits, outlier detection.
+"""Upstream clusters at run time: keep-alive pools, circuit-breaker limits, outlier detection,
+and which endpoints a server sidecar serves.
 
 State outlives snapshots (a reload keeps ejections and open connections); the limits in
 force are read from the cluster's policy at each request. Failures of the network are
@@ -637,7 +638,8 @@ class ClusterState:
 
 
 class Upstreams:
-    """Every cluster's state, by cluster name; the one place requests leave the proxy."""
+    """Every cluster's state, by cluster name, and the endpoints a server sidecar serves; the
+    one place requests leave the proxy."""
 
     def __init__(self, clock: Clock = time.monotonic, tls: Callable[[Cluster], ssl.SSLContext | None] | None = None):
         self.clock = clock
