@@ -16,11 +16,13 @@ INJECT_LABEL = "minimesh.inject"
 SIDECAR_PORT_ANNOTATION = "minimesh.sidecar-port"
 FAULT_FIRST_ANNOTATION = "minimesh.dev/fault-first"
 """On a VirtualService: each fault of its routes fires for exactly the first N requests (DESIGN §1.4)."""
+GRPC_WEB = "GRPC-WEB"
+"""The protocol whose requests Istio's `grpc_web` filter translates (a `grpc-web` port or server)."""
 PROTOCOLS = {
     "http": "HTTP",
     "http2": "HTTP2",
     "grpc": "GRPC",
-    "grpc-web": "GRPC-WEB",
+    "grpc-web": GRPC_WEB,
     "https": "HTTPS",
     "tls": "TLS",
     "tcp": "TCP",
@@ -34,8 +36,6 @@ the `minimesh.port` label), each with its canonical spelling."""
 DETECTED = "AUTO"
 """The protocol of a port that declares none: sniffed from the client's first bytes, as Istio
 does for an unnamed port (its `UnsupportedProtocol`)."""
-GRPC_WEB = "GRPC-WEB"
-"""The protocol whose requests Istio's `grpc_web` filter translates (a `grpc-web` port or server)."""
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", GRPC_WEB})
 TLS_PROTOCOLS = frozenset({"HTTPS", "TLS"})
 OPAQUE_PROTOCOLS = frozenset({"TCP", "UDP", "MONGO", "MYSQL", "REDIS"})

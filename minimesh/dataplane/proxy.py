@@ -3,9 +3,9 @@
 Every listener hands its parsed HTTP requests to `Proxy.handle`, which reads the snapshot
 once, decides, and dispatches on the outcome. Forwarding runs the steps in the order of
 Istio's filter chain and Envoy's router, each in its own module over one `Call`: gRPC-Web
-(`grpc_web`), CORS (`cors`), fault (`fault`), the body kept for retries and mirrors (`replay`), mirror
-(`mirror`), admission (`http2MaxRequests`), route timeout, attempts (`attempts`), and the
-response (`respond`).
+(`grpc_web`), CORS (`cors`), fault (`fault`), the body kept for retries and mirrors
+(`replay`), mirror (`mirror`), admission (`http2MaxRequests`), route timeout, attempts
+(`attempts`), and the response (`respond`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import TypeVar
 from h2.exceptions import H2Error
 
 from minimesh.config import model as m
-from minimesh.config.labels import DETECTED
+from minimesh.config.labels import DETECTED, GRPC_WEB
 from minimesh.dataplane.http1 import Body, Request, UpstreamClosed, UpstreamConnection, UpstreamResponse
 from minimesh.dataplane.http2 import VERSION as HTTP2
 from minimesh.dataplane.http2_upstream import Http2Upstream, StreamRefused, StreamResetByPeer
@@ -38,7 +38,7 @@ CONNECT_TIMEOUT = 10.0
 """Istio's default `connectTimeout`."""
 MAX_EJECTION_TIME = 300.0
 """Envoy's default `max_ejection_time`: an ejection never lasts longer."""
-HTTP2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-WEB"})
+HTTP2_PROTOCOLS = frozenset({"HTTP2", "GRPC", GRPC_WEB})
 """Port protocols whose upstream speaks HTTP/2 (Istio's `Instance.IsHTTP2`)."""
 UPGRADABLE = frozenset({"HTTP", DETECTED})
 """Port protocols `h2UpgradePolicy: UPGRADE` moves to HTTP/2 upstream."""

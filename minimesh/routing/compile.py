@@ -15,6 +15,7 @@ from minimesh.config import model as m
 from minimesh.config.labels import (
     DETECTED,
     FAULT_FIRST_ANNOTATION,
+    GRPC_WEB,
     HTTP_PROTOCOLS,
     OPAQUE_PROTOCOLS,
     TLS_PROTOCOLS,
@@ -55,7 +56,7 @@ from minimesh.routing.snapshot import (
 
 ROOT_NAMESPACE = "istio-system"
 
-HTTP_SERVER_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
+HTTP_SERVER_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", GRPC_WEB})
 SNIFFED_PROTOCOLS = frozenset({*HTTP_PROTOCOLS, DETECTED})
 TLS_SERVER_PROTOCOLS = frozenset({"HTTPS"})
 
