@@ -85,7 +85,7 @@ class Head:
         expected = self.expected
         elapsed = deadline.elapsed_ms() if expected is not None and deadline is not None and attempt > 1 else 0
         caller = self.caller
-        if caller is not None and endpoint.address not in upstreams.sidecars:
+        if caller is not None and not upstreams.has_sidecar(endpoint):
             caller = None
         fields = self.fields
         if fields is not None:

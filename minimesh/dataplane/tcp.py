@@ -259,7 +259,7 @@ class TcpProxy:
                     if dial is not None:
                         sock = await dial(endpoint.address, endpoint.port)
                         await loop.create_connection(lambda: pipe, sock=sock)
-                    elif exchange.source is not None and endpoint.address in self.proxy.upstreams.sidecars:
+                    elif exchange.source is not None and self.proxy.upstreams.has_sidecar(endpoint):
                         sock = await self._from_caller(relay, exchange.source, endpoint)
                         await loop.create_connection(lambda: pipe, sock=sock)
                     else:

@@ -645,9 +645,14 @@ class Upstreams:
         self.clock = clock
         self.clusters: dict[str, ClusterState] = {}
         self._tls = tls
-        self.sidecars: set[str] = set()
+        self.sidecars: frozenset[str] = frozenset()
         """The addresses of the endpoints a server sidecar of this daemon serves now (captured
-        containers): the only ones a calling proxy names itself to."""
+        containers, as the capture manager last set them)."""
+
+    def has_sidecar(self, endpoint: Endpoint) -> bool:
+        """Is `endpoint` behind a server sidecar of this daemon? Only such an endpoint is told
+        its caller (HTTP's peer id, a TCP connection's entry in `Proxy.tcp_callers`)."""
+        return endpoint.address in self.sidecars
 
     def state(self, cluster: Cluster, dial: Dial | None = None) -> ClusterState:
         """The state of `cluster`; `dial` (for a new one) says how its connections are made."""

@@ -98,7 +98,7 @@ async def chain(
     metrics = Metrics()
     proxy = Proxy(Current(snapshot), Upstreams(), observers=(exchanges.append, metrics))
     if captured:
-        proxy.upstreams.sidecars.add(SERVER_ADDRESS)
+        proxy.upstreams.sidecars = frozenset({SERVER_ADDRESS})
     if first is ListenerKind.GATEWAY:
         listener = Listener(ListenerKind.GATEWAY, 8080, gateways=snapshot.ingress_gateways)
     else:
@@ -186,7 +186,7 @@ async def test_the_server_sidecar_knows_a_tcp_caller_by_its_source_port() -> Non
     exchanges: list[Exchange] = []
     metrics = Metrics()
     proxy = Proxy(Current(snapshot), Upstreams(), observers=(exchanges.append, metrics))
-    proxy.upstreams.sidecars.add(SERVER_ADDRESS)
+    proxy.upstreams.sidecars = frozenset({SERVER_ADDRESS})
     target = Target((SERVER_ADDRESS, app.port))
     outbound = Serving(
         proxy, Listener(ListenerKind.SIDECAR, 15001, workload=SLEEP), transparent=True, original_of=target

@@ -36,6 +36,13 @@ async def call(mesh: Mesh, method: str, headers: dict[str, str], data: bytes) ->
     return await mesh.via_sidecar("POST", f"{URL}/demo.Greeter/{method}", headers=headers, data=data)
 
 
+async def answered(reply: H2Reply) -> tuple[Answer, H2Backend]:
+    """A gRPC-Web `Say` call through the sidecar to an HTTP/2 upstream that answers `reply`."""
+    app = H2Backend("app", reply)
+    async with running_mesh(WEB, {"app": app}) as mesh:
+        return await call(mesh, "Say", PROTO, frame(b"web")), app
+
+
 def frame(message: bytes, flag: int = 0) -> bytes:
     return bytes([flag]) + len(message).to_bytes(4, "big") + message
 
@@ -156,11 +163,7 @@ async def test_a_text_body_that_is_not_base64_is_refused() -> None:
 
 
 async def test_an_upstream_answer_that_is_not_grpc_becomes_grpc_message() -> None:
-    not_found = H2Reply(status=404, headers=(("content-type", "text/plain"),), body=b"not here")
-    app = await H2Backend("app", not_found).start()
-    async with running_mesh(WEB, {"app": app}) as mesh:
-        answer = await call(mesh, "Say", PROTO, frame(b"web"))
-    await app.close()
+    answer, app = await answered(H2Reply(status=404, headers=(("content-type", "text/plain"),), body=b"not here"))
     assert (answer.status, answer.headers["grpc-status"], answer.headers["grpc-message"], answer.body) == (
         404, "12", "not here", b"",
     )  # fmt: skip
@@ -173,10 +176,9 @@ async def test_an_upstream_answer_that_is_not_grpc_becomes_grpc_message() -> Non
 
 async def test_other_requests_to_the_port_pass_untouched() -> None:
     """The filter takes gRPC-Web content-types only."""
-    app = await H2Backend("app", H2Reply(body=b"plain")).start()
+    app = H2Backend("app", H2Reply(body=b"plain"))
     async with running_mesh(WEB, {"app": app}) as mesh:
         answer = await mesh.via_sidecar("POST", f"{URL}/x", headers={"content-type": "application/json"}, data=b"{}")
-    await app.close()
     assert (answer.status, answer.body, "grpc-status" in answer.headers) == (200, b"plain", False)
     assert app.seen[0].headers["content-type"] == "application/json"
     assert mesh.exchanges[0].grpc is False
@@ -229,10 +231,9 @@ async def test_a_gateway_translates_on_a_grpc_web_server_and_not_on_an_http_one(
         headers = {**PROTO, "Host": "web.example"}
         answer = await mesh.request("POST", "/demo.Greeter/Say", headers=headers, data=frame(b"gateway"))
     assert (answer.status, frames(answer.body)[0]) == (200, (0, b"hello gateway"))
-    backend = await H2Backend("app", H2Reply(body=b"as sent")).start()
+    backend = H2Backend("app", H2Reply(body=b"as sent"))
     async with running_mesh(WEB + GATEWAY_SERVER.replace("PROTOCOL", "HTTP"), {"app": backend}) as mesh:
         answer = await mesh.request("POST", "/demo.Greeter/Say", headers=headers, data=frame(b"on"))
-    await backend.close()
     assert (answer.status, answer.body) == (200, b"as sent")
     assert backend.seen[0].headers["content-type"] == "application/grpc-web+proto"
 
@@ -240,10 +241,7 @@ async def test_a_gateway_translates_on_a_grpc_web_server_and_not_on_an_http_one(
 async def test_a_response_of_headers_alone_only_changes_its_content_type() -> None:
     """Envoy's filter transforms a response that is not gRPC from its body: with none, the
     status and headers pass as they came, with gRPC-Web's content-type and no `grpc-status`."""
-    app = await H2Backend("app", H2Reply(status=503, headers=(("x-why", "busy"),), body=b"")).start()
-    async with running_mesh(WEB, {"app": app}) as mesh:
-        answer = await call(mesh, "Say", PROTO, frame(b"web"))
-    await app.close()
+    answer, _ = await answered(H2Reply(status=503, headers=(("x-why", "busy"),), body=b""))
     assert (answer.status, answer.headers["x-why"], answer.headers["content-type"], answer.body) == (
         503, "busy", "application/grpc-web+proto", b"",
     )  # fmt: skip
@@ -259,13 +257,11 @@ async def test_an_upstream_reset_mid_response_cuts_the_client_short() -> None:
         reset=ErrorCodes.INTERNAL_ERROR,
         reset_after_head=True,
     )
-    app = await H2Backend("app", reply).start()
-    async with running_mesh(WEB, {"app": app}) as mesh:
+    async with running_mesh(WEB, {"app": H2Backend("app", reply)}) as mesh:
         url = f"{URL}/demo.Greeter/Say"
         async with mesh.session.post(url, headers=PROTO, data=frame(b"x"), proxy=mesh.sidecar_url) as response:
             assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
-    await app.close()
     cut = next(e for e in mesh.exchanges if e.flag_text == "UR")
     assert response_code_details(cut) == "upstream_reset_after_response_started{remote_reset}"

@@ -120,15 +120,22 @@ class NetnsCapture:
         """Capture the containers that joined, release those that left, follow label changes."""
         wanted = self.wanted(workloads)
         async with self._lock:
-            for path in [p for p in self.captured if p not in wanted]:
-                await self._release(self.captured.pop(path))
-            self.failed = {p: reason for p, reason in self.failed.items() if p in wanted}
-            for path, workload in wanted.items():
-                current = self.captured.get(path)
-                if current is None:
-                    await self._capture(path, workload)
-                elif current.workload != workload:
-                    await self._update(current, workload)
+            try:
+                for path in [p for p in self.captured if p not in wanted]:
+                    await self._release(self.captured.pop(path))
+                self.failed = {p: reason for p, reason in self.failed.items() if p in wanted}
+                for path, workload in wanted.items():
+                    current = self.captured.get(path)
+                    if current is None:
+                        await self._capture(path, workload)
+                    elif current.workload != workload:
+                        await self._update(current, workload)
+            finally:
+                self._served()
+
+    def _served(self) -> None:
+        """Tell the proxy which endpoints a server sidecar serves: the captured containers."""
+        self.proxy.upstreams.sidecars = frozenset(captured.workload.address for captured in self.captured.values())
 
     async def _capture(self, path: str, workload: Workload) -> None:
         namespace = Namespace(path)
@@ -155,14 +162,10 @@ class NetnsCapture:
             return
         self.failed.pop(path, None)
         self.captured[path] = Captured(workload, namespace, outbound, inbound, ports)
-        self.proxy.upstreams.sidecars.add(workload.address)
         log.info("minimesh: capturing %s: outbound → %d, inbound ports %s → %d", workload.name, OUTBOUND_PORT,
                  ",".join(map(str, ports)) or "none", INBOUND_PORT)  # fmt: skip
 
     async def _update(self, current: Captured, workload: Workload) -> None:
-        sidecars = self.proxy.upstreams.sidecars
-        sidecars.discard(current.workload.address)
-        sidecars.add(workload.address)
         current.workload = workload
         current.outbound.listener = replace(current.outbound.listener, workload=workload)
         current.inbound.listener = replace(current.inbound.listener, workload=workload)
@@ -172,7 +175,6 @@ class NetnsCapture:
             current.ports = ports
 
     async def _release(self, captured: Captured) -> None:
-        self.proxy.upstreams.sidecars.discard(captured.workload.address)
         await asyncio.gather(captured.outbound.stop(), captured.inbound.stop())
         captured.namespace.stop()
         self.proxy.forget_workload(captured.workload)
@@ -190,6 +192,7 @@ class NetnsCapture:
         async with self._lock:
             await asyncio.gather(*(self._release(c) for c in self.captured.values()))
             self.captured.clear()
+            self._served()
 
     def __repr__(self) -> str:
         return f"<NetnsCapture captured={len(self.captured)} failed={len(self.failed)}>"
