@@ -24,6 +24,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 
+from minimesh.dataplane.grpc import MessageCounter
 from minimesh.routing.headers import HOP_BY_HOP, HeaderList
 
 READ_HIGH_WATER = 1 << 20
@@ -186,9 +187,10 @@ def first_header(headers: HeaderList, name: bytes) -> bytes | None:
 
 
 class Body:
-    """A message body arriving in chunks, read as they come (`take`: all at once, once complete)."""
+    """A message body arriving in chunks, read as they come (`take`: all at once, once complete),
+    its gRPC messages counted as they arrive once `count_messages` asked for it."""
 
-    __slots__ = ("_chunks", "_complete", "_loop", "_on_drain", "_size", "_waiter", "error", "received")
+    __slots__ = ("_chunks", "_complete", "_loop", "_on_drain", "_size", "_waiter", "error", "messages", "received")
 
     def __init__(
         self, on_drain: Callable[[], None] | None = None, loop: asyncio.AbstractEventLoop | None = None
@@ -201,6 +203,7 @@ class Body:
         self._on_drain = on_drain
         self.error: BaseException | None = None
         self.received = 0
+        self.messages: MessageCounter | None = None
 
     @property
     def buffered(self) -> int:
@@ -214,7 +217,18 @@ class Body:
         self._chunks.append(data)
         self._size += len(data)
         self.received += len(data)
+        if self.messages is not None:
+            self.messages.feed(data)
         self._wake()
+
+    def count_messages(self) -> MessageCounter:
+        """Count the body's gRPC messages from now on, and those of what it holds unread (a
+        request body is counted before the proxy reads any of it)."""
+        if self.messages is None:
+            self.messages = MessageCounter()
+            for chunk in self._chunks:
+                self.messages.feed(chunk)
+        return self.messages
 
     def finish(self) -> None:
         self._complete = True

@@ -28,7 +28,6 @@ from h2.events import (
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
 
-from minimesh.dataplane.grpc import MessageCounter, is_grpc
 from minimesh.dataplane.http1 import (
     DEFAULT_LIMITS,
     FRAMING_HEADERS,
@@ -36,7 +35,6 @@ from minimesh.dataplane.http1 import (
     Body,
     ConnectionLimits,
     Request,
-    first_header,
     local_reply_headers,
 )
 from minimesh.routing.headers import HeaderList
@@ -243,14 +241,12 @@ class StreamLifecycle:
     the `stream` its response goes out on, the `task` serving it, and its end: finished,
     reset, or gone with the client or the connection."""
 
-    __slots__ = ("_acked", "_conn", "id", "messages", "request", "stream", "task")
+    __slots__ = ("_acked", "_conn", "id", "request", "stream", "task")
 
     def __init__(self, conn: Http2Downstream, stream_id: int, method: bytes, path: bytes, headers: HeaderList) -> None:
         self._conn = conn
         self.id = stream_id
         self.request = Request(method, path, headers, Body(self.consumed, conn.loop), VERSION)
-        self.messages = MessageCounter() if is_grpc(first_header(headers, b"content-type")) else None
-        """The request's gRPC messages, counted as they arrive (a gRPC request only)."""
         self._acked = 0
         self.stream = Stream(conn, stream_id, self)
         self.task: asyncio.Task[None] | None = None
@@ -417,8 +413,6 @@ class Http2Downstream(Http2Connection):
                 self.acknowledge(event.stream_id or 0, len(data))
             elif data:
                 lifecycle.request.body.feed(data)
-                if lifecycle.messages is not None:
-                    lifecycle.messages.feed(data)
         elif isinstance(event, StreamEnded):
             lifecycle = self._streams.get(event.stream_id or 0)
             if lifecycle is not None:

@@ -35,7 +35,6 @@ from minimesh.dataplane.fault import Faults, fault_step, fires
 from minimesh.dataplane.grpc import GRPC_TIMEOUT, grpc_route_timeout, is_grpc
 from minimesh.dataplane.grpc_web import BAD_BASE64, GrpcWeb, decode_text
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, Request, UpstreamResponse
-from minimesh.dataplane.http2 import Stream
 from minimesh.dataplane.mirror import Mirrors
 from minimesh.dataplane.replay import Replay
 from minimesh.dataplane.respond import Head, head_for, respond, tunnel
@@ -131,7 +130,7 @@ class Proxy:
             netloc, slash, tail = rest.partition("/")
             authority = netloc or authority
             target = slash + tail or "/"
-        exchange = _exchange(request, responder, listener, peer, raw, target, authority)
+        exchange = _exchange(request, listener, peer, raw, target, authority)
         exchange.original = original
         if not authority and original is not None:
             authority = exchange.authority = f"{original[0]}:{original[1]}"
@@ -370,7 +369,6 @@ class Proxy:
 
 def _exchange(
     request: Request,
-    responder: Responding,
     listener: Listener,
     peer: str,
     raw: dict[bytes, bytes],
@@ -378,7 +376,7 @@ def _exchange(
     authority: str,
 ) -> Exchange:
     """The record of a request just in (`raw`: its headers, the last of a repeated name); a
-    gRPC one takes the count of its messages that its HTTP/2 stream keeps."""
+    gRPC one has its messages counted as they arrive, as Envoy's `grpc_stats` filter does."""
     exchange = Exchange(
         listener,
         request.method.decode(),
@@ -394,7 +392,7 @@ def _exchange(
     )
     if is_grpc(raw.get(b"content-type")):
         exchange.grpc = True
-        exchange.request_messages = responder.lifecycle.messages if isinstance(responder, Stream) else None
+        exchange.request_messages = request.body.count_messages()
     return exchange
 
 
@@ -435,7 +433,8 @@ async def _grpc_web(call: Call) -> bool:
     """At a listener with Envoy's `grpc_web` filter (`Forward.grpc_web`, or a server sidecar's
     `grpc-web` port), a gRPC-Web request goes on as gRPC from here, as the filter (ahead of
     CORS and faults in Istio's chain) passes it on: its headers made gRPC's, a `-text` body
-    decoded whole (gRPC-Web has no client streaming). False when it was answered instead:
+    decoded whole (gRPC-Web has no client streaming), the messages of the body as gRPC
+    counted (`grpc_stats` follows the filter). False when it was answered instead:
     400 for a body that is not base64, nothing for a client gone."""
     request = call.request
     grpc_web = GrpcWeb.of(request.header(b"content-type"), request.header(b"accept"))
@@ -446,6 +445,7 @@ async def _grpc_web(call: Call) -> bool:
     exchange.grpc = True
     request.headers = grpc_web.upstream_headers(request.headers)
     if not grpc_web.text_request:
+        exchange.request_messages = request.body.count_messages()
         return True
     source = request.body
     chunks = []
@@ -461,6 +461,7 @@ async def _grpc_web(call: Call) -> bool:
         call.reply(LocalReply(400, BAD_BASE64, ""))
         return False
     body = request.body = Body(loop=call.loop)
+    exchange.request_messages = body.count_messages()
     body.feed(decoded)
     body.finish()
     body.received = source.received

@@ -21,7 +21,7 @@ from h2.errors import ErrorCodes
 from minimesh.dataplane.accesslog import response_code_details
 from minimesh.dataplane.grpc_web import Frames, GrpcWeb, decode_text
 from tests.inproc.h2upstream import H2Backend, H2Reply, grpcio_app
-from tests.inproc.upstreams import PATIENCE, Answer, Mesh, running_mesh, service
+from tests.inproc.upstreams import PATIENCE, Answer, H2Answer, H2Client, Mesh, running_mesh, service
 
 WEB = service("web", "app", protocol="grpc-web")
 URL = "http://web:9080"
@@ -95,6 +95,8 @@ async def greeter(gate: asyncio.Event | None = None) -> AsyncIterator[Mesh]:
 
 
 async def test_a_unary_call_in_proto_and_in_text() -> None:
+    """Each way, the call is counted as Envoy's `grpc_stats` (after the filter) counts it: one
+    message in, as gRPC once decoded from text, and one out."""
     async with greeter() as mesh:
         proto = await call(mesh, "Say", PROTO, frame(b"web"))
         text = await call(mesh, "Say", TEXT, base64.b64encode(frame(b"text")))
@@ -111,6 +113,8 @@ async def test_a_unary_call_in_proto_and_in_text() -> None:
     assert frames(decoded(text.body))[0] == (0, b"hello text")
     assert frames(decoded(text.body))[1][0] == 0x80, "the trailer frame, in base64 too"
     assert [(e.grpc, e.grpc_status, e.status) for e in exchanges] == [(True, 0, 200)] * 2
+    counted = [(e.request_messages, e.response_messages) for e in exchanges]
+    assert [(sent.count, back.count) for sent, back in counted if sent and back] == [(1, 1)] * 2
 
 
 async def test_a_server_stream_comes_frame_by_frame() -> None:
@@ -182,6 +186,36 @@ async def test_other_requests_to_the_port_pass_untouched() -> None:
     assert (answer.status, answer.body, "grpc-status" in answer.headers) == (200, b"plain", False)
     assert app.seen[0].headers["content-type"] == "application/json"
     assert mesh.exchanges[0].grpc is False
+
+
+async def over_h2(mesh: Mesh, headers: dict[str, str], pieces: list[bytes]) -> H2Answer:
+    """A gRPC-Web `Say` call from an HTTP/2 client (a browser on an h2 connection) through the
+    sidecar, its body sent in `pieces`, each its own DATA frame."""
+    client = await H2Client.connect(mesh.sidecar.address)
+    try:
+        stream = client.request("POST", "/demo.Greeter/Say", headers, pieces[0], authority="web:9080", more=True)
+        for number, piece in enumerate(pieces[1:], 2):
+            client.h2.send_data(stream, piece, end_stream=number == len(pieces))
+        client.writer.write(client.h2.data_to_send())
+        return await client.answer(stream)
+    finally:
+        await client.close()
+
+
+async def test_an_http2_client_gets_the_same_translation() -> None:
+    """A text body sent in pieces that split its base64 anywhere, the reply in text, the
+    message counted once decoded."""
+    body = base64.b64encode(frame(b"over h2"))
+    async with greeter() as mesh:
+        answer = await over_h2(mesh, {**TEXT, "content-length": str(len(body))}, [body[:3], body[3:10], body[10:]])
+    assert (answer.status, answer.headers["content-type"], answer.trailers) == (
+        200, "application/grpc-web-text+proto", {},
+    )  # fmt: skip
+    (message, trailer) = frames(decoded(answer.body))
+    assert message == (0, b"hello over h2")
+    assert trailer[0] == 0x80 and b"grpc-status:0" in trailer[1]
+    sent = mesh.exchanges[0].request_messages
+    assert (mesh.exchanges[0].protocol, sent.count if sent else None) == ("HTTP/2", 1)
 
 
 def test_text_frames_are_encoded_whole_however_the_body_is_split() -> None:
