@@ -25,8 +25,8 @@ TEXT_PROTO = b"application/grpc-web-text+proto"
 TRAILER_FLAG = b"\x80"
 """The flag byte of the frame that carries the trailers."""
 MESSAGE_LIMIT = 16384
-"""How much of a response that is not gRPC becomes its `grpc-message` (Envoy's
-MAX_BUFFERED_PLAINTEXT_LENGTH); the rest is dropped."""
+"""How much of an upstream's response that is not gRPC becomes its `grpc-message` (Envoy's
+MAX_BUFFERED_PLAINTEXT_LENGTH); the rest is dropped. A local reply's body is taken whole."""
 BAD_BASE64 = b"Bad gRPC-web request, invalid base64 data."
 BAD_SIZE_DETAILS = "grpc_base_64_decode_failed_bad_size"
 BAD_DATA_DETAILS = "grpc_base_64_decode_failed"
@@ -67,13 +67,14 @@ class GrpcWeb:
 
     def reply_headers(self, grpc_status: int, body: bytes, headers: HeaderList) -> HeaderList:
         """The headers of a response that is not gRPC (a local reply, or an upstream's), which
-        goes out without its body: the body's start as `grpc-message`, `grpc_status` as
+        goes out without its body: the body (an upstream's cut to MESSAGE_LIMIT as it was
+        read) as `grpc-message`, `grpc_status` as
         `grpc-status`. One that has no body only changes its content-type, as Envoy's filter
         transforms a response from its body."""
         if not body:
             out = [header for header in headers if header[0] not in (b"content-type", b"content-length")]
             return [*out, (b"content-type", self.content_type)]
-        return trailers_only(grpc_status, body[:MESSAGE_LIMIT], headers, self.content_type)
+        return trailers_only(grpc_status, body, headers, self.content_type)
 
     def grpc_headers(self, headers: HeaderList) -> HeaderList:
         """A gRPC response's headers for the gRPC-Web client: its content-type, no length."""

@@ -19,7 +19,7 @@ import pytest
 from h2.errors import ErrorCodes
 
 from minimesh.dataplane.accesslog import response_code_details
-from minimesh.dataplane.grpc_web import Frames, GrpcWeb, decode_text
+from minimesh.dataplane.grpc_web import MESSAGE_LIMIT, Frames, GrpcWeb, decode_text
 from tests.inproc.h2upstream import H2Backend, H2Reply, grpcio_app
 from tests.inproc.upstreams import PATIENCE, Answer, H2Answer, H2Client, Mesh, running_mesh, service
 
@@ -216,6 +216,16 @@ async def test_an_http2_client_gets_the_same_translation() -> None:
     assert trailer[0] == 0x80 and b"grpc-status:0" in trailer[1]
     sent = mesh.exchanges[0].request_messages
     assert (mesh.exchanges[0].protocol, sent.count if sent else None) == ("HTTP/2", 1)
+
+
+async def test_only_the_start_of_a_long_answer_becomes_grpc_message() -> None:
+    """Envoy keeps MAX_BUFFERED_PLAINTEXT_LENGTH bytes of a body it buffers for `grpc-message`
+    (asked over HTTP/2, whose client takes a header that long)."""
+    page = H2Reply(status=502, headers=(("content-type", "text/html"),), body=b"x" * (MESSAGE_LIMIT + 5000))
+    async with running_mesh(WEB, {"app": H2Backend("app", page)}) as mesh:
+        answer = await over_h2(mesh, PROTO, [frame(b"web")[:2], frame(b"web")[2:]])
+    assert (answer.status, answer.headers["grpc-status"], answer.body) == (502, "14", b"")
+    assert answer.headers["grpc-message"] == "x" * MESSAGE_LIMIT
 
 
 def test_text_frames_are_encoded_whole_however_the_body_is_split() -> None:
