@@ -101,8 +101,10 @@ class Call:
         """Answer locally; `ops` are the response header operations of the rule that made the
         reply (a redirect's or direct response's own `headers.response`). A gRPC request gets
         Envoy's trailers-only response: HTTP 200, the status as `grpc-status`, the body text
-        as `grpc-message` (over HTTP/1.1, `content-length: 0` frames it, as Envoy's codec does);
-        a gRPC-Web one keeps its HTTP status, as Envoy's `grpc_web` filter leaves it."""
+        as `grpc-message` (over HTTP/1.1, `content-length: 0` frames it, as Envoy's codec does).
+        A gRPC-Web one is not gRPC to Envoy's local replies, which judge the request as the
+        client sent it: it keeps its HTTP status (200 for a fault's `grpcStatus`, which it
+        ignores), and the `grpc_web` filter maps that status to its `grpc-status`."""
         exchange = self.exchange
         if reply.flag:
             exchange.flags.append(reply.flag)
@@ -115,14 +117,15 @@ class Call:
         if not exchange.grpc:
             self.responder.reply(reply.status, reply.body, headers)
             return
-        code = exchange.grpc_status = (
-            reply.grpc_status if reply.grpc_status is not None else grpc_status_of(reply.status)
-        )
         length = None if self.request.version == HTTP2 else 0
         if self.grpc_web is not None:
+            code = exchange.grpc_status = grpc_status_of(reply.status)
             headers = local_reply_headers(b"", self.grpc_web.reply_headers(code, reply.body, headers))
             self.responder.send_whole(reply.status, headers, length, b"")
             return
+        code = exchange.grpc_status = (
+            reply.grpc_status if reply.grpc_status is not None else grpc_status_of(reply.status)
+        )
         headers = local_reply_headers(b"", trailers_only(code, reply.body, headers))
         self.responder.send_whole(200, headers, length, b"")
 

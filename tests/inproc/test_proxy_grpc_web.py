@@ -154,6 +154,37 @@ async def test_a_local_reply_keeps_its_http_status() -> None:
     assert (mesh.exchanges[0].flag_text, mesh.exchanges[0].grpc_status) == ("UH", 14)
 
 
+FAULTS = """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {exact: /demo.Greeter/Say}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+    route: [{destination: {host: web}}]
+  - fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+    route: [{destination: {host: web}}]
+"""
+
+
+async def test_a_fault_answers_as_envoy_answers_a_request_it_does_not_take_for_grpc() -> None:
+    """Envoy judges a local reply's gRPC-ness from the request as the client sent it, before
+    the `grpc_web` filter: a `grpcStatus` abort is then plain 200 (the code ignored) and the
+    filter maps 200 to UNKNOWN; a 503 abort stays 503, UNAVAILABLE."""
+    async with running_mesh(WEB + FAULTS, {"app": H2Backend("app", H2Reply())}) as mesh:
+        grpc_abort = await call(mesh, "Say", PROTO, frame(b"web"))
+        http_abort = await call(mesh, "Count", PROTO, frame(b"web"))
+    for answer, status, code in ((grpc_abort, 200, "2"), (http_abort, 503, "14")):
+        assert (answer.status, answer.headers["grpc-status"], answer.headers["grpc-message"], answer.body) == (
+            status, code, "fault filter abort", b"",
+        )  # fmt: skip
+        assert answer.headers["content-type"] == "application/grpc-web+proto"
+    assert [(e.flag_text, e.grpc_status) for e in mesh.exchanges] == [("FI", 2), ("FI", 14)]
+
+
 async def test_a_text_body_that_is_not_base64_is_refused() -> None:
     async with greeter() as mesh:
         bad_size = await call(mesh, "Say", TEXT, b"abcde")
