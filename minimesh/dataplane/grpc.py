@@ -14,6 +14,7 @@ HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 50
 """Envoy's `Grpc::Utility::httpToGrpcStatus` (INTERNAL, UNAUTHENTICATED, PERMISSION_DENIED,
 UNIMPLEMENTED, UNAVAILABLE); any other status is UNKNOWN."""
 UNKNOWN = 2
+DEADLINE_EXCEEDED = 4
 TIMEOUT_DIGITS_MAX = 99_999_999
 """The largest number a `grpc-timeout` carries (at most 8 digits)."""
 TIMEOUT_UNIT_MS = {ord("H"): 3_600_000, ord("M"): 60_000, ord("S"): 1000, ord("m"): 1}

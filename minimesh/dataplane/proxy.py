@@ -5,7 +5,8 @@ once, decides, and dispatches on the outcome. Forwarding runs the steps in the o
 Istio's filter chain and Envoy's router, each in its own module over one `Call`: gRPC-Web
 (`grpc_web`), CORS (`cors`), fault (`fault`), the body kept for retries and mirrors
 (`replay`), mirror (`mirror`), admission (`http2MaxRequests`), route timeout, attempts
-(`attempts`), and the response (`respond`).
+(`attempts`), and the response (`respond`). A server sidecar forwards to its app within the
+deadline a gRPC client sent.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
+from typing import Any
 
 from minimesh.config.labels import DETECTED, GRPC_WEB
 from minimesh.dataplane.attempts import attempts
@@ -32,7 +34,7 @@ from minimesh.dataplane.exchange import (
     request_id,
 )
 from minimesh.dataplane.fault import Faults, fault_step, fires
-from minimesh.dataplane.grpc import GRPC_TIMEOUT, grpc_route_timeout, is_grpc
+from minimesh.dataplane.grpc import DEADLINE_EXCEEDED, GRPC_TIMEOUT, grpc_route_timeout, grpc_timeout_ms, is_grpc
 from minimesh.dataplane.grpc_web import BAD_BASE64, GrpcWeb, decode_text
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, Request, UpstreamResponse
 from minimesh.dataplane.mirror import Mirrors
@@ -75,6 +77,8 @@ BUFFER_LIMIT = READ_HIGH_WATER
 request body kept for retries and mirrors: a longer body goes on streaming with both abandoned."""
 SCOPE_HEADER = b"x-minimesh-test"
 REJECTED_DETAILS = {400: "http1.codec_error", 408: "request_header_timeout", 431: "http1.headers_too_large"}
+DURATION_TIMEOUT = b"downstream duration timeout"
+DURATION_TIMEOUT_DETAILS = "max_duration_timeout"
 
 
 class Proxy:
@@ -151,8 +155,7 @@ class Proxy:
                 return
             if listener.kind == "inbound" and original is not None and listener.workload is not None:
                 cluster = self.inbound_cluster(listener.workload, original[1], listener.dial, snapshot)
-                if cluster.protocol != GRPC_WEB or await _grpc_web(call):
-                    await self._forward_to(call, cluster, NO_RETRY, None)
+                await _within_duration(call, grpc_timeout_ms(raw.get(GRPC_TIMEOUT)), self._to_app(call, cluster))
                 return
             outcome = decide(snapshot, view, self.rng)
             exchange.route = getattr(outcome, "route_ref", "")
@@ -234,6 +237,11 @@ class Proxy:
             del self._inbound_clusters[key]
 
     # ---- forwarding
+
+    async def _to_app(self, call: Call, cluster: Cluster) -> None:
+        """A server sidecar's request, on to its app."""
+        if cluster.protocol != GRPC_WEB or await _grpc_web(call):
+            await self._forward_to(call, cluster, NO_RETRY, None)
 
     async def _forward(self, call: Call, outcome: Forward) -> None:
         """The route's steps, then forwarding. The request belongs to the route's cluster and
@@ -466,6 +474,28 @@ async def _grpc_web(call: Call) -> bool:
     body.finish()
     body.received = source.received
     return True
+
+
+async def _within_duration(call: Call, duration_ms: int | None, serving: Coroutine[Any, Any, None]) -> None:
+    """`serving` a server sidecar's request, which, when its `grpc-timeout` says how long its
+    client waits (`duration_ms`), gets that long as a whole, as Istio's inbound route has
+    Envoy's connection manager give it (`max_stream_duration` with `grpc_timeout_header_max:
+    0`): past it, Envoy's `downstream duration timeout` (DEADLINE_EXCEEDED to a gRPC client),
+    or a reset once the response has begun; the app's stream is reset either way."""
+    if not duration_ms:
+        await serving
+        return
+    try:
+        async with call.deadline(duration_ms / 1000):
+            await serving
+    except TimeoutError:
+        call.exchange.details = DURATION_TIMEOUT_DETAILS
+        responder = call.responder
+        if not responder.head_sent:
+            status = 504 if call.request.body.complete else 408
+            call.reply(LocalReply(status, DURATION_TIMEOUT, "", grpc_status=DEADLINE_EXCEEDED))
+        elif not responder.ended:
+            responder.abort()
 
 
 def _upgrade_allowed(call: Call) -> bool:

@@ -34,7 +34,8 @@ from hyperframe.frame import GoAwayFrame
 class H2Reply:
     """How the upstream answers one request; `echo` sends the request body back; `reset`
     answers with RST_STREAM of that code instead, or, with `reset_after_head`, after the head
-    and the body (the stream then never ends)."""
+    and the body (the stream then never ends); `hold` holds the whole answer until released,
+    `hold_end` only its end (after the head and the body)."""
 
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
@@ -43,12 +44,14 @@ class H2Reply:
     reset: ErrorCodes | None = None
     reset_after_head: bool = False
     hold: bool = False
+    hold_end: bool = False
     echo: bool = False
 
 
 @dataclass(slots=True)
 class H2Seen:
-    """One request as the upstream got it: pseudo-headers among `headers`."""
+    """One request as the upstream got it: pseudo-headers among `headers`; `reset`, the code
+    of the RST_STREAM the proxy sent on it, if it did."""
 
     headers: dict[str, str]
     connection: int
@@ -56,6 +59,7 @@ class H2Seen:
     body: bytes = b""
     ended: bool = False
     pairs: list[tuple[str, str]] = field(default_factory=list)
+    reset: int | None = None
 
     @property
     def path(self) -> str:
@@ -118,6 +122,8 @@ class _ServerConnection(asyncio.Protocol):
                 seen.ended = True
                 self._answer(seen)
         elif isinstance(event, WindowUpdated | StreamReset | ConnectionTerminated):
+            if isinstance(event, StreamReset) and (seen := self.seen.get(event.stream_id or 0)) is not None:
+                seen.reset = event.error_code
             self.window.set()
 
     def _request(self, event: RequestReceived) -> None:
@@ -161,6 +167,9 @@ class _ServerConnection(asyncio.Protocol):
                     continue
                 self.h2.send_data(seen.stream_id, body[:room])
                 body = body[room:]
+            if reply.hold_end:
+                self.flush()
+                await self.backend.released.wait()
             if reply.reset is not None:
                 self.h2.reset_stream(seen.stream_id, reply.reset)
             elif reply.trailers:
