@@ -1,6 +1,7 @@
 """The mirror step, as Envoy's request mirroring: a copy of the request goes to the mirror's
-cluster with Host `HOST-shadow`, in the background, its response read and dropped; mirrors
-are bounded and never hold up the request they copy.
+cluster with Host `HOST-shadow`, in the background, its body streamed alongside the request's
+(Envoy's streaming shadow), its response read and dropped. Mirrors are bounded in number, and
+their answers never hold up the request they copy.
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import random
 
-from minimesh.dataplane.http1 import UpstreamClosed
+from minimesh.dataplane.http1 import Body, UpstreamClosed
+from minimesh.dataplane.replay import Replay
 from minimesh.dataplane.respond import Head
 from minimesh.dataplane.upstream import UpstreamFailure, Upstreams
 from minimesh.routing.pick import hash_key
@@ -28,9 +30,9 @@ class Mirrors:
         self.rng = rng
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def copy(self, mirror: Mirror, view: RequestView, head: Head, body: bytes) -> None:
-        """Send a copy of the request (head, in the mirror cluster's protocol, and whole body)
-        to the mirror's cluster."""
+    def copy(self, mirror: Mirror, view: RequestView, head: Head, body: bytes | Replay) -> None:
+        """Send a copy of the request (head, in the mirror cluster's protocol, and body: whole,
+        or a copy of one still arriving) to the mirror's cluster."""
         cluster = mirror.cluster
         if len(self.tasks) >= MIRRORS_IN_FLIGHT or not cluster.endpoints:
             return
@@ -39,11 +41,17 @@ class Mirrors:
         endpoint = state.pick(cluster, self.rng, hash_key(consistent, view) if consistent is not None else None)
         if endpoint is None:
             return
-        task = asyncio.get_running_loop().create_task(self._send(cluster, endpoint, head.shadow(), body))
+        replay = body if isinstance(body, Replay) else None
+        copy = body.tee() if isinstance(body, Replay) else body
+        task = asyncio.get_running_loop().create_task(self._send(cluster, endpoint, head.shadow(), copy, replay))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _send(self, cluster: Cluster, endpoint: Endpoint, head: Head, body: bytes) -> None:
+    async def _send(
+        self, cluster: Cluster, endpoint: Endpoint, head: Head, body: Body | bytes, replay: Replay | None
+    ) -> None:
+        """One copy sent and its answer dropped; a copy of a body still arriving (`body`, from
+        `replay`) is given up when done, so that it never holds the request up."""
         try:
             async with asyncio.timeout(MIRROR_TIMEOUT):
                 response = await head.send(self.upstreams, cluster, endpoint, body, 0)
@@ -51,6 +59,9 @@ class Mirrors:
                     pass
         except (UpstreamFailure, UpstreamClosed, TimeoutError):
             return
+        finally:
+            if replay is not None and isinstance(body, Body):
+                replay.untee(body)
 
     async def close(self) -> None:
         for task in list(self.tasks):

@@ -15,7 +15,6 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from functools import partial
 from typing import Any
 
 from minimesh.config.labels import DETECTED, GRPC_WEB
@@ -279,10 +278,7 @@ class Proxy:
         body, replay, retry = kept_body(call, retry, bool(mirrors))
         head = head_for(call, cluster, ops, path, authority, body)
         if mirrors:
-            if replay is not None:
-                replay.on_whole = partial(self._mirror, call, mirrors, ops, path, authority, None)
-            elif isinstance(body, bytes):
-                self._mirror(call, mirrors, ops, path, authority, head, body)
+            self._mirror(call, mirrors, ops, path, authority, head, body, replay)
         state = self.upstreams.state(cluster)
         try:
             state.admit(cluster.policy.connection_pool)
@@ -324,18 +320,23 @@ class Proxy:
         ops: RequestOps,
         path: str,
         authority: str,
-        head: Head | None,
-        body: bytes,
+        head: Head,
+        body: Body | bytes,
+        replay: Replay | None,
     ) -> None:
-        """Copy the whole `body` to each mirror; `head`, built for that body, is reused for a
-        mirror spoken to in the same protocol."""
+        """Copy the request to each mirror, its `body` whole or, still arriving, fed from
+        `replay` as it comes; `head`, the request's, is reused for a mirror spoken to in the
+        same protocol."""
+        copied_body = body if isinstance(body, bytes) else replay
+        if copied_body is None:
+            return
         request = call.request
         for mirror in mirrors:
-            if head is not None and speaks_http2(mirror.cluster, request) == (head.fields is not None):
+            if speaks_http2(mirror.cluster, request) == (head.fields is not None):
                 copied = head
             else:
                 copied = head_for(call, mirror.cluster, ops, path, authority, body)
-            self.mirrors.copy(mirror, call.view, copied, body)
+            self.mirrors.copy(mirror, call.view, copied, copied_body)
 
     async def _exchange(
         self,
@@ -407,18 +408,19 @@ def _exchange(
 def kept_body(call: Call, retry: RetryDecider, mirrored: bool) -> tuple[Body | bytes, Replay | None, RetryDecider]:
     """The request body as the attempts send it, and the policy they follow. Kept for retries
     and mirrors only: one already whole within BUFFER_LIMIT as bytes (the common case, no
-    copy made), one still arriving as a `Replay` (forwarded as it comes, a copy recorded);
-    one already whole past the limit is streamed with both abandoned, as Envoy does."""
+    copy made); one still arriving, or a mirrored one past the limit, as a `Replay`
+    (forwarded as it comes, a copy recorded, the mirrors fed alongside); one already whole
+    past the limit, not mirrored, is streamed with retries abandoned, as Envoy does."""
     request = call.request
     source = request.body
     if not request.has_body:
         return b"", None, retry
     if not (retry.attempts or mirrored):
         return source, None, retry
-    if not source.complete:
-        return source, Replay(source, BUFFER_LIMIT, call.loop), retry
-    if source.error is None and source.buffered <= BUFFER_LIMIT:
+    if source.complete and source.error is None and source.buffered <= BUFFER_LIMIT:
         return source.take(), None, retry
+    if not source.complete or mirrored:
+        return source, Replay(source, BUFFER_LIMIT, call.loop), retry
     return source, None, NO_RETRY
 
 

@@ -1,27 +1,27 @@
-"""A streamed request body that retries and mirrors can use again, kept as Envoy's router keeps
-it: forwarded as it arrives while a copy is recorded up to a bound; each attempt gets a `Body`
-that replays the copy, then continues live. A body outgrowing the bound is no longer retried
-or mirrored; a mirror gets the copy once the whole body is in.
+"""A streamed request body that retries and mirrors share, kept as Envoy's router keeps it:
+forwarded as it arrives while a copy is recorded up to a bound; each attempt gets a `Body`
+that replays the copy, then continues live. A body outgrowing the bound is no longer retried.
+Each mirror gets its own `Body` fed alongside, whatever the size (Envoy's streaming shadow).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from minimesh.dataplane.http1 import Body
 
 
 class Replay:
-    """One downstream body shared by a request's attempts. A single pump reads it no faster
-    than the current attempt's upstream takes it (that attempt's body is refilled only once
-    empty), records each chunk while the copy fits `limit`, and feeds the current attempt.
-    `overflowed`: the copy outgrew `limit` and was dropped, so nothing can be sent again.
-    `on_whole` (the mirrors) gets the whole body once it is in, if it fit."""
+    """One downstream body shared by a request's attempts and mirrors. A single pump reads it
+    no faster than the current attempt's upstream takes it (that attempt's body is refilled
+    only once empty) nor while a mirror holds `limit` bytes unread (as a shadow's watermarks
+    pause Envoy's downstream), records each chunk while the copy fits `limit`, and feeds the
+    current attempt and each mirror. `overflowed`: the copy outgrew `limit` and was dropped,
+    so nothing can be sent again."""
 
     __slots__ = (
         "_chunks", "_done", "_error", "_limit", "_loop", "_pump", "_recording", "_size", "_source",
-        "_target", "_waiter", "on_whole", "overflowed",
+        "_target", "_tees", "_waiter", "overflowed",
     )  # fmt: skip
 
     def __init__(self, source: Body, limit: int, loop: asyncio.AbstractEventLoop) -> None:
@@ -36,7 +36,7 @@ class Replay:
         self._target: Body | None = None
         self._pump: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self.on_whole: Callable[[bytes], None] | None = None
+        self._tees: list[Body] = []
         self.overflowed = False
 
     def body(self) -> Body:
@@ -57,23 +57,40 @@ class Replay:
             self._wake()
         return target
 
+    def tee(self) -> Body:
+        """A mirror's own copy of the body, made before the pump starts: every chunk, as it
+        arrives. Its reader gives it up with `untee`."""
+        copy = Body(self._wake, self._loop)
+        self._tees.append(copy)
+        return copy
+
+    def untee(self, copy: Body) -> None:
+        """A mirror is done with its copy (answered, or failed): it is fed no more and never
+        holds the body up."""
+        if copy in self._tees:
+            self._tees.remove(copy)
+            self._wake()
+
     def settle(self) -> None:
-        """The response is passed on, so no attempt follows: the copy is kept only for a
-        mirror still waiting for the whole body."""
-        if self.on_whole is None:
-            self._stop_recording()
+        """The response is passed on, so no attempt follows: the copy is dropped."""
+        self._stop_recording()
 
     def close(self) -> None:
-        """The request is over: stop reading the downstream body."""
+        """The request is over: stop reading the downstream body; a mirror's copy not yet
+        whole fails, as Envoy cancels the shadows of a stream that ends first."""
         pump = self._pump
         if pump is not None and not pump.done():
             pump.cancel()
+        for copy in self._tees:
+            if not copy.complete:
+                copy.fail(ConnectionResetError("the request ended before its body"))
+        self._tees = []
 
     async def _run(self) -> None:
         source = self._source
         try:
             while True:
-                while self._target is not None and self._target.buffered:
+                while (self._target is not None and self._target.buffered) or self._tee_full():
                     await self._wait()
                 chunk = await source.read()
                 if not chunk:
@@ -81,26 +98,29 @@ class Replay:
                 self._record(chunk)
                 if self._target is not None:
                     self._target.feed(chunk)
-        except Exception as error:  # the downstream failed (its client left): so does the attempt
+                for copy in self._tees:
+                    copy.feed(chunk)
+        except Exception as error:  # the downstream failed (its client left): so do the others
             self._done = True
             self._error = error
-            if self._target is not None:
-                self._target.fail(error)
+            for body in (self._target, *self._tees):
+                if body is not None:
+                    body.fail(error)
             return
         self._done = True
-        if self._target is not None:
-            self._target.finish()
-        on_whole = self.on_whole
-        if on_whole is not None and self._recording:
-            self.on_whole = None
-            on_whole(b"".join(self._chunks))
+        for body in (self._target, *self._tees):
+            if body is not None:
+                body.finish()
+
+    def _tee_full(self) -> bool:
+        limit = self._limit
+        return any(copy.buffered >= limit for copy in self._tees)
 
     def _record(self, chunk: bytes) -> None:
         if not self._recording:
             return
         if self._size + len(chunk) > self._limit:
             self.overflowed = True
-            self.on_whole = None
             self._stop_recording()
             return
         self._chunks.append(chunk)

@@ -1,8 +1,8 @@
 """Request bodies still arriving when routing decides, kept for retries and mirrors as Envoy's
 router keeps them: forwarded as they arrive while a copy is recorded up to BUFFER_LIMIT, the
-copy replayed to a retry then the rest streamed on, a body past the bound neither retried
-nor mirrored, a mirror sent the whole body once it is in, and the copy sent again on a fresh
-connection when a reused one proves closed."""
+copy replayed to a retry then the rest streamed on, a body past the bound not retried, a
+mirror's copy streamed alongside whatever its size (Envoy's streaming shadow), and the copy
+sent again on a fresh connection when a reused one proves closed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,18 @@ import httptools
 
 from minimesh.admin.metrics import Metrics
 from minimesh.dataplane.proxy import BUFFER_LIMIT
-from tests.inproc.upstreams import Backend, RawClient, RawResponse, Reply, running_mesh, service, until, web_route
+from tests.inproc.h2upstream import H2Backend
+from tests.inproc.upstreams import (
+    Backend,
+    H2Client,
+    RawClient,
+    RawResponse,
+    Reply,
+    running_mesh,
+    service,
+    until,
+    web_route,
+)
 
 APPS = service("web", "app") + "---" + service("shadow", "copy")
 
@@ -124,7 +135,7 @@ async def test_a_streamed_body_past_the_bound_is_forwarded_once_and_not_retried(
         }
 
 
-async def test_a_mirror_gets_a_streamed_body_once_it_is_whole() -> None:
+async def test_a_mirror_streams_a_streamed_body_as_the_request_does() -> None:
     app, copy = Backend("app"), Backend("copy")
     body = bytes(range(256)) * 1000
     async with running_mesh(APPS + web_route("mirror: {host: shadow}"), {"app": app, "copy": copy}) as mesh:
@@ -132,21 +143,40 @@ async def test_a_mirror_gets_a_streamed_body_once_it_is_whole() -> None:
         assert (answer.status, answer.body) == (200, b"app")
         await until(lambda: copy.seen, "the mirrored copy")
         assert copy.seen[0].body == body == app.seen[0].body
-        assert copy.seen[0].headers["content-length"] == str(len(body)), "the copy goes whole"
-        assert app.seen[0].headers["transfer-encoding"] == "chunked", "the request itself streamed"
+        assert copy.seen[0].headers["transfer-encoding"] == app.seen[0].headers["transfer-encoding"] == "chunked"
 
 
-async def test_a_streamed_body_past_the_bound_is_not_mirrored() -> None:
+async def test_a_streamed_body_past_the_bound_is_mirrored_all_the_same() -> None:
     app, copy = Backend("app"), Backend("copy")
     body = b"m" * (BUFFER_LIMIT + 1)
     async with running_mesh(APPS + web_route("mirror: {host: shadow}"), {"app": app, "copy": copy}) as mesh:
         answer = await mesh.request("POST", "/big", data=chunks(body))
         assert answer.status == 200
-        small = await mesh.request("POST", "/small", data=chunks(b"s" * 10))
-        assert small.status == 200
-        await until(lambda: copy.seen, "the small request's copy")
-        assert [s.path for s in copy.seen] == ["/small"], "the big one was never copied"
-        assert [s.body == body for s in app.seen[:1]] == [True]
+        await until(lambda: copy.seen, "the big request's copy")
+        assert [(s.path, s.body == body) for s in copy.seen] == [("/big", True)]
+        assert app.seen[0].body == body
+
+
+async def test_a_mirror_gets_the_body_as_it_arrives() -> None:
+    """The copy's first bytes reach the mirror while the client has not sent the rest."""
+    app, copy = H2Backend("app"), H2Backend("copy")
+    grpc = service("web", "app", protocol="grpc") + "---" + service("shadow", "copy", protocol="grpc")
+    async with running_mesh(grpc + web_route("mirror: {host: shadow}"), {"app": app, "copy": copy}) as mesh:
+        client = await H2Client.connect(mesh.gateway.address)
+        try:
+            stream = client.request(
+                "POST", "/demo.Echo/Chat", {"content-type": "application/grpc"}, b"first", more=True
+            )
+            await until(lambda: copy.seen and copy.seen[0].body == b"first", "the copy's first bytes")
+            client.h2.send_data(stream, b" and the rest", end_stream=True)
+            client.writer.write(client.h2.data_to_send())
+            answer = await client.answer(stream)
+        finally:
+            await client.close()
+        await until(lambda: copy.seen[0].ended, "the whole copy")
+    assert answer.status == 200
+    assert copy.seen[0].body == app.seen[0].body == b"first and the rest"
+    assert copy.seen[0].headers[":authority"] == "example.com-shadow"
 
 
 class ClosesItsFirstConnection:

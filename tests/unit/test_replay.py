@@ -1,6 +1,7 @@
 """`Replay`, the request body kept for retries and mirrors, on a downstream body the test
 feeds: read no faster than the current attempt takes it, the copy replayed to the next
-attempt then continued live, abandoned past its bound, handed whole to the mirrors."""
+attempt then continued live, abandoned past its bound; each mirror's copy fed alongside,
+whatever the size, holding the body up only while it holds the bound unread."""
 
 from __future__ import annotations
 
@@ -49,33 +50,49 @@ async def test_a_retry_replays_the_copy_then_continues_live() -> None:
 
 
 @on_virtual_time
-async def test_a_copy_past_its_bound_is_dropped_but_the_body_still_flows() -> None:
+async def test_a_copy_past_its_bound_is_dropped_but_the_body_still_flows_to_attempt_and_mirror() -> None:
     source, replay = replay_of(b"x" * 6, limit=10)
-    wholes: list[bytes] = []
-    replay.on_whole = wholes.append
+    mirror = replay.tee()
     attempt = replay.body()
     source.feed(b"y" * 6)
     source.finish()
-    assert await whole(attempt) == b"x" * 6 + b"y" * 6
-    assert replay.overflowed
-    assert wholes == [], "no mirror for a body past the bound"
+    both = await asyncio.gather(whole(attempt), whole(mirror))
+    assert both == [b"x" * 6 + b"y" * 6] * 2, "the mirror streams it all the same"
+    assert replay.overflowed, "no retry for a body past the bound"
 
 
 @on_virtual_time
-async def test_the_mirrors_get_the_whole_body_once_it_is_in() -> None:
-    source, replay = replay_of(b"ab")
-    wholes: list[bytes] = []
-    replay.on_whole = wholes.append
+async def test_a_mirror_gets_each_chunk_as_it_arrives() -> None:
+    source, replay = replay_of(b"ab", limit=100)
+    mirror = replay.tee()
     attempt = replay.body()
     assert await attempt.read() == b"ab"
+    assert await mirror.read() == b"ab", "before the rest of the body is in"
     replay.settle()
-    await settle()
-    assert wholes == [], "not before the end"
     source.feed(b"cd")
     source.finish()
-    assert await whole(attempt) == b"cd"
+    assert (await whole(attempt), await whole(mirror)) == (b"cd", b"cd")
+    assert mirror.complete
+
+
+@on_virtual_time
+async def test_a_mirror_holding_the_bound_unread_holds_the_body_until_read_or_given_up() -> None:
+    source, replay = replay_of(b"x" * 4, b"y" * 4, b"z" * 4, limit=4)
+    slow, gone = replay.tee(), replay.tee()
+    attempt = replay.body()
+    assert await attempt.read() == b"x" * 4
     await settle()
-    assert wholes == [b"abcd"], "settling kept the copy for the mirror"
+    assert (source.buffered, slow.buffered) == (8, 4), "the mirrors each hold the bound: nothing more is read"
+    assert await slow.read() == b"x" * 4
+    await settle()
+    assert source.buffered == 8, "a mirror still holds the bound"
+    replay.untee(gone)
+    assert await attempt.read() == b"y" * 4, "given up, it holds nothing up"
+    assert await slow.read() == b"y" * 4
+    replay.close()
+    with pytest.raises(ConnectionResetError):
+        await whole(slow)
+    assert gone.buffered == 4, "a copy given up is fed no more"
 
 
 @on_virtual_time
