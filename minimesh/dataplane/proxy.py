@@ -408,20 +408,20 @@ def _exchange(
 def kept_body(call: Call, retry: RetryDecider, mirrored: bool) -> tuple[Body | bytes, Replay | None, RetryDecider]:
     """The request body as the attempts send it, and the policy they follow. Kept for retries
     and mirrors only: one already whole within BUFFER_LIMIT as bytes (the common case, no
-    copy made); one still arriving, or a mirrored one past the limit, as a `Replay`
-    (forwarded as it comes, a copy recorded, the mirrors fed alongside); one already whole
-    past the limit, not mirrored, is streamed with retries abandoned, as Envoy does."""
+    copy made); one still arriving as a `Replay` (forwarded as it comes, a copy recorded, the
+    mirrors fed alongside); one already whole past the limit is streamed with retries
+    abandoned, as Envoy does, through a `Replay` when mirrors need it."""
     request = call.request
     source = request.body
     if not request.has_body:
         return b"", None, retry
     if not (retry.attempts or mirrored):
         return source, None, retry
-    if source.complete and source.error is None and source.buffered <= BUFFER_LIMIT:
-        return source.take(), None, retry
-    if not source.complete or mirrored:
+    if not source.complete:
         return source, Replay(source, BUFFER_LIMIT, call.loop), retry
-    return source, None, NO_RETRY
+    if source.error is None and source.buffered <= BUFFER_LIMIT:
+        return source.take(), None, retry
+    return source, Replay(source, BUFFER_LIMIT, call.loop) if mirrored else None, NO_RETRY
 
 
 def _timeouts(call: Call, route_timeout: float | None, per_try_timeout: float | None) -> float | None:

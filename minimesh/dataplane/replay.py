@@ -76,14 +76,24 @@ class Replay:
         self._stop_recording()
 
     def close(self) -> None:
-        """The request is over: stop reading the downstream body; a mirror's copy not yet
-        whole fails, as Envoy cancels the shadows of a stream that ends first."""
+        """The request is over: stop reading the downstream body. A mirror's copy not yet
+        whole gets the rest when the client has sent it all (Envoy's shadows take the body
+        as it comes in, whatever the upstream's pace); otherwise it fails, as Envoy cancels
+        the shadows of a stream that ends first."""
         pump = self._pump
         if pump is not None and not pump.done():
             pump.cancel()
+        source = self._source
+        rest = source.take() if self._tees and source.complete and source.error is None else None
         for copy in self._tees:
-            if not copy.complete:
+            if copy.complete:
+                continue
+            if rest is None:
                 copy.fail(ConnectionResetError("the request ended before its body"))
+                continue
+            if rest:
+                copy.feed(rest)
+            copy.finish()
         self._tees = []
 
     async def _run(self) -> None:
@@ -114,7 +124,7 @@ class Replay:
 
     def _tee_full(self) -> bool:
         limit = self._limit
-        return any(copy.buffered >= limit for copy in self._tees)
+        return bool(self._tees) and any(copy.buffered >= limit for copy in self._tees)
 
     def _record(self, chunk: bytes) -> None:
         if not self._recording:

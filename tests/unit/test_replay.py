@@ -1,16 +1,23 @@
 """`Replay`, the request body kept for retries and mirrors, on a downstream body the test
 feeds: read no faster than the current attempt takes it, the copy replayed to the next
 attempt then continued live, abandoned past its bound; each mirror's copy fed alongside,
-whatever the size, holding the body up only while it holds the bound unread."""
+whatever the size, holding the body up only while it holds the bound unread, and given the
+rest of a body the client has sent when the request ends first; and which body `kept_body`
+keeps, with which retry policy."""
 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
-from minimesh.dataplane.http1 import Body
+from minimesh.dataplane.call import Call
+from minimesh.dataplane.http1 import Body, Request
+from minimesh.dataplane.proxy import BUFFER_LIMIT, kept_body
 from minimesh.dataplane.replay import Replay
+from minimesh.routing.retry import NO_RETRY, RetryDecider
 from tests.bodies import whole
 from tests.clocks import on_virtual_time, settle
 
@@ -128,3 +135,36 @@ async def test_a_downstream_failure_fails_the_attempt_and_close_stops_the_pump()
     source.feed(b"late")
     await settle()
     assert source.buffered == 4, "nothing reads the downstream once the request is over"
+
+
+@on_virtual_time
+async def test_a_mirror_gets_the_rest_of_a_body_the_client_has_sent_when_the_request_ends_first() -> None:
+    source, replay = replay_of(b"a" * 4, b"b" * 4, limit=100)
+    mirror = replay.tee()
+    attempt = replay.body()
+    await settle()
+    source.feed(b"c" * 4)
+    source.finish()
+    await settle()
+    assert source.buffered == 8, "the attempt's upstream answered without reading the body"
+    replay.close()
+    assert (await whole(mirror), mirror.complete) == (b"a" * 4 + b"b" * 4 + b"c" * 4, True)
+    assert attempt.buffered == 4, "the attempt is fed no more"
+
+
+async def test_the_body_is_kept_as_bytes_within_the_bound_and_never_retried_past_it() -> None:
+    retry = RetryDecider(attempts=2, any_5xx=True)
+
+    def kept(size: int, complete: bool, mirrored: bool) -> tuple[type, type, RetryDecider]:
+        source = Body()
+        source.feed(b"x" * size)
+        if complete:
+            source.finish()
+        call = cast(Call, SimpleNamespace(request=Request(b"POST", b"/", [], source), loop=asyncio.get_running_loop()))
+        body, replay, policy = kept_body(call, retry, mirrored)
+        return type(body), type(replay), policy
+
+    assert kept(10, True, False) == (bytes, type(None), retry)
+    assert kept(10, False, True) == (Body, Replay, retry), "still arriving: forwarded as it comes"
+    assert kept(BUFFER_LIMIT + 1, True, False) == (Body, type(None), NO_RETRY)
+    assert kept(BUFFER_LIMIT + 1, True, True) == (Body, Replay, NO_RETRY), "mirrored, and still never retried"
