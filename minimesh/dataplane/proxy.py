@@ -33,7 +33,14 @@ from minimesh.dataplane.exchange import (
     request_id,
 )
 from minimesh.dataplane.fault import Faults, fault_step, fires
-from minimesh.dataplane.grpc import DEADLINE_EXCEEDED, GRPC_TIMEOUT, grpc_route_timeout, grpc_timeout_ms, is_grpc
+from minimesh.dataplane.grpc import (
+    DEADLINE_EXCEEDED,
+    GRPC_TIMEOUT,
+    format_grpc_timeout,
+    grpc_route_timeout,
+    grpc_timeout_ms,
+    is_grpc,
+)
 from minimesh.dataplane.grpc_web import BAD_BASE64, GrpcWeb, decode_text
 from minimesh.dataplane.http1 import READ_HIGH_WATER, Body, Request, UpstreamResponse
 from minimesh.dataplane.mirror import Mirrors
@@ -154,7 +161,11 @@ class Proxy:
                 return
             if listener.kind == "inbound" and original is not None and listener.workload is not None:
                 cluster = self.inbound_cluster(listener.workload, original[1], listener.dial, snapshot)
-                await _within_duration(call, grpc_timeout_ms(raw.get(GRPC_TIMEOUT)), self._to_app(call, cluster))
+                duration_ms = grpc_timeout_ms(raw.get(GRPC_TIMEOUT))
+                if duration_ms is None:
+                    await self._to_app(call, cluster)
+                else:
+                    await _within_duration(call, duration_ms, self._to_app(call, cluster))
                 return
             outcome = decide(snapshot, view, self.rng)
             exchange.route = getattr(outcome, "route_ref", "")
@@ -478,15 +489,17 @@ async def _grpc_web(call: Call) -> bool:
     return True
 
 
-async def _within_duration(call: Call, duration_ms: int | None, serving: Coroutine[Any, Any, None]) -> None:
-    """`serving` a server sidecar's request, which, when its `grpc-timeout` says how long its
-    client waits (`duration_ms`), gets that long as a whole, as Istio's inbound route has
-    Envoy's connection manager give it (`max_stream_duration` with `grpc_timeout_header_max:
-    0`): past it, Envoy's `downstream duration timeout` (DEADLINE_EXCEEDED to a gRPC client),
-    or a reset once the response has begun; the app's stream is reset either way."""
-    if not duration_ms:
-        await serving
-        return
+async def _within_duration(call: Call, duration_ms: int, serving: Coroutine[Any, Any, None]) -> None:
+    """`serving` a server sidecar's request whose `grpc-timeout` says how long its client
+    waits (`duration_ms`, 0 included), held to that as a whole, as Istio's inbound route has
+    Envoy's connection manager do (`max_stream_duration` with `grpc_timeout_header_max: 0`):
+    a gRPC request's header is rewritten as Envoy writes it (`10S` goes on as `10000m`);
+    past the time, Envoy's `downstream duration timeout` (DEADLINE_EXCEEDED to a gRPC
+    client), or a reset once the response has begun; the app's stream is reset either way."""
+    request = call.request
+    if call.exchange.grpc:
+        written = format_grpc_timeout(duration_ms)
+        request.headers = [(name, written if name == GRPC_TIMEOUT else value) for name, value in request.headers]
     try:
         async with call.deadline(duration_ms / 1000):
             await serving
@@ -494,7 +507,7 @@ async def _within_duration(call: Call, duration_ms: int | None, serving: Corouti
         call.exchange.details = DURATION_TIMEOUT_DETAILS
         responder = call.responder
         if not responder.head_sent:
-            status = 504 if call.request.body.complete else 408
+            status = 504 if request.body.complete else 408
             call.reply(LocalReply(status, DURATION_TIMEOUT, "", grpc_status=DEADLINE_EXCEEDED))
         elif not responder.ended:
             responder.abort()

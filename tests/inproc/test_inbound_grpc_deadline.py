@@ -1,7 +1,7 @@
 """The server sidecar holds a gRPC call to the deadline its client sent (`grpc-timeout`), as
 Istio's inbound route has Envoy's connection manager do: an app slower than that is cut off
 (its stream reset) and the client told DEADLINE_EXCEEDED, or, once the response has begun,
-reset. The app is an HTTP/2 upstream that does not keep deadlines itself (grpcio would, and
+reset; a deadline of 0 is already past, and the app is told the deadline in Envoy's writing. The app is an HTTP/2 upstream that does not keep deadlines itself (grpcio would, and
 race the sidecar), behind a real inbound listener.
 """
 
@@ -53,15 +53,24 @@ async def test_a_call_past_its_deadline_gets_deadline_exceeded_and_the_app_is_re
 
 async def test_a_response_begun_is_reset_at_the_deadline() -> None:
     begun = H2Reply(headers=(("content-type", "application/grpc"),), body=FRAME, hold_end=True)
-    async with calling(begun, "200m") as (answer, app, inbound):
+    async with calling(begun, "1S") as (answer, app, inbound):
         await until(lambda: app.seen[0].reset is not None, "the app's stream reset")
     assert (answer.status, answer.body, answer.reset is not None, answer.trailers) == (200, FRAME, True, {})
     assert response_code_details(inbound) == "max_duration_timeout"
 
 
-async def test_a_call_within_its_deadline_is_untouched() -> None:
+async def test_a_call_within_its_deadline_reaches_the_app_with_the_deadline_as_envoy_writes_it() -> None:
     async with calling(ANSWER, "10S") as (answer, app, inbound):
         pass
     assert (answer.status, answer.trailers, answer.body) == (200, {"grpc-status": "0"}, FRAME)
-    assert (app.seen[0].headers["grpc-timeout"], app.seen[0].reset) == ("10S", None)
+    assert (app.seen[0].headers["grpc-timeout"], app.seen[0].reset) == ("10000m", None)
     assert response_code_details(inbound) == "via_upstream"
+
+
+async def test_a_deadline_of_zero_is_already_past() -> None:
+    async with calling(H2Reply(hold=True), "0m") as (answer, _, inbound):
+        pass
+    assert (answer.status, answer.headers["grpc-status"], answer.headers["grpc-message"]) == (
+        200, "4", "downstream duration timeout",
+    )  # fmt: skip
+    assert response_code_details(inbound) == "max_duration_timeout"
