@@ -18,8 +18,8 @@ from minimesh.routing.request import RequestView
 from minimesh.routing.snapshot import Cluster, Endpoint, Mirror
 
 MIRRORS_IN_FLIGHT = 64
-"""Mirrored requests in flight at once; more are dropped (mirrors must never slow traffic)."""
-MIRROR_TIMEOUT = 30.0
+"""Mirrored requests in flight at once; more are dropped, so that copies whose mirror is slow
+or gone never pile up in the daemon."""
 
 
 class Mirrors:
@@ -30,9 +30,10 @@ class Mirrors:
         self.rng = rng
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def copy(self, mirror: Mirror, view: RequestView, head: Head, body: bytes | Replay) -> None:
+    def copy(self, mirror: Mirror, view: RequestView, head: Head, body: bytes | Replay, timeout: float | None) -> None:
         """Send a copy of the request (head, in the mirror cluster's protocol, and body: whole,
-        or a copy of one still arriving) to the mirror's cluster."""
+        or a copy of one still arriving) to the mirror's cluster, given up past `timeout`
+        (the route's, as Envoy gives its shadows; None: no limit)."""
         cluster = mirror.cluster
         if len(self.tasks) >= MIRRORS_IN_FLIGHT or not cluster.endpoints:
             return
@@ -43,17 +44,25 @@ class Mirrors:
             return
         replay = body if isinstance(body, Replay) else None
         copy = body.tee() if isinstance(body, Replay) else body
-        task = asyncio.get_running_loop().create_task(self._send(cluster, endpoint, head.shadow(), copy, replay))
+        task = asyncio.get_running_loop().create_task(
+            self._send(cluster, endpoint, head.shadow(), copy, replay, timeout)
+        )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def _send(
-        self, cluster: Cluster, endpoint: Endpoint, head: Head, body: Body | bytes, replay: Replay | None
+        self,
+        cluster: Cluster,
+        endpoint: Endpoint,
+        head: Head,
+        body: Body | bytes,
+        replay: Replay | None,
+        timeout: float | None,
     ) -> None:
         """One copy sent and its answer dropped; a copy of a body still arriving (`body`, from
         `replay`) is given up when done, so that it never holds the request up."""
         try:
-            async with asyncio.timeout(MIRROR_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 response = await head.send(self.upstreams, cluster, endpoint, body, 0)
                 while await response.body.read():
                     pass

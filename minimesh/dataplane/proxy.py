@@ -162,10 +162,8 @@ class Proxy:
             if listener.kind == "inbound" and original is not None and listener.workload is not None:
                 cluster = self.inbound_cluster(listener.workload, original[1], listener.dial, snapshot)
                 duration_ms = grpc_timeout_ms(raw.get(GRPC_TIMEOUT))
-                if duration_ms is None:
-                    await self._to_app(call, cluster)
-                else:
-                    await _within_duration(call, duration_ms, self._to_app(call, cluster))
+                serving = self._to_app(call, cluster)
+                await (serving if duration_ms is None else _within_duration(call, duration_ms, serving))
                 return
             outcome = decide(snapshot, view, self.rng)
             exchange.route = getattr(outcome, "route_ref", "")
@@ -272,9 +270,10 @@ class Proxy:
         await self._forward_to(call, outcome.cluster, route.retry, timeout)
 
     async def _forward_to(self, call: Call, cluster: Cluster, retry: RetryDecider, timeout: float | None) -> None:
-        """Keep the body for retries and mirrors (`kept_body`), copy it to the mirrors, admit
-        the request (`http2MaxRequests`), then the attempts and the response within the route
-        timeout; a failure is answered as Envoy answers it."""
+        """Keep the body for retries and mirrors (`kept_body`), admit the request
+        (`http2MaxRequests`), copy it to the mirrors (as Envoy starts its shadows once the
+        request has a host and has passed the circuit breaker), then the attempts and the
+        response within the route timeout; a failure is answered as Envoy answers it."""
         exchange = call.exchange
         request = call.request
         outcome = call.forward
@@ -288,14 +287,14 @@ class Proxy:
             path, authority, ops, mirrors = exchange.path, exchange.authority, NO_REQUEST_OPS, ()
         body, replay, retry = kept_body(call, retry, bool(mirrors))
         head = head_for(call, cluster, ops, path, authority, body)
-        if mirrors:
-            self._mirror(call, mirrors, ops, path, authority, head, body, replay)
         state = self.upstreams.state(cluster)
         try:
             state.admit(cluster.policy.connection_pool)
         except UpstreamFailure as failure:
             call.reply(failure.reply)
             return
+        if mirrors and (cluster.endpoints or cluster.original_destination):
+            self._mirror(call, mirrors, (ops, path, authority), head, body, replay, timeout)
         try:
             if timeout is None:
                 switched = await self._exchange(call, cluster, state, retry, body, replay, head, None)
@@ -328,16 +327,16 @@ class Proxy:
         self,
         call: Call,
         mirrors: tuple[Mirror, ...],
-        ops: RequestOps,
-        path: str,
-        authority: str,
+        target: tuple[RequestOps, str, str],
         head: Head,
         body: Body | bytes,
         replay: Replay | None,
+        timeout: float | None,
     ) -> None:
-        """Copy the request to each mirror, its `body` whole or, still arriving, fed from
-        `replay` as it comes; `head`, the request's, is reused for a mirror spoken to in the
-        same protocol."""
+        """Copy the request to each mirror within the route `timeout` (as Envoy's shadows
+        have it), its `body` whole or, still arriving, fed from `replay` as it comes; `head`,
+        the request's, is reused for a mirror spoken to in the same protocol, else made anew
+        for the rewritten `target` (request operations, path, authority)."""
         copied_body = body if isinstance(body, bytes) else replay
         if copied_body is None:
             return
@@ -346,8 +345,8 @@ class Proxy:
             if speaks_http2(mirror.cluster, request) == (head.fields is not None):
                 copied = head
             else:
-                copied = head_for(call, mirror.cluster, ops, path, authority, body)
-            self.mirrors.copy(mirror, call.view, copied, copied_body)
+                copied = head_for(call, mirror.cluster, *target, body)
+            self.mirrors.copy(mirror, call.view, copied, copied_body, timeout)
 
     async def _exchange(
         self,
