@@ -144,8 +144,8 @@ class Exchange:
         """The `grpc-status` the response carried in its headers, or the proxy's own reply gave."""
         self.request_messages: MessageCounter | None = None
         self.response_messages: MessageCounter | None = None
-        """The gRPC messages of each direction, counted on a gRPC request (HTTP/2 for the
-        request's) and a gRPC response (`istio_request_messages_total` and friend)."""
+        """The gRPC messages of each direction, counted on a gRPC request (a gRPC-Web one once
+        translated) and a gRPC response (`istio_request_messages_total` and friend)."""
 
     @property
     def flag_text(self) -> str:

@@ -26,7 +26,9 @@ TRAILER_FLAG = b"\x80"
 """The flag byte of the frame that carries the trailers."""
 MESSAGE_LIMIT = 16384
 """How much of an upstream's response that is not gRPC becomes its `grpc-message` (Envoy's
-MAX_BUFFERED_PLAINTEXT_LENGTH); the rest is dropped. A local reply's body is taken whole."""
+MAX_BUFFERED_PLAINTEXT_LENGTH); the rest is dropped. Envoy applies it to a body it buffered
+across chunks and passes one that came in a single chunk whole; minimesh cuts any, so that the
+answer does not depend on how the body was split. A local reply's body is taken whole."""
 BAD_BASE64 = b"Bad gRPC-web request, invalid base64 data."
 BAD_SIZE_DETAILS = "grpc_base_64_decode_failed_bad_size"
 BAD_DATA_DETAILS = "grpc_base_64_decode_failed"

@@ -80,7 +80,8 @@ from minimesh.routing.snapshot import (
 
 BUFFER_LIMIT = READ_HIGH_WATER
 """Envoy's default `per_connection_buffer_limit_bytes` (1 MiB), which bounds the copy of a
-request body kept for retries and mirrors: a longer body goes on streaming with both abandoned."""
+request body kept for retries: a longer body goes on streaming, not retried (mirrors stream
+theirs alongside, whatever its size)."""
 SCOPE_HEADER = b"x-minimesh-test"
 REJECTED_DETAILS = {400: "http1.codec_error", 408: "request_header_timeout", 431: "http1.headers_too_large"}
 DURATION_TIMEOUT = b"downstream duration timeout"
