@@ -19,7 +19,8 @@ from minimesh.routing.snapshot import Cluster, Endpoint, Mirror
 
 MIRRORS_IN_FLIGHT = 64
 """Mirrored requests in flight at once; more are dropped, so that copies whose mirror is slow
-or gone never pile up in the daemon."""
+never pile up in the daemon (a mirror that never answers, on a route with no timeout, holds
+its copies until its connections close)."""
 
 
 class Mirrors:

@@ -271,10 +271,10 @@ class Proxy:
         await self._forward_to(call, outcome.cluster, route.retry, timeout)
 
     async def _forward_to(self, call: Call, cluster: Cluster, retry: RetryDecider, timeout: float | None) -> None:
-        """Keep the body for retries and mirrors (`kept_body`), admit the request
-        (`http2MaxRequests`), copy it to the mirrors (as Envoy starts its shadows once the
-        request has a host and has passed the circuit breaker), then the attempts and the
-        response within the route timeout; a failure is answered as Envoy answers it."""
+        """Keep the body for retries and mirrors (`kept_body`), copy it to the mirrors when an
+        endpoint can be picked (Envoy starts its shadows once the request has a host), admit
+        the request (`http2MaxRequests`), then the attempts and the response within the route
+        timeout; a failure is answered as Envoy answers it."""
         exchange = call.exchange
         request = call.request
         outcome = call.forward
@@ -289,13 +289,15 @@ class Proxy:
         body, replay, retry = kept_body(call, retry, bool(mirrors))
         head = head_for(call, cluster, ops, path, authority, body)
         state = self.upstreams.state(cluster)
+        if mirrors and state.can_pick(cluster, exchange.original):
+            self._mirror(call, mirrors, (ops, path, authority), head, body, replay, timeout)
         try:
             state.admit(cluster.policy.connection_pool)
         except UpstreamFailure as failure:
             call.reply(failure.reply)
+            if replay is not None:
+                replay.close()
             return
-        if mirrors and (cluster.endpoints or cluster.original_destination):
-            self._mirror(call, mirrors, (ops, path, authority), head, body, replay, timeout)
         try:
             if timeout is None:
                 switched = await self._exchange(call, cluster, state, retry, body, replay, head, None)

@@ -76,10 +76,10 @@ class Replay:
         self._stop_recording()
 
     def close(self) -> None:
-        """The request is over: stop reading the downstream body. A mirror's copy not yet
-        whole gets the rest when the client has sent it all (Envoy's shadows take the body
-        as it comes in, whatever the upstream's pace); otherwise it fails, as Envoy cancels
-        the shadows of a stream that ends first."""
+        """The request is over: the pump stops. A mirror's copy not yet whole gets the rest
+        of the body when the client has sent it all (Envoy's shadows take the body as it
+        comes in, whatever the upstream's pace); otherwise it fails, as Envoy cancels the
+        shadows of a stream that ends first."""
         pump = self._pump
         if pump is not None and not pump.done():
             pump.cancel()

@@ -502,6 +502,13 @@ class ClusterState:
                 exclude = avoid
         return self.balancer(cluster, rng).pick(key=key, exclude=exclude)
 
+    def can_pick(self, cluster: Cluster, original: tuple[str, int] | None) -> bool:
+        """Whether `pick` has an endpoint to give a first try: the original destination, or
+        an endpoint not ejected."""
+        if cluster.original_destination and original is not None:
+            return True
+        return len(self.ejected(cluster)) < len(cluster.endpoints)
+
     def attempt(self, endpoint: Endpoint, *, retry: bool = False) -> Attempt:
         """Start a try at `endpoint` (a `retry` already admitted by `admit_retry`)."""
         return Attempt(self, self.host(endpoint), retry)

@@ -1,13 +1,14 @@
 """A cluster's run-time state on its own: circuit-breaker counts (`http2MaxRequests`,
 `maxRetries`), outlier detection (streaks, ejection within `maxEjectionPercent` but always
-one, ejections that end on a fake clock and grow with each one), the load balancer kept
-across a reload that leaves the cluster as it was, and the HTTP/1.1 keep-alive pool
+one, ejections that end on a fake clock and grow with each one; `can_pick` as `pick` has it),
+the load balancer kept across a reload that leaves the cluster as it was, and the HTTP/1.1 keep-alive pool
 (`KeepAlive`: reuse, `maxConnections`, the pending queue and its overflow, slots handed over,
 `maxRequestsPerConnection`) over socket pairs, so nothing leaves the process."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import socket
 from collections.abc import Iterator
@@ -110,6 +111,26 @@ def test_a_streak_of_errors_ejects(detection: m.OutlierDetection, statuses: list
     assert (web.endpoints[0] in state.ejected(web)) == ejected
     host = state.host(web.endpoints[0])
     assert (host.failures, host.successes) == (sum(s >= 500 for s in statuses), sum(s < 500 for s in statuses))
+
+
+def test_can_pick_says_whether_pick_has_an_endpoint_for_a_first_try() -> None:
+    everyone_out = m.OutlierDetection(consecutive_5xx_errors=1, max_ejection_percent=100)
+    rng = random.Random(7)
+    cases = []
+    for web, failing, original in [
+        (cluster(0), 0, None),
+        (cluster(2, outlier=everyone_out), 2, None),
+        (cluster(2, outlier=everyone_out), 1, None),
+        (dataclasses.replace(cluster(0), original_destination=True), 0, ("10.0.0.9", 80)),
+        (dataclasses.replace(cluster(0), original_destination=True), 0, None),
+    ]:
+        state = ClusterState("c", FakeClock())
+        for endpoint in web.endpoints[:failing]:
+            state.record(web, endpoint, 500)
+        can = state.can_pick(web, original)
+        assert can == (state.pick(web, rng, None, (), original) is not None)
+        cases.append(can)
+    assert cases == [False, False, True, True, False]
 
 
 def test_without_outlier_detection_nothing_is_ejected_but_results_are_counted() -> None:
