@@ -8,18 +8,16 @@ keeps, with which retry policy."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from typing import cast
 
 import pytest
 
-from minimesh.dataplane.call import Call
 from minimesh.dataplane.http1 import Body, Request
 from minimesh.dataplane.proxy import BUFFER_LIMIT, kept_body
 from minimesh.dataplane.replay import Replay
 from minimesh.routing.retry import NO_RETRY, RetryDecider
 from tests.bodies import whole
 from tests.clocks import on_virtual_time, settle
+from tests.unit.test_http2_upstream import call
 
 
 def replay_of(*chunks: bytes, limit: int = 1000) -> tuple[Body, Replay]:
@@ -152,7 +150,7 @@ async def test_a_mirror_gets_the_rest_of_a_body_the_client_has_sent_when_the_req
     assert attempt.buffered == 4, "the attempt is fed no more"
 
 
-async def test_the_body_is_kept_as_bytes_within_the_bound_and_never_retried_past_it() -> None:
+def test_the_body_is_kept_as_bytes_within_the_bound_and_never_retried_past_it() -> None:
     retry = RetryDecider(attempts=2, any_5xx=True)
 
     def kept(size: int, complete: bool, mirrored: bool) -> tuple[type, type, RetryDecider]:
@@ -160,8 +158,7 @@ async def test_the_body_is_kept_as_bytes_within_the_bound_and_never_retried_past
         source.feed(b"x" * size)
         if complete:
             source.finish()
-        call = cast(Call, SimpleNamespace(request=Request(b"POST", b"/", [], source), loop=asyncio.get_running_loop()))
-        body, replay, policy = kept_body(call, retry, mirrored)
+        body, replay, policy = kept_body(call(Request(b"POST", b"/", [], source)), retry, mirrored)
         return type(body), type(replay), policy
 
     assert kept(10, True, False) == (bytes, type(None), retry)
