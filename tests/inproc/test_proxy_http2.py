@@ -35,6 +35,7 @@ from tests.inproc.upstreams import (
     placeholders,
     running_mesh,
     service,
+    traffic_policy,
     web_route,
 )
 
@@ -329,13 +330,7 @@ async def test_http2_max_requests_overflows_streams_past_the_limit() -> None:
         return web.Response(body=b"app")
 
     app.handler = held
-    pool = """
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web}
-spec: {host: web, trafficPolicy: {connectionPool: {http: {http2MaxRequests: 2}}}}
-"""
+    pool = traffic_policy("web", "{connectionPool: {http: {http2MaxRequests: 2}}}")
     async with running_mesh(APP + pool + web_route("retries: {attempts: 0}"), {"app": app}) as mesh:
         client = await H2Client.connect(mesh.gateway.address)
         try:

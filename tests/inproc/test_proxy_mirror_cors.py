@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.inproc.upstreams import Backend, Reply, gateway_http, running_mesh, service, until, web_route
+from tests.inproc.upstreams import Backend, Reply, gateway_http, running_mesh, service, traffic_policy, until, web_route
 
 APPS = service("web", "app") + "---" + service("shadow", "copy")
 
@@ -61,13 +61,7 @@ async def test_only_a_request_with_an_endpoint_to_go_to_is_mirrored() -> None:
         assert (mesh.last().flag_text, len(mesh.proxy.mirrors.tasks)) == ("UH", 0)
 
     app, copy = Backend("app", Reply(hold=True)), Backend("copy", Reply(hold=True))
-    pool = """
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web}
-spec: {host: web, trafficPolicy: {connectionPool: {http: {http2MaxRequests: 1}}}}
-"""
+    pool = traffic_policy("web", "{connectionPool: {http: {http2MaxRequests: 1}}}")
     async with running_mesh(APPS + pool + web_route("mirror: {host: shadow}"), {"app": app, "copy": copy}) as mesh:
         first = asyncio.create_task(mesh.get("/first"))
         await until(lambda: app.active == 1, "the first request upstream")

@@ -284,6 +284,17 @@ spec:
 """Service `reviews` with members v1, v2 and v3, and a DestinationRule with a subset for each."""
 
 
+def traffic_policy(host: str, policy: str) -> str:
+    """A DestinationRule for `host` with this `trafficPolicy` (a flow mapping)."""
+    return f"""
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {host}}}
+spec: {{host: {host}, trafficPolicy: {policy}}}
+"""
+
+
 def gateway_http(rules: str) -> str:
     """A VirtualService `web` bound to the gateway for every host, with these `http:` rules
     (indented two spaces, as under `http:`)."""
